@@ -1,0 +1,80 @@
+//! The syscall layer: thin, documented wrappers that turn `-1` into
+//! [`io::Error`] and retry `EINTR` in one place.
+//!
+//! Everything that talks to the kernel directly lives under `sys` or in a
+//! backend; the rest of the crate is `#![deny(unsafe_code)]`.
+#![allow(unsafe_code)]
+
+use std::io;
+
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
+
+/// Turns a C-style return value into an [`io::Result`]: `-1` becomes
+/// `io::Error::last_os_error()`.
+pub(crate) fn cvt<T: IsMinusOne>(ret: T) -> io::Result<T> {
+    if ret.is_minus_one() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Runs `f` until it does not fail with `EINTR`.
+pub(crate) fn retry<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Return types of C calls that report failure as `-1`.
+pub(crate) trait IsMinusOne {
+    fn is_minus_one(&self) -> bool;
+}
+
+macro_rules! impl_is_minus_one {
+    ($($t:ty),*) => {$(
+        impl IsMinusOne for $t {
+            fn is_minus_one(&self) -> bool {
+                *self == -1
+            }
+        }
+    )*};
+}
+impl_is_minus_one!(i32, i64, isize);
+
+/// Reads a small text file such as a sysctl under `/proc/sys`, trimmed.
+/// `None` when it does not exist or cannot be read: callers report absence.
+pub(crate) fn read_trimmed(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// `uname(2)`: the kernel release and machine.
+pub(crate) fn uname() -> (String, String) {
+    match nix::sys::utsname::uname() {
+        Ok(u) => (
+            u.release().to_string_lossy().into_owned(),
+            u.machine().to_string_lossy().into_owned(),
+        ),
+        Err(_) => (String::from("unknown"), String::from("unknown")),
+    }
+}
+
+/// `getrlimit(RLIMIT_MEMLOCK)`: (soft, hard), `None` meaning unlimited.
+pub(crate) fn memlock_limit() -> io::Result<(Option<u64>, Option<u64>)> {
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+        .map_err(io::Error::from)?;
+    let conv = |v: nix::libc::rlim_t| {
+        if v == nix::libc::RLIM_INFINITY {
+            None
+        } else {
+            Some(v)
+        }
+    };
+    Ok((conv(soft), conv(hard)))
+}
