@@ -1,5 +1,6 @@
 //! `ringmover`: a thin command line over the ringmover library.
 
+mod bench;
 mod probe;
 
 use std::io::Write;
@@ -22,6 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Probe(probe::Args),
+    Bench(bench::Args),
 }
 
 /// How a subcommand ended, when it did not fail outright.
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

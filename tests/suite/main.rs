@@ -2,4 +2,5 @@
 //! (ripgrep's layout). Every test talks to the real kernel.
 
 mod probe;
+mod send;
 mod util;
