@@ -20,6 +20,9 @@ demo: build
 	@echo
 	@echo "== required opcodes for zero-copy receive and send"
 	$(BIN) probe --require send_zc,splice
+	@echo
+	@echo "== batched sends: one packet per connection per round, every strategy side by side"
+	$(BIN) bench gather --seconds 0.3 --conns 1,100 --shape small,srs
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -582,6 +582,17 @@ impl Mover {
     /// one completion is available, when `timeout` passes, or at once when
     /// nothing is in flight.
     pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        self.wait_for(1, out, timeout)
+    }
+
+    /// `wait`, but on io_uring sleep until `min` completions are ready: one
+    /// wake-up instead of one per connection.
+    fn wait_for(
+        &mut self,
+        min: usize,
+        out: &mut Vec<Completion>,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             self.start_dirty()?;
@@ -595,7 +606,7 @@ impl Mover {
                 },
                 None => None,
             };
-            self.driver.wait(left, &mut self.events)?;
+            self.driver.wait(min, left, &mut self.events)?;
             self.process_events();
         }
         out.append(&mut self.completions);
@@ -607,7 +618,8 @@ impl Mover {
     pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.flush()?;
         while self.in_flight > 0 || !self.dirty.is_empty() || !self.completions.is_empty() {
-            self.wait(out, None)?;
+            // Everything in flight must finish anyway: wake once for all.
+            self.wait_for(self.in_flight, out, None)?;
         }
         Ok(())
     }
@@ -625,7 +637,7 @@ impl Mover {
         if st.in_flight {
             self.driver.cancel(conn.token())?;
             while self.state(conn).is_some_and(|s| s.in_flight) {
-                self.driver.wait(None, &mut self.events)?;
+                self.driver.wait(1, None, &mut self.events)?;
                 self.process_events();
             }
         }
@@ -695,7 +707,7 @@ impl Drop for Mover {
             .collect();
         let mut ok = tokens.iter().all(|&t| self.driver.cancel(t).is_ok());
         while ok && self.in_flight > 0 {
-            ok = self.driver.wait(None, &mut self.events).is_ok();
+            ok = self.driver.wait(1, None, &mut self.events).is_ok();
             self.process_events();
         }
         if self.in_flight > 0 {

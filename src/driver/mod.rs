@@ -199,12 +199,14 @@ impl Driver {
     }
 
     /// Submits, then blocks until at least one event or the timeout.
+    /// (io_uring: until `min` completions, capped at what is in flight.)
     pub(crate) fn wait(
         &mut self,
+        min: usize,
         timeout: Option<Duration>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
-        each!(self, d => d.wait(timeout, events))
+        each!(self, d => d.wait(min, timeout, events))
     }
 
     /// Asks the kernel to cancel the in-flight write for `token`; its `Done`

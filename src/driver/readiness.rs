@@ -92,6 +92,7 @@ impl<S: Selector> Readiness<S> {
 
     pub(crate) fn wait(
         &mut self,
+        _min: usize,
         timeout: Option<Duration>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {

@@ -23,6 +23,9 @@ pub(crate) struct UringDriver {
     unsubmitted: usize,
     /// Writes whose completion has not been reaped.
     in_flight: usize,
+    /// Set up with `IORING_SETUP_R_DISABLED`: enabled by the first enter,
+    /// which makes the calling thread the ring's single issuer.
+    disabled: bool,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -38,19 +41,37 @@ impl std::fmt::Debug for UringDriver {
 impl UringDriver {
     pub(crate) fn new(depth: u32) -> io::Result<UringDriver> {
         let depth = depth.clamp(8, 32768);
-        // COOP_TASKRUN (5.19) saves an interrupt per completion for a ring
-        // used by one thread at a time; older kernels reject it, so retry plain.
-        let ring = IoUring::builder()
-            .setup_coop_taskrun()
-            .setup_cqsize(depth.saturating_mul(2))
-            .build(depth)
-            .or_else(|_| IoUring::builder().setup_cqsize(depth * 2).build(depth))
-            .or_else(|_| IoUring::new(depth))?;
+        let cq = depth.saturating_mul(2);
+        // DEFER_TASKRUN (6.1, with SINGLE_ISSUER) runs retries of partial
+        // sends only when we wait, and wakes us only once enough completions
+        // are ready: far fewer wake-ups for many connections. R_DISABLED lets
+        // the thread that first submits (not the one that built the ring)
+        // become its issuer. Older kernels reject the flags: try the
+        // next-best set.
+        let deferred = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_r_disabled()
+            .setup_cqsize(cq)
+            .build(depth);
+        let (ring, disabled) = match deferred {
+            Ok(ring) => (ring, true),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_cqsize(cq)
+                    .build(depth)
+                    .or_else(|_| IoUring::builder().setup_cqsize(cq).build(depth))
+                    .or_else(|_| IoUring::new(depth))?,
+                false,
+            ),
+        };
         Ok(UringDriver {
             ring,
             stats: DriverStats::default(),
             unsubmitted: 0,
             in_flight: 0,
+            disabled,
         })
     }
 
@@ -123,6 +144,11 @@ impl UringDriver {
     /// One `io_uring_enter`: submits what is queued, waits for `want`
     /// completions (up to `timeout`). A timeout or signal is not an error.
     fn enter(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        if self.disabled {
+            self.stats.syscalls += 1;
+            self.ring.submitter().register_enable_rings()?;
+            self.disabled = false;
+        }
         self.stats.enters += 1;
         self.stats.syscalls += 1;
         let res = match timeout {
@@ -138,6 +164,11 @@ impl UringDriver {
                 self.unsubmitted = 0;
                 Ok(())
             }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(io::Error::new(
+                e.kind(),
+                "io_uring ring used from a second thread: a Mover's ring has a single \
+                 issuer (IORING_SETUP_SINGLE_ISSUER), the thread that first flushed it",
+            )),
             Err(e) => match e.raw_os_error() {
                 // Timed out, interrupted, or the CQ is backed up and must be
                 // reaped first: the caller reaps and comes back.
@@ -152,11 +183,16 @@ impl UringDriver {
 
     pub(crate) fn wait(
         &mut self,
+        min: usize,
         timeout: Option<Duration>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
-        let ready = !self.ring.completion().is_empty();
-        let want = usize::from(!ready && self.in_flight > 0);
+        let ready = self.ring.completion().len();
+        let want = if ready >= min.max(1) {
+            0
+        } else {
+            min.max(1).min(self.in_flight)
+        };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
         }
