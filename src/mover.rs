@@ -252,6 +252,16 @@ struct Slot {
     state: Option<ConnState>,
 }
 
+/// The live state behind `conn`, if the handle is current. A free function
+/// over the slots so callers may hold other fields of the engine too.
+fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
+    let slot = slots.get_mut(conn.slot as usize)?;
+    if slot.generation != conn.generation {
+        return None;
+    }
+    slot.state.as_mut()
+}
+
 /// The batched-send engine.
 ///
 /// ```no_run
@@ -349,11 +359,7 @@ impl Mover {
     }
 
     fn state_mut(&mut self, conn: Conn) -> Option<&mut ConnState> {
-        let slot = self.slots.get_mut(conn.slot as usize)?;
-        if slot.generation != conn.generation {
-            return None;
-        }
-        slot.state.as_mut()
+        live_mut(&mut self.slots, conn)
     }
 
     /// Queues `bufs` on `conn`: no copy, no syscall. On a stream they
@@ -455,14 +461,7 @@ impl Mover {
 
     /// Starts `conn`'s next write. `Ok(false)` if there was nothing to do.
     fn start(&mut self, conn: Conn) -> io::Result<bool> {
-        let Some(slot) = self.slots.get_mut(conn.slot as usize) else {
-            return Ok(false);
-        };
-        let Some(st) = slot
-            .state
-            .as_mut()
-            .filter(|_| slot.generation == conn.generation)
-        else {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
             return Ok(false);
         };
         st.scheduled = false;
@@ -517,14 +516,7 @@ impl Mover {
             match ev {
                 Event::Done { token, res } => {
                     let conn = Conn::from_token(token);
-                    let Some(slot) = self.slots.get_mut(conn.slot as usize) else {
-                        continue;
-                    };
-                    let Some(st) = slot
-                        .state
-                        .as_mut()
-                        .filter(|_| slot.generation == conn.generation)
-                    else {
+                    let Some(st) = live_mut(&mut self.slots, conn) else {
                         continue;
                     };
                     if !st.in_flight {
@@ -552,14 +544,7 @@ impl Mover {
                 }
                 Event::Writable { token } => {
                     let conn = Conn::from_token(token);
-                    let Some(slot) = self.slots.get_mut(conn.slot as usize) else {
-                        continue;
-                    };
-                    let Some(st) = slot
-                        .state
-                        .as_mut()
-                        .filter(|_| slot.generation == conn.generation)
-                    else {
+                    let Some(st) = live_mut(&mut self.slots, conn) else {
                         continue;
                     };
                     if st.in_flight {
