@@ -24,6 +24,7 @@
 
 pub mod backend;
 mod driver;
+pub mod fixed;
 pub mod mover;
 pub mod opcode;
 pub mod outbox;
@@ -32,8 +33,10 @@ mod sys;
 mod write;
 
 pub use backend::{Backend, BackendChoice, OpFallback, Selection, BACKEND_ENV};
+pub use fixed::{FixedBufMut, FixedBufPool};
 pub use mover::{
     Completion, Conn, ConnError, Detached, Mover, MoverBuilder, SendError, SendErrorKind, Stats,
+    ZeroCopy,
 };
 pub use opcode::Opcode;
 pub use probe::{KernelReport, RingSupport, RingUnavailable};

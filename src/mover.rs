@@ -19,7 +19,10 @@ use bytes::Bytes;
 
 use crate::backend::{Backend, BackendChoice, Selection};
 use crate::driver::{Driver, Event, Token, WriteOp};
+use crate::fixed::{FixedBufMut, FixedBufPool};
+use crate::opcode::Opcode;
 use crate::outbox::{Framing, Outbox, IOV_MAX};
+use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
 
 /// A connection attached to a [`Mover`]. Cheap to copy; stale handles (after
@@ -165,6 +168,15 @@ pub struct Stats {
     pub syscalls: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Zero-copy sends submitted.
+    pub zc_sends: u64,
+    /// Zero-copy sends whose notification said the kernel copied anyway.
+    pub zc_copied: u64,
+    /// Zero-copy notifications received.
+    pub zc_notified: u64,
+    /// Zero-copy sends whose notification has not arrived yet (their
+    /// buffers are still held).
+    pub notifs_outstanding: u64,
 }
 
 /// Builds a [`Mover`].
@@ -173,6 +185,8 @@ pub struct MoverBuilder {
     choice: Option<BackendChoice>,
     depth: u32,
     max_queued: usize,
+    fixed: Option<(usize, usize)>,
+    zero_copy: ZeroCopy,
 }
 
 impl Default for MoverBuilder {
@@ -181,8 +195,38 @@ impl Default for MoverBuilder {
             choice: None,
             depth: 1024,
             max_queued: 64 << 20,
+            fixed: None,
+            zero_copy: ZeroCopy::Never,
         }
     }
+}
+
+/// When sends avoid the copy into the kernel (io_uring `SEND_ZC`, 6.0, and
+/// `SENDMSG_ZC`, 6.1). Elsewhere, and where the opcodes are missing, every
+/// send copies (a recorded per-operation fallback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZeroCopy {
+    /// Always copy.
+    #[default]
+    Never,
+    /// Zero-copy every socket send.
+    Always,
+    /// Zero-copy sends of at least `min_bytes`, asking the kernel to report
+    /// (`IORING_SEND_ZC_REPORT_USAGE`, 6.2) whether it copied anyway; a
+    /// connection whose sends get copied (loopback, veth) switches to the copy
+    /// path, which is cheaper there.
+    Auto {
+        /// Smallest send worth pinning pages for (zero-copy rarely pays
+        /// below a few KiB).
+        min_bytes: usize,
+    },
+}
+
+impl ZeroCopy {
+    /// `Auto` with a 16 KiB threshold.
+    pub const AUTO: ZeroCopy = ZeroCopy::Auto {
+        min_bytes: 16 << 10,
+    };
 }
 
 impl MoverBuilder {
@@ -206,6 +250,21 @@ impl MoverBuilder {
         self
     }
 
+    /// Registers `count` buffers of `size` bytes with the kernel
+    /// (`IORING_REGISTER_BUFFERS`); lease them with [`Mover::lease`]. On
+    /// epoll/poll they are plain memory. Registration beyond
+    /// `RLIMIT_MEMLOCK` fails `build` with an error naming the limit.
+    pub fn fixed_buffers(mut self, count: usize, size: usize) -> Self {
+        self.fixed = Some((count, size));
+        self
+    }
+
+    /// The zero-copy policy (default [`ZeroCopy::Never`]).
+    pub fn zero_copy(mut self, policy: ZeroCopy) -> Self {
+        self.zero_copy = policy;
+        self
+    }
+
     /// Selects the backend and sets it up.
     pub fn build(self) -> io::Result<Mover> {
         let choice = match self.choice {
@@ -213,8 +272,25 @@ impl MoverBuilder {
             None => BackendChoice::from_env()?,
         };
         let selection = Selection::choose(choice)?;
-        let driver = Driver::new(selection.backend, self.depth)?;
+        let pool = match self.fixed {
+            Some((count, size)) => Some(FixedBufPool::new(count, size)?),
+            None => None,
+        };
+        let driver = Driver::new(selection.backend, self.depth, pool.as_ref())?;
+        // Zero-copy needs SEND_ZC and SENDMSG_ZC on the ring; else copy.
+        let zero_copy = if selection.backend == Backend::Uring
+            && RingSupport::detect().supports(Opcode::SEND_ZC)
+            && RingSupport::detect().supports(Opcode::SENDMSG_ZC)
+        {
+            self.zero_copy
+        } else {
+            ZeroCopy::Never
+        };
         Ok(Mover {
+            pool,
+            zero_copy,
+            zc_copied: 0,
+            zc_notified: 0,
             driver,
             selection,
             slots: Vec::new(),
@@ -244,6 +320,10 @@ struct ConnState {
     /// In `dirty`, waiting to start.
     scheduled: bool,
     failed: bool,
+    /// The kernel copied a zero-copy send here, or refused zero-copy on
+    /// this socket: use the copy path (demoted per connection, observable
+    /// in `Stats::zc_copied`).
+    copy_only: bool,
 }
 
 #[derive(Debug, Default)]
@@ -281,7 +361,13 @@ fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
 /// ```
 #[derive(Debug)]
 pub struct Mover {
+    // Declared first so it drops first: the ring goes before the pool whose
+    // memory it has registered.
     driver: Driver,
+    pool: Option<FixedBufPool>,
+    zero_copy: ZeroCopy,
+    zc_copied: u64,
+    zc_notified: u64,
     selection: Selection,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -346,6 +432,7 @@ impl Mover {
             in_flight: false,
             scheduled: false,
             failed: false,
+            copy_only: false,
         });
         Ok(conn)
     }
@@ -479,7 +566,23 @@ impl Mover {
             return Ok(false);
         }
         // The op is not in flight (checked above), so it may be refilled.
-        st.op.fill(&st.outbox);
+        let batch_bytes = st.op.fill(&st.outbox).bytes;
+        let zero_copy = st.kind.is_socket()
+            && !st.copy_only
+            && match self.zero_copy {
+                ZeroCopy::Never => false,
+                ZeroCopy::Always => true,
+                ZeroCopy::Auto { min_bytes } => batch_bytes >= min_bytes,
+            };
+        st.op.zero_copy = zero_copy;
+        st.op.fixed = None;
+        let mut hold = Vec::new();
+        if zero_copy {
+            hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
+            if let ([iov], Some(pool)) = (st.op.iovecs(), &self.pool) {
+                st.op.fixed = pool.index_of(iov.iov_base as *const u8, iov.iov_len);
+            }
+        }
         st.in_flight = true;
         self.in_flight += 1;
         self.writes += 1;
@@ -493,6 +596,7 @@ impl Mover {
                 st.fd.as_raw_fd(),
                 st.kind,
                 &st.op,
+                hold,
                 &mut self.events,
             )?;
         }
@@ -539,7 +643,33 @@ impl Mover {
                                 self.dirty.push(conn);
                             }
                         }
+                        // A socket that refuses zero-copy (e.g. Unix stream):
+                        // demote it and resend the same bytes by copying.
+                        Err(e)
+                            if st.op.zero_copy
+                                && matches!(
+                                    e.raw_os_error(),
+                                    Some(libc::EOPNOTSUPP | libc::EINVAL)
+                                ) =>
+                        {
+                            st.copy_only = true;
+                            if !st.scheduled {
+                                st.scheduled = true;
+                                self.dirty.push(conn);
+                            }
+                        }
                         Err(e) => Self::fail(&mut self.completions, conn, st, e),
+                    }
+                }
+                Event::Notified { token, copied } => {
+                    self.zc_notified += 1;
+                    if copied {
+                        self.zc_copied += 1;
+                        if matches!(self.zero_copy, ZeroCopy::Auto { .. }) {
+                            if let Some(st) = live_mut(&mut self.slots, Conn::from_token(token)) {
+                                st.copy_only = true;
+                            }
+                        }
                     }
                 }
                 Event::Writable { token } => {
@@ -579,9 +709,14 @@ impl Mover {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let notified = self.zc_notified;
         loop {
             self.start_dirty()?;
-            if !self.completions.is_empty() || self.in_flight == 0 {
+            // Progress is a completion, or a notification (it frees buffers).
+            if !self.completions.is_empty()
+                || self.zc_notified != notified
+                || (self.in_flight == 0 && self.driver.notifs_pending() == 0)
+            {
                 break;
             }
             let left = match deadline {
@@ -599,12 +734,18 @@ impl Mover {
     }
 
     /// Flushes, then waits until every connection's queue is empty or its
-    /// connection failed, moving all completions into `out`.
+    /// connection failed, and every zero-copy notification has arrived (so
+    /// every buffer sent is released), moving all completions into `out`.
     pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.flush()?;
-        while self.in_flight > 0 || !self.dirty.is_empty() || !self.completions.is_empty() {
+        while self.in_flight > 0
+            || !self.dirty.is_empty()
+            || !self.completions.is_empty()
+            || self.driver.notifs_pending() > 0
+        {
             // Everything in flight must finish anyway: wake once for all.
-            self.wait_for(self.in_flight, out, None)?;
+            let all = self.in_flight + self.driver.notifs_pending();
+            self.wait_for(all, out, None)?;
         }
         Ok(())
     }
@@ -660,7 +801,35 @@ impl Mover {
             enters: d.enters,
             syscalls: d.syscalls,
             bytes: self.bytes,
+            zc_sends: d.zc_sends,
+            zc_copied: self.zc_copied,
+            zc_notified: self.zc_notified,
+            notifs_outstanding: self.driver.notifs_pending() as u64,
         }
+    }
+
+    /// Leases a registered buffer (see [`MoverBuilder::fixed_buffers`]).
+    /// `WouldBlock` when all are in use: wait for completions, which release
+    /// buffers (zero-copy ones at their notification).
+    pub fn lease(&self) -> io::Result<FixedBufMut> {
+        match &self.pool {
+            Some(pool) => pool.lease(),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no fixed buffers: build the Mover with .fixed_buffers(count, size)",
+            )),
+        }
+    }
+
+    /// The registered buffer pool, if any.
+    pub fn pool(&self) -> Option<&FixedBufPool> {
+        self.pool.as_ref()
+    }
+
+    /// The zero-copy policy in force (`Never` where the backend or kernel
+    /// cannot do zero-copy).
+    pub fn zero_copy(&self) -> ZeroCopy {
+        self.zero_copy
     }
 
     /// Writes in flight (started, completion not yet seen).
@@ -671,7 +840,7 @@ impl Mover {
 
 impl Drop for Mover {
     fn drop(&mut self) {
-        if self.in_flight == 0 {
+        if self.in_flight == 0 && self.driver.notifs_pending() == 0 {
             return;
         }
         // The kernel may still read in-flight buffers: cancel, and wait for
@@ -691,14 +860,19 @@ impl Drop for Mover {
             })
             .collect();
         let mut ok = tokens.iter().all(|&t| self.driver.cancel(t).is_ok());
-        while ok && self.in_flight > 0 {
+        while ok && (self.in_flight > 0 || self.driver.notifs_pending() > 0) {
             ok = self.driver.wait(1, None, &mut self.events).is_ok();
             self.process_events();
         }
-        if self.in_flight > 0 {
+        if self.in_flight > 0 || self.driver.notifs_pending() > 0 {
             // Could not confirm completion: leak rather than free memory the
-            // kernel may read.
+            // kernel may read (the held Bytes live in the driver, the
+            // registered pool in `pool`).
             std::mem::forget(std::mem::take(&mut self.slots));
+            if let Some(pool) = self.pool.take() {
+                std::mem::forget(pool);
+            }
+            std::mem::forget(std::mem::replace(&mut self.driver, Driver::inert()));
         }
     }
 }

@@ -123,11 +123,16 @@ impl Outbox {
     /// as many as fit; datagram: the front message only.
     pub fn chunks(&self, max_slices: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let offset = self.front_offset;
-        self.bufs
-            .iter()
-            .take(self.front_pieces().min(max_slices))
+        self.front_bufs(max_slices)
             .enumerate()
             .map(move |(i, b)| if i == 0 { &b[offset..] } else { &b[..] })
+    }
+
+    /// The `Bytes` behind `chunks(max_slices)`, whole (the front one not
+    /// sliced at the cursor): clones keep that memory alive while the kernel
+    /// may still read it, as zero-copy sends need until their notification.
+    pub fn front_bufs(&self, max_slices: usize) -> impl Iterator<Item = &Bytes> + '_ {
+        self.bufs.iter().take(self.front_pieces().min(max_slices))
     }
 
     /// Clears `out` and fills it with iovecs for exactly what
@@ -219,9 +224,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn b(s: &'static [u8]) -> Bytes {
+        Bytes::from_static(s)
+    }
+
     fn stream(parts: &[&'static [u8]]) -> Outbox {
         let mut o = Outbox::new(Framing::Stream);
-        o.push(parts.iter().map(|p| Bytes::from_static(p)), None);
+        o.push(parts.iter().map(|p| b(p)), None);
         o
     }
 
@@ -234,17 +243,14 @@ mod tests {
     }
 
     /// Buffers of the given sizes with pseudo-random content.
-    fn buffers(sizes: &[usize], seed: u64) -> Vec<Bytes> {
-        let mut x = seed | 1;
+    fn buffers(sizes: &[usize], mut x: u64) -> Vec<Bytes> {
         let mut byte = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (x >> 56) as u8
         };
         sizes
             .iter()
-            .map(|&n| (0..n).map(|_| byte()).collect::<Vec<u8>>().into())
+            .map(|&n| (0..n).map(|_| byte()).collect())
             .collect()
     }
 
@@ -257,14 +263,12 @@ mod tests {
         let mut iov = Vec::new();
         let batch = o.fill_iovecs(&mut iov, max);
         let slices: Vec<&[u8]> = o.chunks(max.clamp(1, IOV_MAX)).collect();
-        assert_eq!(iov.len(), slices.len());
-        assert_eq!(batch.iovecs, slices.len());
+        assert_eq!((batch.iovecs, iov.len()), (slices.len(), slices.len()));
         assert_eq!(batch.bytes, slices.iter().map(|s| s.len()).sum::<usize>());
         assert!(batch.bytes <= o.queued_bytes());
         for (v, s) in iov.iter().zip(&slices) {
             assert!(!s.is_empty());
-            assert_eq!(v.iov_base as *const u8, s.as_ptr());
-            assert_eq!(v.iov_len, s.len());
+            assert_eq!((v.iov_base as *const u8, v.iov_len), (s.as_ptr(), s.len()));
         }
         batch
     }
@@ -273,11 +277,9 @@ mod tests {
     fn empty_buffers_never_make_iovecs() {
         let mut o = stream(&[b"", b"ab", b"", b"", b"c", b""]);
         assert_eq!(chunks(&o), [&b"ab"[..], b"c"]);
-        assert_eq!(o.front_pieces(), 2);
-        assert_eq!(check_iovecs(&o, IOV_MAX).bytes, 3);
+        assert_eq!((o.front_pieces(), check_iovecs(&o, IOV_MAX).bytes), (2, 3));
         o.advance(3);
         assert!(o.is_empty());
-
         let o = stream(&[b"", b""]);
         assert!(o.is_empty());
         assert_eq!((o.queued_messages(), o.front_pieces()), (0, 0));
@@ -287,44 +289,33 @@ mod tests {
         d.push([Bytes::new(), Bytes::new()], addr(9));
         assert!(!d.is_empty());
         assert_eq!((d.queued_messages(), d.queued_bytes()), (1, 0));
-        let batch = check_iovecs(&d, IOV_MAX);
-        assert_eq!(
-            batch,
-            Batch {
-                bytes: 0,
-                iovecs: 0,
-                dest: addr(9)
-            }
-        );
+        let want = Batch {
+            dest: addr(9),
+            ..Batch::default()
+        };
+        assert_eq!(check_iovecs(&d, IOV_MAX), want);
         d.advance(0);
         assert!(d.is_empty());
     }
 
     #[test]
-    fn partial_write_inside_a_buffer_keeps_an_offset() {
+    fn partial_writes_inside_at_and_across_boundaries() {
         let mut o = stream(&[b"hello", b"world"]);
         let base = o.chunks(1).next().unwrap().as_ptr();
-        o.advance(2);
+        o.advance(2); // inside: an offset into the same buffer, no copy
         assert_eq!(chunks(&o), [&b"llo"[..], b"world"]);
         assert_eq!(o.chunks(1).next().unwrap().as_ptr(), base.wrapping_add(2));
-        assert_eq!(o.queued_bytes(), 8);
-        assert_eq!(o.queued_messages(), 1);
-    }
-
-    #[test]
-    fn partial_write_at_a_boundary_and_across_several() {
-        let mut o = stream(&[b"hello", b"world"]);
-        o.advance(5);
+        assert_eq!((o.queued_bytes(), o.queued_messages()), (8, 1));
+        o.advance(3); // exactly at the boundary
         assert_eq!(chunks(&o), [&b"world"[..]]);
 
         let mut o = stream(&[b"ab", b"cde", b"", b"f", b"ghij"]);
-        o.advance(7);
+        o.advance(7); // across several
         assert_eq!(chunks(&o), [&b"hij"[..]]);
         o.advance(0);
         assert_eq!(chunks(&o), [&b"hij"[..]]);
         o.advance(3);
-        assert!(o.is_empty());
-        assert_eq!(chunks(&o), Vec::<&[u8]>::new());
+        assert!(o.is_empty() && chunks(&o).is_empty());
     }
 
     #[test]
@@ -332,66 +323,41 @@ mod tests {
         let mut o = Outbox::new(Framing::Stream);
         o.push(buffers(&[1; 1500], 7), None);
         assert_eq!(o.front_pieces(), 1500);
-        let b = check_iovecs(&o, IOV_MAX);
-        assert_eq!((b.iovecs, b.bytes), (IOV_MAX, IOV_MAX));
+        let first = check_iovecs(&o, IOV_MAX);
+        assert_eq!((first.iovecs, first.bytes), (IOV_MAX, IOV_MAX));
         assert_eq!(check_iovecs(&o, 5000).iovecs, IOV_MAX);
         assert_eq!(check_iovecs(&o, 0).iovecs, 1);
-        o.advance(b.bytes);
-        let b = check_iovecs(&o, IOV_MAX);
-        assert_eq!((b.iovecs, b.bytes), (476, 476));
-        o.advance(b.bytes);
+        o.advance(first.bytes);
+        let rest = check_iovecs(&o, IOV_MAX);
+        assert_eq!((rest.iovecs, rest.bytes), (476, 476));
+        o.advance(rest.bytes);
         assert!(o.is_empty());
     }
 
     #[test]
     fn datagrams_keep_boundaries_and_destinations() {
         let mut d = Outbox::new(Framing::Datagram);
-        d.push(
-            [
-                Bytes::from_static(b"ab"),
-                Bytes::new(),
-                Bytes::from_static(b"c"),
-            ],
-            addr(1),
-        );
-        d.push([Bytes::from_static(b"xyz")], None);
+        d.push([b(b"ab"), Bytes::new(), b(b"c")], addr(1));
+        d.push([b(b"xyz")], None);
         d.push([], addr(2));
-        d.push([Bytes::from_static(b"q")], None);
+        d.push([b(b"q")], None);
         assert_eq!((d.queued_messages(), d.queued_bytes()), (4, 7));
         assert_eq!(d.front_pieces(), 2);
-        assert_eq!(
-            check_iovecs(&d, IOV_MAX),
-            Batch {
-                bytes: 3,
-                iovecs: 2,
-                dest: addr(1)
-            }
-        );
-        assert_eq!(chunks(&d), [&b"ab"[..], b"c"]);
-        d.advance(3);
-        assert_eq!(
-            check_iovecs(&d, IOV_MAX),
-            Batch {
-                bytes: 3,
-                iovecs: 1,
-                dest: None
-            }
-        );
-        d.advance(3);
-        assert_eq!(
-            check_iovecs(&d, IOV_MAX),
-            Batch {
-                bytes: 0,
-                iovecs: 0,
-                dest: addr(2)
-            }
-        );
-        assert_eq!(d.front_pieces(), 0);
-        d.advance(0);
+        let want = [(3, 2, addr(1)), (3, 1, None), (0, 0, addr(2))];
+        for (bytes, iovecs, dest) in want {
+            assert_eq!(
+                check_iovecs(&d, IOV_MAX),
+                Batch {
+                    bytes,
+                    iovecs,
+                    dest
+                }
+            );
+            assert_eq!(d.front_pieces(), iovecs);
+            d.advance(bytes);
+        }
         assert_eq!((d.queued_messages(), d.queued_bytes()), (1, 1));
-        assert_eq!(d.take_unsent(), [Bytes::from_static(b"q")]);
-        assert!(d.is_empty());
-        d.advance(5);
+        assert_eq!(d.take_unsent(), [b(b"q")]);
         assert!(d.is_empty());
     }
 
@@ -399,15 +365,10 @@ mod tests {
     fn take_unsent_after_a_partial_write_is_exactly_the_rest() {
         let mut o = stream(&[b"hello", b"", b"world"]);
         o.advance(3);
-        let rest = o.take_unsent();
-        assert_eq!(
-            rest,
-            [Bytes::from_static(b"lo"), Bytes::from_static(b"world")]
-        );
-        assert!(o.is_empty());
-        assert_eq!(o.queued_bytes(), 0);
+        assert_eq!(o.take_unsent(), [b(b"lo"), b(b"world")]);
+        assert!(o.is_empty() && o.queued_bytes() == 0);
         assert!(o.take_unsent().is_empty());
-        o.push([Bytes::from_static(b"again")], None);
+        o.push([b(b"again")], None);
         assert_eq!(chunks(&o), [&b"again"[..]]);
     }
 
@@ -416,10 +377,9 @@ mod tests {
         let mut o = stream(&[b"abc"]);
         o.advance(1);
         o.advance(10);
-        assert!(o.is_empty());
-        assert_eq!(o.queued_bytes(), 0);
+        assert!(o.is_empty() && o.queued_bytes() == 0);
         o.advance(usize::MAX);
-        o.push([Bytes::from_static(b"de")], None);
+        o.push([b(b"de")], None);
         assert_eq!(chunks(&o), [&b"de"[..]]);
         let mut d = Outbox::new(Framing::Datagram);
         d.advance(4);
@@ -446,7 +406,7 @@ mod tests {
             let mut step = 0;
             while !o.is_empty() || later.len() > 0 {
                 let r = writes[step % writes.len()] as usize;
-                if r % 3 == 0 {
+                if r % 3 == 0 || o.is_empty() {
                     if let Some(bufs) = later.next() {
                         input.extend_from_slice(&flat(&bufs));
                         o.push(bufs, None);

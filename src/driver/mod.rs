@@ -39,6 +39,9 @@ pub(crate) enum Event {
     },
     /// A connection whose write hit `EAGAIN` may be written again.
     Writable { token: Token },
+    /// A zero-copy send's notification: the kernel no longer reads its
+    /// buffers. `copied`: the kernel copied after all (loopback, veth).
+    Notified { token: Token, copied: bool },
 }
 
 /// Counters every driver keeps; the engine adds its own.
@@ -50,6 +53,8 @@ pub(crate) struct DriverStats {
     pub(crate) enters: u64,
     /// System calls of any kind made to move bytes or wait.
     pub(crate) syscalls: u64,
+    /// Zero-copy sends submitted (io_uring only).
+    pub(crate) zc_sends: u64,
 }
 
 /// The in-flight record of one connection's write: the iovec array, the
@@ -69,6 +74,10 @@ pub(crate) struct WriteOp {
     dest: Option<SockaddrStorage>,
     /// What the current fill covers.
     pub(crate) batch: Batch,
+    /// Send with SEND_ZC/SENDMSG_ZC (io_uring only).
+    pub(crate) zero_copy: bool,
+    /// The whole batch lies in this registered buffer (`buf_index`).
+    pub(crate) fixed: Option<u16>,
 }
 
 // SAFETY: the raw pointers inside point only at this op's own `iovecs` and
@@ -84,6 +93,8 @@ impl WriteOp {
             msg: unsafe { std::mem::zeroed() },
             dest: None,
             batch: Batch::default(),
+            zero_copy: false,
+            fixed: None,
         })
     }
 
@@ -117,6 +128,11 @@ impl WriteOp {
     pub(crate) fn msghdr(&self) -> *const libc::msghdr {
         &self.msg
     }
+
+    /// The destination's address and length, if the batch has one.
+    pub(crate) fn dest(&self) -> Option<(*const libc::sockaddr, libc::socklen_t)> {
+        self.dest.as_ref().map(|a| (a.as_ptr(), a.len()))
+    }
 }
 
 /// Flags for socket sends: never raise SIGPIPE, report EPIPE instead.
@@ -126,7 +142,7 @@ pub(crate) const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
 #[derive(Debug)]
 pub(crate) enum Driver {
     #[cfg(target_os = "linux")]
-    Uring(uring::UringDriver),
+    Uring(Box<uring::UringDriver>),
     #[cfg(target_os = "linux")]
     Epoll(readiness::Readiness<epoll::Epoll>),
     Poll(readiness::Readiness<poll::Poll>),
@@ -146,10 +162,16 @@ macro_rules! each {
 
 impl Driver {
     /// Builds the driver for `backend` with room for `depth` queued writes.
-    pub(crate) fn new(backend: Backend, depth: u32) -> io::Result<Driver> {
+    pub(crate) fn new(
+        backend: Backend,
+        depth: u32,
+        pool: Option<&crate::fixed::FixedBufPool>,
+    ) -> io::Result<Driver> {
         match backend {
             #[cfg(target_os = "linux")]
-            Backend::Uring => Ok(Driver::Uring(uring::UringDriver::new(depth)?)),
+            Backend::Uring => Ok(Driver::Uring(Box::new(uring::UringDriver::new(
+                depth, pool,
+            )?))),
             #[cfg(target_os = "linux")]
             Backend::Epoll => Ok(Driver::Epoll(readiness::Readiness::new(
                 epoll::Epoll::new()?
@@ -161,6 +183,11 @@ impl Driver {
                 format!("the {b} backend exists only on Linux"),
             )),
         }
+    }
+
+    /// A driver that owns nothing, to stand in for one being leaked.
+    pub(crate) fn inert() -> Driver {
+        Driver::Poll(readiness::Readiness::new(poll::Poll::new()))
     }
 
     /// Starts watching `fd` (readiness backends register it once).
@@ -177,20 +204,35 @@ impl Driver {
     /// or `wait`); readiness backends try the syscall now and report `Done`
     /// into `events`, or arm writability on `EAGAIN`.
     ///
+    /// A zero-copy write (`op.zero_copy`, io_uring) keeps `hold`, clones of
+    /// the `Bytes` its iovecs point at, until its notification; other
+    /// writes drop it.
+    ///
     /// # Safety
     /// `op` must stay at its address, unmodified, with the memory its
     /// iovecs point at alive, until `Event::Done` for `token` is reported
-    /// (the [`WriteOp`] invariant).
+    /// (the [`WriteOp`] invariant); for a zero-copy write `hold` must cover
+    /// every buffer its iovecs point at.
     pub(crate) unsafe fn start(
         &mut self,
         token: Token,
         fd: RawFd,
         kind: FdKind,
         op: &WriteOp,
+        hold: Vec<bytes::Bytes>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
         // SAFETY: forwarded contract.
-        each!(self, d => unsafe { d.start(token, fd, kind, op, events) })
+        each!(self, d => unsafe { d.start(token, fd, kind, op, hold, events) })
+    }
+
+    /// Zero-copy sends whose notification has not arrived.
+    pub(crate) fn notifs_pending(&self) -> usize {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.notifs_pending(),
+            _ => 0,
+        }
     }
 
     /// Hands queued work to the kernel (one `io_uring_enter`).

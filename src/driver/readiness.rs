@@ -68,8 +68,10 @@ impl<S: Selector> Readiness<S> {
         fd: RawFd,
         kind: FdKind,
         op: &WriteOp,
+        _hold: Vec<bytes::Bytes>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
+        // Readiness backends always copy: the syscall is done when it returns.
         self.stats.syscalls += 1;
         let res = if kind.is_socket() {
             // SAFETY: the msghdr and its iovecs/name live in `op`, whose

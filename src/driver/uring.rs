@@ -2,11 +2,13 @@
 //! `WRITEV` for everything else) and one `io_uring_enter` per submit.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use bytes::Bytes;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
 use crate::sys::net::FdKind;
@@ -14,6 +16,24 @@ use crate::sys::net::FdKind;
 /// `user_data` of entries whose completions nobody waits for (cancels,
 /// timeouts).
 const IGNORED: u64 = u64::MAX;
+/// `user_data` bit of zero-copy sends: each gets its own id, since its
+/// notification may arrive after later sends on the same connection.
+const ZC_BIT: u64 = 1 << 63;
+/// `IORING_SEND_ZC_REPORT_USAGE` (6.2), in the SQE's `ioprio`.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's `res`.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+
+/// A zero-copy send from submission until its notification.
+#[derive(Debug)]
+struct ZcSend {
+    token: Token,
+    /// Clones of every `Bytes` the send reads: dropped at the notification,
+    /// never before (the kernel may read them until then).
+    _hold: Vec<Bytes>,
+    /// The send's own completion has been reaped.
+    done: bool,
+}
 
 /// An io_uring instance and its counters.
 pub(crate) struct UringDriver {
@@ -26,6 +46,11 @@ pub(crate) struct UringDriver {
     /// Set up with `IORING_SETUP_R_DISABLED`: enabled by the first enter,
     /// which makes the calling thread the ring's single issuer.
     disabled: bool,
+    /// Zero-copy sends by `user_data`, until their notification.
+    zc: HashMap<u64, ZcSend>,
+    next_zc: u64,
+    /// Kernel accepts `IORING_SEND_ZC_REPORT_USAGE` (6.2).
+    report_usage: bool,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -39,7 +64,10 @@ impl std::fmt::Debug for UringDriver {
 }
 
 impl UringDriver {
-    pub(crate) fn new(depth: u32) -> io::Result<UringDriver> {
+    pub(crate) fn new(
+        depth: u32,
+        pool: Option<&crate::fixed::FixedBufPool>,
+    ) -> io::Result<UringDriver> {
         let depth = depth.clamp(8, 32768);
         let cq = depth.saturating_mul(2);
         // DEFER_TASKRUN (6.1, with SINGLE_ISSUER) runs retries of partial
@@ -66,12 +94,20 @@ impl UringDriver {
                 false,
             ),
         };
+        if let Some(pool) = pool {
+            register(&ring, pool)?;
+        }
         Ok(UringDriver {
             ring,
             stats: DriverStats::default(),
             unsubmitted: 0,
             in_flight: 0,
             disabled,
+            zc: HashMap::new(),
+            next_zc: 0,
+            // REPORT_USAGE came in 6.2, with the RECVSEND_BUNDLE-era feature
+            // set; EXT_ARG+NODROP alone do not tell, so ask the version.
+            report_usage: kernel_at_least(6, 2),
         })
     }
 
@@ -83,39 +119,91 @@ impl UringDriver {
 
     /// # Safety
     /// The [`WriteOp`] invariant: `op` and the memory its iovecs point at
-    /// stay valid and unmodified until `Done` for `token` is reported.
+    /// stay valid and unmodified until `Done` for `token` is reported; for a
+    /// zero-copy op, `hold` covers every buffer its iovecs point at.
     pub(crate) unsafe fn start(
         &mut self,
         token: Token,
         fd: RawFd,
         kind: FdKind,
         op: &WriteOp,
+        hold: Vec<Bytes>,
         _events: &mut Vec<Event>,
     ) -> io::Result<()> {
-        let entry = match kind {
-            // MSG_WAITALL on a stream socket: the kernel finishes a partial
-            // send itself instead of completing short (io_net_retry).
-            FdKind::StreamSocket => opcode::SendMsg::new(types::Fd(fd), op.msghdr())
-                .flags((SEND_FLAGS | libc::MSG_WAITALL) as u32)
-                .build(),
-            FdKind::DatagramSocket => opcode::SendMsg::new(types::Fd(fd), op.msghdr())
-                .flags(SEND_FLAGS as u32)
-                .build(),
-            // Offset -1: write at (and advance) the file position (5.6, RW_CUR_POS).
-            FdKind::File | FdKind::Other => opcode::Writev::new(
-                types::Fd(fd),
-                op.iovecs().as_ptr(),
-                op.iovecs().len() as u32,
-            )
-            .offset(u64::MAX)
-            .build(),
+        let fd = types::Fd(fd);
+        // MSG_WAITALL on a stream socket: the kernel finishes a partial send
+        // itself instead of completing short (io_net_retry).
+        let msg_flags = match kind {
+            FdKind::StreamSocket => SEND_FLAGS | libc::MSG_WAITALL,
+            _ => SEND_FLAGS,
+        };
+        let mut user_data = token;
+        let entry = if op.zero_copy && kind.is_socket() {
+            let zc_flags = if self.report_usage {
+                SEND_ZC_REPORT_USAGE
+            } else {
+                0
+            };
+            let entry = match (op.fixed, op.iovecs()) {
+                // One registered buffer: SEND_ZC from it (no page pinning).
+                (Some(index), [iov]) => {
+                    let mut e =
+                        opcode::SendZc::new(fd, iov.iov_base as *const u8, iov.iov_len as u32)
+                            .buf_index(Some(index))
+                            .flags(msg_flags)
+                            .zc_flags(zc_flags);
+                    if let Some((addr, len)) = op.dest() {
+                        e = e.dest_addr(addr).dest_addr_len(len);
+                    }
+                    e.build()
+                }
+                _ => opcode::SendMsgZc::new(fd, op.msghdr())
+                    .flags(msg_flags as u32)
+                    .ioprio(zc_flags)
+                    .build(),
+            };
+            self.next_zc += 1;
+            user_data = ZC_BIT | self.next_zc;
+            self.zc.insert(
+                user_data,
+                ZcSend {
+                    token,
+                    _hold: hold,
+                    done: false,
+                },
+            );
+            self.stats.zc_sends += 1;
+            entry
+        } else {
+            match kind {
+                FdKind::StreamSocket | FdKind::DatagramSocket => {
+                    opcode::SendMsg::new(fd, op.msghdr())
+                        .flags(msg_flags as u32)
+                        .build()
+                }
+                // Offset -1: write at (and advance) the file position (5.6, RW_CUR_POS).
+                FdKind::File | FdKind::Other => {
+                    opcode::Writev::new(fd, op.iovecs().as_ptr(), op.iovecs().len() as u32)
+                        .offset(u64::MAX)
+                        .build()
+                }
+            }
         }
-        .user_data(token);
+        .user_data(user_data);
         // SAFETY: the caller upholds the WriteOp invariant for this entry's
-        // msghdr/iovecs and the Bytes behind them until its completion.
-        unsafe { self.push(&entry)? };
+        // msghdr/iovecs and the Bytes behind them until its completion, and
+        // for zero-copy `self.zc` holds the Bytes until the notification.
+        if let Err(e) = unsafe { self.push(&entry) } {
+            self.zc.remove(&user_data);
+            return Err(e);
+        }
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// Zero-copy sends whose notification has not arrived.
+    pub(crate) fn notifs_pending(&self) -> usize {
+        self.zc.len()
     }
 
     /// Pushes an entry, entering the kernel first if the SQ ring is full.
@@ -188,34 +276,62 @@ impl UringDriver {
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
         let ready = self.ring.completion().len();
+        // Notifications count too: Drop waits for them.
+        let outstanding = self.in_flight + self.zc.values().filter(|z| z.done).count();
         let want = if ready >= min.max(1) {
             0
         } else {
-            min.max(1).min(self.in_flight)
+            min.max(1).min(outstanding)
         };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
         }
         for cqe in self.ring.completion() {
-            if cqe.user_data() == IGNORED {
+            let user_data = cqe.user_data();
+            if user_data == IGNORED {
                 continue;
             }
+            let token = if user_data & ZC_BIT != 0 {
+                let Some(zc) = self.zc.get_mut(&user_data) else {
+                    continue;
+                };
+                let token = zc.token;
+                if cqueue::notif(cqe.flags()) {
+                    // The kernel is done with the buffers: release them.
+                    self.zc.remove(&user_data);
+                    let copied = (cqe.result() as u32) & NOTIF_USAGE_ZC_COPIED != 0;
+                    events.push(Event::Notified { token, copied });
+                    continue;
+                }
+                if cqueue::more(cqe.flags()) {
+                    zc.done = true;
+                } else {
+                    // No notification follows (the send failed early).
+                    self.zc.remove(&user_data);
+                }
+                token
+            } else {
+                user_data
+            };
             self.in_flight -= 1;
             let res = if cqe.result() < 0 {
                 Err(io::Error::from_raw_os_error(-cqe.result()))
             } else {
                 Ok(cqe.result() as usize)
             };
-            events.push(Event::Done {
-                token: cqe.user_data(),
-                res,
-            });
+            events.push(Event::Done { token, res });
         }
         Ok(())
     }
 
     pub(crate) fn cancel(&mut self, token: Token) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(token).build().user_data(IGNORED);
+        // An in-flight zero-copy send runs under its own id.
+        let target = self
+            .zc
+            .iter()
+            .find(|(_, z)| z.token == token && !z.done)
+            .map_or(token, |(&id, _)| id);
+        let entry = opcode::AsyncCancel::new(target).build().user_data(IGNORED);
         // SAFETY: ASYNC_CANCEL points at no buffer.
         unsafe { self.push(&entry) }
     }
@@ -223,4 +339,53 @@ impl UringDriver {
     pub(crate) fn stats(&self) -> DriverStats {
         self.stats
     }
+}
+
+/// Registers the pool's buffers with the ring (`IORING_REGISTER_BUFFERS`).
+fn register(ring: &IoUring, pool: &crate::fixed::FixedBufPool) -> io::Result<()> {
+    let iovecs: Vec<libc::iovec> = pool
+        .regions()
+        .into_iter()
+        .map(|(addr, len)| libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect();
+    // SAFETY: the regions are the pool's buffers, whose heap memory never
+    // moves or shrinks and lives as long as the pool; the engine keeps the
+    // pool alive for as long as the ring exists.
+    match unsafe { ring.submitter().register_buffers(&iovecs) } {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+            let limit = crate::sys::memlock_limit()
+                .ok()
+                .and_then(|(soft, _)| soft)
+                .map_or_else(|| String::from("unlimited"), |b| format!("{b} bytes"));
+            Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "registering {} fixed buffers of {} bytes exceeds RLIMIT_MEMLOCK ({limit}): \
+                     raise `ulimit -l` or register fewer",
+                    pool.count(),
+                    pool.buf_size()
+                ),
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `uname -r` is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let (release, _) = crate::sys::uname();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let maj = parts
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
+    let min = parts
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(0);
+    (maj, min) >= (major, minor)
 }
