@@ -103,7 +103,10 @@ fn require(
         RingSupport::Unavailable(why) => format!(" (io_uring unavailable: {why})"),
         RingSupport::Available { .. } => format!(" (kernel {})", report.kernel_release),
     };
-    eprintln!("ringmover: missing io_uring opcodes: {}{why}", list(&missing));
+    eprintln!(
+        "ringmover: missing io_uring opcodes: {}{why}",
+        list(&missing)
+    );
     Ok(Outcome::Failed)
 }
 
@@ -128,7 +131,11 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
 
 fn write_text(r: &KernelReport, out: &mut impl Write) -> io::Result<()> {
     let row = |out: &mut dyn Write, k: &str, v: &str| writeln!(out, "{k:<20} {v}");
-    row(out, "kernel", &format!("{} ({})", r.kernel_release, r.machine))?;
+    row(
+        out,
+        "kernel",
+        &format!("{} ({})", r.kernel_release, r.machine),
+    )?;
     row(out, "io_uring_disabled", &opt(&r.io_uring_disabled))?;
     row(out, "io_uring_group", &opt(&r.io_uring_group))?;
     match &r.ring {

@@ -1,6 +1,11 @@
 //! `ringmover`: a thin command line over the ringmover library.
 
+mod bench;
+mod bench_recv;
 mod probe;
+mod recv;
+mod send;
+mod units;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -22,6 +27,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Probe(probe::Args),
+    Recv(recv::Args),
+    Send(send::Args),
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 /// How a subcommand ended, when it did not fail outright.
@@ -38,6 +47,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
+        Command::Recv(args) => recv::run(&args),
+        Command::Send(args) => send::run(&args),
+        Command::Bench(bench) => bench::run(&bench),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -115,7 +115,10 @@ pub const REQUIRED_OPS: &[Opcode] = &[Opcode::WRITEV, Opcode::SENDMSG, Opcode::P
 
 /// Opcodes with a per-operation fallback, and what replaces each.
 pub const OPTIONAL_OPS: &[(Opcode, &str)] = &[
-    (Opcode::ASYNC_CANCEL, "wait for in-flight sends instead of cancelling them"),
+    (
+        Opcode::ASYNC_CANCEL,
+        "wait for in-flight sends instead of cancelling them",
+    ),
     (Opcode::SPLICE, "splice(2) after readiness"),
     (Opcode::SEND_ZC, "copying SENDMSG"),
     (Opcode::SENDMSG_ZC, "copying SENDMSG"),
@@ -186,13 +189,15 @@ impl Selection {
                     format!("{BACKEND_ENV}=uring but io_uring is unavailable: {why}"),
                 ))
             }
-            (BackendChoice::Force(Backend::Uring), _) if !missing.is_empty() => Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "{BACKEND_ENV}=uring but the kernel lacks required opcodes: {}",
-                    join(&missing)
-                ),
-            )),
+            (BackendChoice::Force(Backend::Uring), _) if !missing.is_empty() => {
+                Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "{BACKEND_ENV}=uring but the kernel lacks required opcodes: {}",
+                        join(&missing)
+                    ),
+                ))
+            }
             (BackendChoice::Force(Backend::Uring), _) => Ok(Selection {
                 backend: Backend::Uring,
                 forced: true,
@@ -279,7 +284,10 @@ mod tests {
         let s = Selection::choose_with(BackendChoice::Auto, &ring).unwrap();
         assert_eq!(s.backend, Backend::Uring);
         let ops: Vec<Opcode> = s.fallbacks.iter().map(|f| f.op).collect();
-        assert_eq!(ops, vec![Opcode::SPLICE, Opcode::SEND_ZC, Opcode::SENDMSG_ZC]);
+        assert_eq!(
+            ops,
+            vec![Opcode::SPLICE, Opcode::SEND_ZC, Opcode::SENDMSG_ZC]
+        );
     }
 
     #[test]

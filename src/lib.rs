@@ -25,6 +25,8 @@
 pub mod backend;
 pub mod opcode;
 pub mod probe;
+pub mod recv;
+pub mod send;
 mod sys;
 
 pub use backend::{Backend, BackendChoice, OpFallback, Selection, BACKEND_ENV};

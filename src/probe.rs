@@ -133,9 +133,8 @@ impl RingUnavailable {
     pub fn errno(&self) -> Option<i32> {
         match self {
             RingUnavailable::NoSyscall { .. } => Some(libc::ENOSYS),
-            RingUnavailable::DisabledBySysctl { .. } | RingUnavailable::ForbiddenByPolicy { .. } => {
-                Some(libc::EPERM)
-            }
+            RingUnavailable::DisabledBySysctl { .. }
+            | RingUnavailable::ForbiddenByPolicy { .. } => Some(libc::EPERM),
             RingUnavailable::MemlockLimit => Some(libc::ENOMEM),
             RingUnavailable::Other { errno } => Some(*errno),
             RingUnavailable::NotTried | RingUnavailable::NotLinux => None,
@@ -237,11 +236,8 @@ fn detect_uncached() -> RingSupport {
         ..SetupArgs::default()
     }) {
         Ok(ring) => {
-            let opcodes = match ring.supported_opcodes() {
-                Ok(ops) => Some(ops),
-                // EINVAL: kernel before 5.6, which has no IORING_REGISTER_PROBE.
-                Err(_) => None,
-            };
+            // EINVAL: kernel before 5.6, which has no IORING_REGISTER_PROBE.
+            let opcodes = ring.supported_opcodes().ok();
             RingSupport::Available {
                 features: ring.features,
                 opcodes,
