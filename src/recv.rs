@@ -521,6 +521,130 @@ mod tests {
         );
     }
 
+    /// Receives one connection carrying `data` on `r`; returns what ended
+    /// up in the file.
+    fn receive_one(mut r: Receiver, data: Vec<u8>, name: &str) -> (Finished, Vec<u8>) {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        r.listen(listener, Some(1)).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&data).unwrap();
+            data
+        });
+        let path =
+            std::env::temp_dir().join(format!("ringmover-unit-{}-{name}", std::process::id()));
+        let mut events = Vec::new();
+        let mut attached = false;
+        let done = loop {
+            r.wait(Some(Duration::from_secs(10)), &mut events).unwrap();
+            let mut finished = None;
+            for e in events.drain(..) {
+                match e {
+                    Event::Incoming { socket, peer } => {
+                        let f = File::create(&path).unwrap();
+                        r.attach(socket.into(), peer, f).unwrap();
+                        attached = true;
+                        assert!(!r.is_listening(), "the limit of one stops listening");
+                    }
+                    Event::Finished(f) => finished = Some(f),
+                    Event::AcceptFailed(e) => panic!("{e}"),
+                }
+            }
+            if let Some(f) = finished {
+                break f;
+            }
+            assert!(attached || r.is_listening());
+        };
+        assert_eq!(r.active(), 0);
+        let sent = client.join().unwrap();
+        let mut got = Vec::new();
+        File::open(&path).unwrap().read_to_end(&mut got).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            got == sent,
+            "{name}: {} bytes received, {} sent",
+            got.len(),
+            sent.len()
+        );
+        (done, got)
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn every_backend_receives_byte_exact() {
+        for backend in Backend::ALL {
+            let r = Receiver::new(backend, RecvOptions::default()).unwrap();
+            assert_eq!(r.backend(), backend);
+            let (done, got) = receive_one(r, data(3 << 20), backend.name());
+            assert!(done.result.is_ok(), "{backend}: {:?}", done.result);
+            assert_eq!(done.bytes, got.len() as u64);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn uring_without_splice_falls_back_to_splice_syscall() {
+        let mut r = Receiver::new(Backend::Uring, RecvOptions::default()).unwrap();
+        assert!(r.fallbacks().is_empty(), "this kernel has IORING_OP_SPLICE");
+        if let Engine::Uring(u) = &mut r.engine {
+            u.pretend_no_splice_op();
+        }
+        let ops: Vec<_> = r.fallbacks().iter().map(|f| f.op).collect();
+        assert_eq!(ops, vec![crate::Opcode::SPLICE]);
+        let (done, _) = receive_one(r, data(2 << 20), "uring-fallback");
+        assert!(done.result.is_ok(), "{:?}", done.result);
+    }
+
+    #[test]
+    fn quota_stops_at_max_bytes_on_every_backend() {
+        for backend in Backend::ALL {
+            let options = RecvOptions {
+                max_bytes: Some(1000),
+                ..RecvOptions::default()
+            };
+            let mut r = Receiver::new(backend, options).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            r.listen(listener, Some(1)).unwrap();
+            let client = std::thread::spawn(move || {
+                use std::io::Write;
+                let mut s = TcpStream::connect(addr).unwrap();
+                let _ = s.write_all(&[7u8; 5000]);
+                s
+            });
+            let mut events = Vec::new();
+            let done = loop {
+                r.wait(Some(Duration::from_secs(10)), &mut events).unwrap();
+                let mut finished = None;
+                for e in events.drain(..) {
+                    match e {
+                        Event::Incoming { socket, peer } => {
+                            let f = File::options().write(true).open("/dev/null").unwrap();
+                            r.attach(socket.into(), peer, f).unwrap();
+                        }
+                        Event::Finished(f) => finished = Some(f),
+                        Event::AcceptFailed(e) => panic!("{e}"),
+                    }
+                }
+                if let Some(f) = finished {
+                    break f;
+                }
+            };
+            drop(client.join());
+            assert!(
+                matches!(done.result, Err(Failure::Quota(1000))),
+                "{backend}: {:?}",
+                done.result
+            );
+            assert_eq!(done.bytes, 1000, "{backend}");
+        }
+    }
+
     #[test]
     fn resets_are_told_apart() {
         let reset = Failure::from_read(io::Error::from_raw_os_error(libc::ECONNRESET));

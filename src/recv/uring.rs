@@ -125,6 +125,13 @@ impl UringEngine {
         }
     }
 
+    /// Behaves as on a ring without `IORING_OP_SPLICE` (tests of the
+    /// fallback on kernels that have it).
+    #[cfg(test)]
+    pub(crate) fn pretend_no_splice_op(&mut self) {
+        self.splice_op = false;
+    }
+
     pub(crate) fn pipes(&self) -> PipeReport {
         self.pool.report()
     }

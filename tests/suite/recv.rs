@@ -45,6 +45,7 @@ for_each_backend!(
     rlimit_fsize_is_a_write_error,
     address_in_use_is_reported,
     nc_and_socat_clients,
+    send_from_stdin_with_progress,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -650,4 +651,47 @@ fn nc_and_socat_clients(backend: &str) {
         assert_eq!(sha256_file(&path_of(r)), want, "{r}");
     }
     fs::remove_dir_all(&dir).unwrap();
+}
+
+fn send_from_stdin_with_progress(backend: &str) {
+    let dir = scratch("stdin");
+    let src = dir.join("src.bin");
+    let data = pattern(3 << 20, 19);
+    fs::write(&src, &data).unwrap();
+    let out = dir.join("got.bin");
+    let server = Server::start(backend, &["--out", out.to_str().unwrap(), "--progress"]);
+    let send = Command::new(BIN)
+        .args(["send", "-", "--json", "--to"])
+        .arg(server.addr.to_string())
+        .stdin(fs::File::open(&src).unwrap())
+        .output()
+        .unwrap();
+    assert!(send.status.success(), "{send:?}");
+    let sent: Value = serde_json::from_slice(&send.stdout).unwrap();
+    assert_eq!(sent["method"], "read-write", "{sent}");
+    assert_eq!(sent["bytes"], data.len() as u64, "{sent}");
+    let done = server.finish();
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        done.stderr.contains(&format!("backend: {backend}")) && done.stderr.contains("done,"),
+        "{}",
+        done.stderr
+    );
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// io_uring only: idle connections wait in POLL_ADD, not in io-wq workers.
+#[test]
+fn idle_connections_hold_no_io_wq_workers() {
+    let out = Command::new(BIN)
+        .args(["bench", "recv", "--idle", "1000", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["idle_connections"], 1000, "{v}");
+    assert_eq!(v["finished_after_close"], 1000, "{v}");
+    // A blocked SPLICE per idle connection would show up to 1000 workers.
+    assert!(v["iou_wrk_threads"].as_u64().unwrap() <= 2, "{v}");
 }
