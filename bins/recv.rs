@@ -285,10 +285,13 @@ fn persist(file: &File, output: &Output, args: &Args) -> anyhow::Result<PathBuf>
         file.sync_all()
             .with_context(|| format!("fsync {}", output.part.display()))?;
     }
+    // Only a named output file may be replaced; directory mode never clobbers.
+    let dir_mode = args.out.is_dir();
+    let replace = args.overwrite && !dir_mode;
     let mut target = output.path.clone();
     let mut n = 0;
     loop {
-        let renamed = if args.overwrite {
+        let renamed = if replace {
             std::fs::rename(&output.part, &target)
         } else {
             rename_noreplace(&output.part, &target)
@@ -296,7 +299,7 @@ fn persist(file: &File, output: &Output, args: &Args) -> anyhow::Result<PathBuf>
         match renamed {
             Ok(()) => break,
             // Directory mode: someone took the name meanwhile; pick another.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && args.out.is_dir() && n < 1000 => {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir_mode && n < 1000 => {
                 n += 1;
                 target = suffixed(&output.path, n);
             }
