@@ -103,6 +103,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 
     let mut dest = if args.out.is_dir() {
         Destination::Dir(args.out.clone())
+    } else if args.out.as_os_str().to_string_lossy().ends_with('/') {
+        bail!("output directory {} does not exist", args.out.display());
     } else {
         let part = part_path(&args.out);
         if !args.overwrite && args.out.symlink_metadata().is_ok() {
@@ -165,22 +167,34 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         for event in events.drain(..) {
             match event {
                 Event::Incoming { socket, peer } => {
-                    let opened = open_output(&mut dest, peer);
-                    match opened {
-                        Ok((output, file)) => {
-                            let id = receiver
-                                .attach(socket.into(), peer, file)
-                                .with_context(|| format!("receiving from {peer}"))?;
+                    let attached = open_output(&mut dest, peer)
+                        .map_err(|(path, e)| {
+                            let why = format!("creating {}: {e}", path.display());
+                            (path, "file-error", why)
+                        })
+                        .and_then(|(output, file)| {
+                            match receiver.attach(socket.into(), peer, file) {
+                                Ok(id) => Ok((id, output)),
+                                Err(e) => {
+                                    let why =
+                                        format!("receiving into {}: {e}", output.part.display());
+                                    Err((output.part, "attach-error", why))
+                                }
+                            }
+                        });
+                    match attached {
+                        Ok((id, output)) => {
                             outputs.insert(id, output);
                         }
-                        Err((path, e)) => {
+                        Err((path, outcome, e)) => {
+                            // Only this connection fails; the server goes on.
                             failed += 1;
-                            writeln!(err, "ringmover: {peer}: creating {}: {e}", path.display())?;
+                            writeln!(err, "ringmover: {peer}: {e}")?;
                             if args.json {
                                 let v = json!({
                                     "peer": peer.to_string(), "path": path, "bytes": 0,
                                     "seconds": 0.0, "gbps": 0.0, "backend": backend.name(),
-                                    "outcome": "file-error", "error": e.to_string(),
+                                    "outcome": outcome, "error": e,
                                 });
                                 writeln!(stdout.lock(), "{v}").context("writing to stdout")?;
                             }

@@ -167,7 +167,11 @@ impl UringEngine {
                 closing: None,
             },
         );
-        self.arm_poll(id)
+        let armed = self.arm_poll(id);
+        if armed.is_err() {
+            self.conns.remove(&id);
+        }
+        armed
     }
 
     /// Queues `entry`, submitting first when the submission queue is full.
