@@ -71,7 +71,10 @@ pub(crate) fn pump_splice(
                 pool.put(pipe);
                 return Pump::Pending;
             }
-            Err(e) => return Pump::Done(Err(Failure::from_read(e))),
+            Err(e) => {
+                pool.put(pipe);
+                return Pump::Done(Err(Failure::from_read(e)));
+            }
         };
         if let Err(e) = drain_pipe(conn, &pipe.rd, n) {
             // The pipe may still hold bytes: it is dropped, not pooled.

@@ -321,7 +321,11 @@ impl UringEngine {
             let expired: Vec<u64> = self
                 .conns
                 .iter()
-                .filter(|(_, c)| c.closing.is_none())
+                // Only a connection waiting for data is idle; one with a
+                // splice in flight is moving bytes.
+                .filter(|(_, c)| {
+                    c.closing.is_none() && matches!(c.in_flight, None | Some(Op::Poll))
+                })
                 .filter(|(_, c)| c.conn.idle_deadline(Some(d)).is_some_and(|t| t <= now))
                 .map(|(&k, _)| k)
                 .collect();
@@ -410,6 +414,11 @@ impl UringEngine {
             c.in_pipe = c.in_pipe.saturating_sub(n);
             c.conn.wrote(n as u64, Instant::now());
         }
+        if op == Op::SpliceIn && res > 0 {
+            // Counted before the closing check: a pipe with bytes in it
+            // must never go back to the pool.
+            c.in_pipe = res as usize;
+        }
         if let Some(why) = c.closing.take() {
             return self.finish(id, Err(why), events);
         }
@@ -447,10 +456,7 @@ impl UringEngine {
                     self.release_pipe(id);
                     self.finish(id, Ok(()), events)
                 }
-                n if n > 0 => {
-                    c.in_pipe = n as usize;
-                    self.splice_out(id)
-                }
+                n if n > 0 => self.splice_out(id),
                 _ if -res == libc::EAGAIN => {
                     self.release_pipe(id);
                     self.arm_poll(id)
