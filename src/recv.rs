@@ -645,6 +645,35 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Reading what `want` allows, in any chunking, never passes the
+        /// quota, and `Probe` comes exactly when the quota is used up.
+        #[test]
+        fn reads_never_pass_the_quota(
+            cap in 1usize..5000,
+            max in proptest::option::of(0u64..20_000),
+            chunks in proptest::collection::vec(1usize..7000, 0..40),
+        ) {
+            let mut c = conn();
+            for chunk in chunks {
+                match c.want(cap, max) {
+                    Want::Read(len) => {
+                        proptest::prop_assert!(len >= 1 && len <= cap);
+                        // A short read: the socket had less than asked.
+                        let n = chunk.min(len);
+                        c.wrote(n as u64, Instant::now());
+                        if let Some(m) = max {
+                            proptest::prop_assert!(c.written <= m);
+                        }
+                    }
+                    Want::Probe => {
+                        proptest::prop_assert_eq!(Some(c.written), max);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn resets_are_told_apart() {
         let reset = Failure::from_read(io::Error::from_raw_os_error(libc::ECONNRESET));
