@@ -206,7 +206,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         continue;
                     };
                     rates.remove(&done.id);
-                    let ok = finish(done, &output, args, backend, &mut err, &stdout)?;
+                    let ok = finish(done, &output, args, backend, progress, &mut err, &stdout)?;
                     if !ok {
                         failed += 1;
                     }
@@ -247,6 +247,7 @@ fn finish(
     output: &Output,
     args: &Args,
     backend: Backend,
+    progress: bool,
     err: &mut io::Stderr,
     stdout: &io::Stdout,
 ) -> anyhow::Result<bool> {
@@ -267,7 +268,7 @@ fn finish(
             done.bytes,
             path.display()
         )?;
-    } else if args.progress {
+    } else if progress {
         writeln!(
             err,
             "{}: done, {} in {secs:.2} s ({:.2} Gbit/s) -> {}",
