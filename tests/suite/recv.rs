@@ -46,6 +46,7 @@ for_each_backend!(
     address_in_use_is_reported,
     nc_and_socat_clients,
     send_from_stdin_with_progress,
+    failures_stay_with_their_connection,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -694,4 +695,62 @@ fn idle_connections_hold_no_io_wq_workers() {
     assert_eq!(v["finished_after_close"], 1000, "{v}");
     // A blocked SPLICE per idle connection would show up to 1000 workers.
     assert!(v["iou_wrk_threads"].as_u64().unwrap() <= 2, "{v}");
+}
+
+/// A reset peer and a peer over quota, at the same time as a healthy one:
+/// only they fail.
+fn failures_stay_with_their_connection(backend: &str) {
+    let dir = scratch("mixed");
+    let out = dir.join("out");
+    fs::create_dir(&out).unwrap();
+    let server = Server::start(
+        backend,
+        &[
+            "--out",
+            out.to_str().unwrap(),
+            "--max-conns",
+            "3",
+            "--max-bytes",
+            "1M",
+        ],
+    );
+    let healthy = TcpStream::connect(server.addr).unwrap();
+    let resetting = TcpStream::connect(server.addr).unwrap();
+    let greedy = TcpStream::connect(server.addr).unwrap();
+    let (p_ok, p_reset, p_greedy) = (
+        healthy.local_addr().unwrap(),
+        resetting.local_addr().unwrap(),
+        greedy.local_addr().unwrap(),
+    );
+    let good = pattern(900_000, 21);
+    (&healthy).write_all(&good[..400_000]).unwrap();
+    (&resetting).write_all(&pattern(200_000, 22)).unwrap();
+    nix::sys::socket::setsockopt(
+        &resetting,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(resetting);
+    let greedy_writer = thread::spawn(move || {
+        let mut g = greedy;
+        let _ = g.write_all(&pattern(3 << 20, 23));
+        g
+    });
+    (&healthy).write_all(&good[400_000..]).unwrap();
+    healthy.shutdown(Shutdown::Write).unwrap();
+    let done = server.finish();
+    drop(greedy_writer.join());
+    assert!(!done.status.success(), "{done:?}");
+    let r = record_for(&done, p_ok);
+    assert_eq!(r["outcome"], "complete", "{r}");
+    assert_eq!(fs::read(path_of(r)).unwrap(), good);
+    assert_eq!(record_for(&done, p_reset)["outcome"], "reset");
+    let r = record_for(&done, p_greedy);
+    assert_eq!(r["outcome"], "quota", "{r}");
+    assert_eq!(r["bytes"], 1 << 20, "{r}");
+    fs::remove_dir_all(&dir).unwrap();
 }
