@@ -18,10 +18,10 @@ use serde_json::json;
 use crate::units::{human_bytes, parse_size};
 use crate::Outcome;
 
-/// Stream --bytes over loopback from an in-process sender thread into a
-/// file, with each backend and with a read/write loop (64 KiB buffer).
+/// Stream --bytes over loopback from in-process sender threads into
+/// files, with each backend and with a read/write loop (64 KiB buffer).
 /// Reports GB/s and receiver CPU-seconds per GiB: process-wide
-/// getrusage(RUSAGE_SELF) deltas minus the sender thread's own
+/// getrusage(RUSAGE_SELF) deltas minus the sender threads' own
 /// getrusage(RUSAGE_THREAD), so io-wq workers count as receiver CPU.
 ///
 /// With --idle N: N idle connections on the io_uring backend, and how many
@@ -36,6 +36,11 @@ pub struct Args {
     /// Directory for the output file (removed after each run).
     #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+
+    /// Split the bytes over this many concurrent connections (ringmover: all
+    /// on one thread; baseline: a thread per connection).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    conns: usize,
 
     /// Runs per method; the best run is reported.
     #[arg(long, default_value_t = 1)]
@@ -88,7 +93,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     for m in methods {
         let mut best: Option<Measure> = None;
         for _ in 0..args.runs.max(1) {
-            let r = measure(m, args.bytes, &args.dir)
+            let r = measure(m, args.bytes, args.conns.max(1), &args.dir)
                 .with_context(|| format!("benchmarking {}", m.name()))?;
             if best.map_or(true, |b| r.secs < b.secs) {
                 best = Some(r);
@@ -107,10 +112,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if args.json {
         let v = json!({
             "bytes": args.bytes,
+            "conns": args.conns,
             "dir": args.dir,
             "kernel": release,
             "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            "cpu_accounting": "RUSAGE_SELF delta minus sender RUSAGE_THREAD (includes io-wq workers)",
+            "cpu_accounting": "RUSAGE_SELF delta minus sender threads' RUSAGE_THREAD (includes io-wq workers)",
             "results": rows.iter().map(|(m, r)| json!({
                 "method": m.name(),
                 "seconds": r.secs,
@@ -125,8 +131,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "recv bench: {} over loopback into {} (kernel {release}, {} CPUs)",
+        "recv bench: {} over loopback in {} connection(s) into {} (kernel {release}, {} CPUs)",
         human_bytes(args.bytes),
+        args.conns,
         args.dir.display(),
         thread::available_parallelism()
             .map(|n| n.get())
@@ -134,7 +141,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     )?;
     writeln!(
         out,
-        "receiver CPU = getrusage(RUSAGE_SELF) delta - sender thread's RUSAGE_THREAD (io-wq workers included)"
+        "receiver CPU = getrusage(RUSAGE_SELF) delta - sender threads' RUSAGE_THREAD (io-wq workers included)"
     )?;
     writeln!(
         out,
@@ -171,89 +178,128 @@ fn cpu_secs(who: UsageWho) -> anyhow::Result<f64> {
     Ok(tv(u.user_time()) + tv(u.system_time()))
 }
 
-/// One run: a sender thread streams `bytes`; this thread receives.
-fn measure(method: Method, bytes: u64, dir: &Path) -> anyhow::Result<Measure> {
+/// One run: `conns` sender threads stream `bytes` between them; this
+/// thread receives (the read/write baseline: one thread per connection).
+fn measure(method: Method, bytes: u64, conns: usize, dir: &Path) -> anyhow::Result<Measure> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let path = dir.join(format!("ringmover-bench-recv-{}", std::process::id()));
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let paths: Vec<PathBuf> = (0..conns)
+        .map(|i| dir.join(format!("ringmover-bench-recv-{}-{i}", std::process::id())))
+        .collect();
+    let files = paths
+        .iter()
+        .map(|p| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .with_context(|| format!("creating {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<File>>>()?;
+    let share = bytes / conns as u64;
+    let expected = share * conns as u64;
 
     let cpu0 = cpu_secs(UsageWho::RUSAGE_SELF)?;
     let started = Instant::now();
-    let sender = thread::spawn(move || -> io::Result<f64> {
-        let t0 = cpu_secs(UsageWho::RUSAGE_THREAD).map_err(io::Error::other)?;
-        let mut s = TcpStream::connect(addr)?;
-        let buf: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            s.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        drop(s);
-        Ok(cpu_secs(UsageWho::RUSAGE_THREAD).map_err(io::Error::other)? - t0)
-    });
+    let senders: Vec<_> = (0..conns)
+        .map(|_| thread::spawn(move || send_share(addr, share)))
+        .collect();
     let got = match method {
-        Method::ReadWrite => read_write(&listener, file)?,
-        Method::Ringmover(b) => ringmover(b, listener, file)?,
+        Method::ReadWrite => read_write(&listener, files)?,
+        Method::Ringmover(b) => ringmover(b, listener, files)?,
     };
     let secs = started.elapsed().as_secs_f64();
-    let sender_cpu = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
-        .context("sending")?;
+    let mut sender_cpu = 0.0;
+    for s in senders {
+        sender_cpu += s
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+            .context("sending")?;
+    }
     let cpu = cpu_secs(UsageWho::RUSAGE_SELF)? - cpu0 - sender_cpu;
-    let _ = std::fs::remove_file(&path);
-    if got != bytes {
-        bail!("received {got} bytes, expected {bytes}");
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
+    if got != expected {
+        bail!("received {got} bytes, expected {expected}");
     }
     Ok(Measure { secs, cpu })
 }
 
-fn read_write(listener: &TcpListener, mut file: File) -> anyhow::Result<u64> {
-    let (mut s, _) = listener.accept().context("accepting")?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0;
-    loop {
-        let n = match s.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("reading"),
-        };
-        file.write_all(&buf[..n]).context("writing")?;
-        total += n as u64;
+/// A sender thread: `bytes` to `addr`; returns the thread's own CPU time.
+fn send_share(addr: std::net::SocketAddr, bytes: u64) -> io::Result<f64> {
+    let t0 = cpu_secs(UsageWho::RUSAGE_THREAD).map_err(io::Error::other)?;
+    let mut s = TcpStream::connect(addr)?;
+    let buf: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
     }
+    drop(s);
+    Ok(cpu_secs(UsageWho::RUSAGE_THREAD).map_err(io::Error::other)? - t0)
 }
 
-fn ringmover(backend: Backend, listener: TcpListener, file: File) -> anyhow::Result<u64> {
+/// The baseline: a thread per connection, read(2) 64 KiB then write(2).
+fn read_write(listener: &TcpListener, files: Vec<File>) -> anyhow::Result<u64> {
+    let mut workers = Vec::new();
+    for mut file in files {
+        let (mut s, _) = listener.accept().context("accepting")?;
+        workers.push(thread::spawn(move || -> io::Result<u64> {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                file.write_all(&buf[..n])?;
+                total += n as u64;
+            }
+        }));
+    }
+    let mut total = 0;
+    for w in workers {
+        total += w
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver thread panicked"))?
+            .context("receiving")?;
+    }
+    Ok(total)
+}
+
+/// ringmover: every connection on one `Receiver` in this thread.
+fn ringmover(backend: Backend, listener: TcpListener, mut files: Vec<File>) -> anyhow::Result<u64> {
+    let conns = files.len();
     let mut r = Receiver::new(backend, RecvOptions::default())?;
-    r.listen(listener, Some(1))?;
+    r.listen(listener, Some(conns as u64))?;
     let mut events = Vec::new();
-    let mut file = Some(file);
-    loop {
+    let mut finished = 0;
+    let mut total = 0;
+    while finished < conns {
         r.wait(Some(Duration::from_secs(5)), &mut events)?;
         for e in events.drain(..) {
             match e {
                 Event::Incoming { socket, peer } => {
-                    let f = file.take().context("a second connection")?;
+                    let f = files.pop().context("more connections than expected")?;
                     r.attach(socket.into(), peer, f)?;
                 }
                 Event::Finished(done) => {
                     if let Err(why) = done.result {
-                        bail!("{why}");
+                        bail!("{}: {why}", done.peer);
                     }
-                    return Ok(done.bytes);
+                    finished += 1;
+                    total += done.bytes;
                 }
                 Event::AcceptFailed(e) => return Err(e).context("accepting"),
             }
         }
     }
+    Ok(total)
 }
 
 /// Counts threads of this process named `iou-wrk-*`.
