@@ -754,3 +754,33 @@ fn failures_stay_with_their_connection(backend: &str) {
     assert_eq!(r["bytes"], 1 << 20, "{r}");
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The bench runs and reports every method (so it never rots).
+#[test]
+fn bench_recv_reports_every_method() {
+    let out = Command::new(BIN)
+        .args(["bench", "recv", "--bytes", "8M", "--conns", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let methods: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "read/write 64 KiB",
+            "ringmover uring",
+            "ringmover epoll",
+            "ringmover poll"
+        ]
+    );
+    for r in v["results"].as_array().unwrap() {
+        assert!(r["gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["cpu_s_per_gib"].as_f64().is_some(), "{r}");
+    }
+}
