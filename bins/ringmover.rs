@@ -29,8 +29,7 @@ enum Command {
     Probe(probe::Args),
     Recv(recv::Args),
     Send(send::Args),
-    #[command(subcommand)]
-    Bench(bench::Bench),
+    Bench(bench::Args),
 }
 
 /// How a subcommand ended, when it did not fail outright.
@@ -49,7 +48,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe::run(&args),
         Command::Recv(args) => recv::run(&args),
         Command::Send(args) => send::run(&args),
-        Command::Bench(bench) => bench::run(&bench),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -23,12 +23,20 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod backend;
+mod driver;
+pub mod mover;
 pub mod opcode;
+pub mod outbox;
 pub mod probe;
 pub mod recv;
 pub mod send;
 mod sys;
+mod write;
 
 pub use backend::{Backend, BackendChoice, OpFallback, Selection, BACKEND_ENV};
+pub use mover::{
+    Completion, Conn, ConnError, Detached, Mover, MoverBuilder, SendError, SendErrorKind, Stats,
+};
 pub use opcode::Opcode;
 pub use probe::{KernelReport, RingSupport, RingUnavailable};
+pub use write::write_to;

@@ -7,6 +7,7 @@
 
 use std::io;
 
+pub(crate) mod net;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
 #[cfg(target_os = "linux")]

@@ -1,5 +1,7 @@
-//! ringmover's behavioural suite: one test binary, one module per feature.
-//! Tests run the built binary and, where the backend matters, run once per
-//! backend (`RINGMOVER_BACKEND=uring|epoll|poll`).
+//! ringmover's integration tests: one binary, one module per area
+//! (ripgrep's layout). Every test talks to the real kernel.
 
+mod probe;
 mod recv;
+mod send;
+mod util;

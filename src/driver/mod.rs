@@ -1,0 +1,219 @@
+//! The one small interface every backend implements, and the in-flight
+//! record that owns what the kernel reads.
+//!
+//! A driver starts a vectored write for a connection, submits, and waits;
+//! it reports an [`Event`] per finished write (or, for readiness backends,
+//! when a connection that hit `EAGAIN` becomes writable). The engine above
+//! (`mover.rs`) never matches on which driver it has except to report it.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+
+use crate::backend::Backend;
+use crate::outbox::{Batch, Outbox};
+use crate::sys::net::FdKind;
+
+#[cfg(target_os = "linux")]
+mod epoll;
+mod poll;
+mod readiness;
+#[cfg(target_os = "linux")]
+mod uring;
+
+/// A connection's identity on the wire between engine and driver:
+/// `(slot << 32) | generation`, which is also the io_uring `user_data`.
+pub(crate) type Token = u64;
+
+/// What a driver reports.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A started write finished: bytes written, or the error.
+    Done {
+        token: Token,
+        res: io::Result<usize>,
+    },
+    /// A connection whose write hit `EAGAIN` may be written again.
+    Writable { token: Token },
+}
+
+/// Counters every driver keeps; the engine adds its own.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DriverStats {
+    /// Submission queue entries pushed (io_uring only).
+    pub(crate) sqes: u64,
+    /// `io_uring_enter` calls.
+    pub(crate) enters: u64,
+    /// System calls of any kind made to move bytes or wait.
+    pub(crate) syscalls: u64,
+}
+
+/// The in-flight record of one connection's write: the iovec array, the
+/// `msghdr` and the destination address the kernel reads.
+///
+/// Invariant (the one every `unsafe` write relies on): a `WriteOp` is boxed
+/// (its address never changes) and is neither refilled nor dropped while its
+/// write is in flight, that is from `Driver::start` until the driver reports
+/// `Event::Done` for its token; and the `Bytes` its iovecs point at belong to
+/// the connection's [`Outbox`], which advances only on that `Done`. The engine
+/// keeps both in one `ConnState` and, before freeing a connection or the
+/// engine, cancels and waits for every in-flight write.
+#[derive(Debug)]
+pub(crate) struct WriteOp {
+    iovecs: Vec<libc::iovec>,
+    msg: libc::msghdr,
+    dest: Option<SockaddrStorage>,
+    /// What the current fill covers.
+    pub(crate) batch: Batch,
+}
+
+// SAFETY: the raw pointers inside point only at this op's own `iovecs` and
+// `dest`, and at `Bytes` owned by the same connection's `Outbox`, all of
+// which are `Send`; the op is only used by whoever owns the engine.
+unsafe impl Send for WriteOp {}
+
+impl WriteOp {
+    pub(crate) fn new() -> Box<WriteOp> {
+        Box::new(WriteOp {
+            iovecs: Vec::new(),
+            // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+            msg: unsafe { std::mem::zeroed() },
+            dest: None,
+            batch: Batch::default(),
+        })
+    }
+
+    /// Refills the op from the front of `outbox`. Must not be called while
+    /// the op is in flight (see the type's invariant).
+    pub(crate) fn fill(&mut self, outbox: &Outbox) -> &Batch {
+        self.batch = outbox.fill_iovecs(&mut self.iovecs, crate::outbox::IOV_MAX);
+        self.dest = self
+            .batch
+            .dest
+            .map(|a: SocketAddr| SockaddrStorage::from(a));
+        self.msg.msg_iov = self.iovecs.as_mut_ptr();
+        self.msg.msg_iovlen = self.iovecs.len() as _;
+        match &self.dest {
+            Some(addr) => {
+                self.msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+                self.msg.msg_namelen = addr.len();
+            }
+            None => {
+                self.msg.msg_name = std::ptr::null_mut();
+                self.msg.msg_namelen = 0;
+            }
+        }
+        &self.batch
+    }
+
+    pub(crate) fn iovecs(&self) -> &[libc::iovec] {
+        &self.iovecs
+    }
+
+    pub(crate) fn msghdr(&self) -> *const libc::msghdr {
+        &self.msg
+    }
+}
+
+/// Flags for socket sends: never raise SIGPIPE, report EPIPE instead.
+pub(crate) const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+
+/// A backend leaf, chosen at run time (static dispatch).
+#[derive(Debug)]
+pub(crate) enum Driver {
+    #[cfg(target_os = "linux")]
+    Uring(uring::UringDriver),
+    #[cfg(target_os = "linux")]
+    Epoll(readiness::Readiness<epoll::Epoll>),
+    Poll(readiness::Readiness<poll::Poll>),
+}
+
+macro_rules! each {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring($d) => $e,
+            #[cfg(target_os = "linux")]
+            Driver::Epoll($d) => $e,
+            Driver::Poll($d) => $e,
+        }
+    };
+}
+
+impl Driver {
+    /// Builds the driver for `backend` with room for `depth` queued writes.
+    pub(crate) fn new(backend: Backend, depth: u32) -> io::Result<Driver> {
+        match backend {
+            #[cfg(target_os = "linux")]
+            Backend::Uring => Ok(Driver::Uring(uring::UringDriver::new(depth)?)),
+            #[cfg(target_os = "linux")]
+            Backend::Epoll => Ok(Driver::Epoll(readiness::Readiness::new(
+                epoll::Epoll::new()?
+            ))),
+            Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(poll::Poll::new()))),
+            #[cfg(not(target_os = "linux"))]
+            b => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("the {b} backend exists only on Linux"),
+            )),
+        }
+    }
+
+    /// Starts watching `fd` (readiness backends register it once).
+    pub(crate) fn register(&mut self, token: Token, fd: RawFd, kind: FdKind) -> io::Result<()> {
+        each!(self, d => d.register(token, fd, kind))
+    }
+
+    /// Stops watching `fd`. Its write must not be in flight.
+    pub(crate) fn deregister(&mut self, token: Token, fd: RawFd) {
+        each!(self, d => d.deregister(token, fd))
+    }
+
+    /// Starts `op` on `fd`. io_uring queues an SQE (submitted by `submit`
+    /// or `wait`); readiness backends try the syscall now and report `Done`
+    /// into `events`, or arm writability on `EAGAIN`.
+    ///
+    /// # Safety
+    /// `op` must stay at its address, unmodified, with the memory its
+    /// iovecs point at alive, until `Event::Done` for `token` is reported
+    /// (the [`WriteOp`] invariant).
+    pub(crate) unsafe fn start(
+        &mut self,
+        token: Token,
+        fd: RawFd,
+        kind: FdKind,
+        op: &WriteOp,
+        events: &mut Vec<Event>,
+    ) -> io::Result<()> {
+        // SAFETY: forwarded contract.
+        each!(self, d => unsafe { d.start(token, fd, kind, op, events) })
+    }
+
+    /// Hands queued work to the kernel (one `io_uring_enter`).
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        each!(self, d => d.submit())
+    }
+
+    /// Submits, then blocks until at least one event or the timeout.
+    pub(crate) fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        events: &mut Vec<Event>,
+    ) -> io::Result<()> {
+        each!(self, d => d.wait(timeout, events))
+    }
+
+    /// Asks the kernel to cancel the in-flight write for `token`; its `Done`
+    /// still arrives (with `ECANCELED` or what it wrote).
+    pub(crate) fn cancel(&mut self, token: Token) -> io::Result<()> {
+        each!(self, d => d.cancel(token))
+    }
+
+    pub(crate) fn stats(&self) -> DriverStats {
+        each!(self, d => d.stats())
+    }
+}

@@ -1,0 +1,123 @@
+//! The readiness backends' shared half: try the non-blocking syscall now,
+//! and on `EAGAIN` ask the selector (epoll or poll) to say when to retry.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
+use crate::sys::net::{self, FdKind};
+
+/// What epoll and poll each provide.
+pub(crate) trait Selector {
+    /// Starts watching `fd` for writability; `Ok(false)` when the fd cannot
+    /// be watched (a regular file: always ready).
+    fn register(&mut self, token: Token, fd: RawFd) -> io::Result<bool>;
+    /// Stops watching `fd`.
+    fn deregister(&mut self, token: Token, fd: RawFd);
+    /// The write for `token` hit `EAGAIN`: report `token` once writable.
+    fn arm(&mut self, token: Token, fd: RawFd);
+    /// Forget an armed `token`.
+    fn disarm(&mut self, token: Token);
+    /// Whether any token is armed.
+    fn armed(&self) -> bool;
+    /// Blocks until an armed token is writable (or the timeout), pushing
+    /// those tokens to `ready` and disarming them. Returns syscalls made.
+    fn select(&mut self, timeout: Option<Duration>, ready: &mut Vec<Token>) -> io::Result<u64>;
+}
+
+/// A readiness driver over selector `S`.
+#[derive(Debug)]
+pub(crate) struct Readiness<S> {
+    selector: S,
+    stats: DriverStats,
+    /// Events produced outside `wait` (cancellations), reported by it.
+    pending: Vec<Event>,
+    ready: Vec<Token>,
+}
+
+impl<S: Selector> Readiness<S> {
+    pub(crate) fn new(selector: S) -> Self {
+        Readiness {
+            selector,
+            stats: DriverStats::default(),
+            pending: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    pub(crate) fn register(&mut self, token: Token, fd: RawFd, kind: FdKind) -> io::Result<()> {
+        if kind != FdKind::File {
+            self.stats.syscalls += 1;
+            self.selector.register(token, fd)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn deregister(&mut self, token: Token, fd: RawFd) {
+        self.selector.disarm(token);
+        self.selector.deregister(token, fd);
+    }
+
+    /// # Safety
+    /// `op`'s iovecs point at memory valid for the duration of this call.
+    pub(crate) unsafe fn start(
+        &mut self,
+        token: Token,
+        fd: RawFd,
+        kind: FdKind,
+        op: &WriteOp,
+        events: &mut Vec<Event>,
+    ) -> io::Result<()> {
+        self.stats.syscalls += 1;
+        let res = if kind.is_socket() {
+            // SAFETY: the msghdr and its iovecs/name live in `op`, whose
+            // memory the caller guarantees for this call.
+            unsafe { net::sendmsg(fd, op.msghdr(), SEND_FLAGS | libc::MSG_DONTWAIT) }
+        } else {
+            // SAFETY: as above, for the iovecs alone.
+            unsafe { net::writev(fd, op.iovecs()) }
+        };
+        match res {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.selector.arm(token, fd),
+            res => events.push(Event::Done { token, res }),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub(crate) fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        events: &mut Vec<Event>,
+    ) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            events.append(&mut self.pending);
+            return Ok(());
+        }
+        if !self.selector.armed() {
+            return Ok(());
+        }
+        self.ready.clear();
+        self.stats.syscalls += self.selector.select(timeout, &mut self.ready)?;
+        events.extend(self.ready.drain(..).map(|token| Event::Writable { token }));
+        Ok(())
+    }
+
+    pub(crate) fn cancel(&mut self, token: Token) -> io::Result<()> {
+        self.selector.disarm(token);
+        self.pending.push(Event::Done {
+            token,
+            res: Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+        });
+        Ok(())
+    }
+
+    pub(crate) fn stats(&self) -> DriverStats {
+        self.stats
+    }
+}

@@ -1,0 +1,707 @@
+//! The batched-send engine: queue `Bytes` for many connections, flush them
+//! all with one submission, and read each connection's result.
+//!
+//! Backend-neutral: partial-write accounting lives in [`Outbox`], the
+//! syscalls in the driver leaves. This module owns every connection's state,
+//! and with it the guarantee that no buffer is freed while the kernel may
+//! still read it (see `WriteOp`).
+// The one unsafe call here starts a write whose buffers this module owns:
+// it is where the in-flight invariant is kept, so it is where it is stated.
+#![allow(unsafe_code)]
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::backend::{Backend, BackendChoice, Selection};
+use crate::driver::{Driver, Event, Token, WriteOp};
+use crate::outbox::{Framing, Outbox, IOV_MAX};
+use crate::sys::net::{self, FdKind};
+
+/// A connection attached to a [`Mover`]. Cheap to copy; stale handles (after
+/// [`Mover::detach`]) are rejected, never confused with a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Conn {
+    slot: u32,
+    generation: u32,
+}
+
+impl Conn {
+    fn token(self) -> Token {
+        (u64::from(self.slot) << 32) | u64::from(self.generation)
+    }
+
+    fn from_token(t: Token) -> Conn {
+        Conn {
+            slot: (t >> 32) as u32,
+            generation: t as u32,
+        }
+    }
+
+    /// A small number unique among attached connections (for logs).
+    pub fn index(self) -> u32 {
+        self.slot
+    }
+}
+
+/// Why a connection failed. Its queue was emptied into `unsent`.
+#[derive(Debug)]
+pub struct ConnError {
+    /// The kernel's error (`EPIPE`, `ECONNRESET`, …), kind preserved.
+    pub error: io::Error,
+    /// Exactly the bytes that were queued and not written, in order.
+    pub unsent: Vec<Bytes>,
+}
+
+impl ConnError {
+    /// Total length of `unsent`.
+    pub fn unsent_bytes(&self) -> usize {
+        self.unsent.iter().map(Bytes::len).sum()
+    }
+}
+
+/// One finished write on one connection.
+#[derive(Debug)]
+pub struct Completion {
+    /// The connection.
+    pub conn: Conn,
+    /// Bytes this write moved.
+    pub written: usize,
+    /// Bytes still queued on the connection after it.
+    pub queued: usize,
+    /// Set when the connection failed; it accepts no more sends.
+    pub error: Option<ConnError>,
+}
+
+impl Completion {
+    /// The connection's queue is empty and it has not failed.
+    pub fn is_drained(&self) -> bool {
+        self.error.is_none() && self.queued == 0
+    }
+}
+
+/// Why [`Mover::send`] refused buffers. The buffers come back untouched.
+#[derive(Debug)]
+pub struct SendError<I> {
+    /// What went wrong.
+    pub kind: SendErrorKind,
+    /// The caller's buffers, not queued.
+    pub bufs: I,
+}
+
+/// The reasons [`Mover::send`] can refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendErrorKind {
+    /// The connection already holds its byte limit: wait for completions.
+    BackPressure {
+        /// Bytes queued now.
+        queued: usize,
+        /// The per-connection limit.
+        limit: usize,
+    },
+    /// The connection failed earlier (its completion carried the error).
+    Failed,
+    /// The handle is stale or was never attached here.
+    UnknownConn,
+    /// A destination address was given for a stream or file.
+    NotDatagram,
+}
+
+impl<I> fmt::Display for SendError<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            SendErrorKind::BackPressure { queued, limit } => write!(
+                f,
+                "connection has {queued} bytes queued, at its limit of {limit}: wait for completions"
+            ),
+            SendErrorKind::Failed => f.write_str("connection failed earlier; detach it"),
+            SendErrorKind::UnknownConn => f.write_str("unknown or detached connection"),
+            SendErrorKind::NotDatagram => {
+                f.write_str("a destination address needs a datagram socket")
+            }
+        }
+    }
+}
+
+impl<I: fmt::Debug> std::error::Error for SendError<I> {}
+
+impl<I> From<SendError<I>> for io::Error {
+    fn from(e: SendError<I>) -> io::Error {
+        let kind = match e.kind {
+            SendErrorKind::BackPressure { .. } => io::ErrorKind::WouldBlock,
+            SendErrorKind::Failed => io::ErrorKind::BrokenPipe,
+            SendErrorKind::UnknownConn => io::ErrorKind::NotFound,
+            SendErrorKind::NotDatagram => io::ErrorKind::InvalidInput,
+        };
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+/// A detached connection: its fd, and what it had not yet sent.
+#[derive(Debug)]
+pub struct Detached {
+    /// The fd, as attached.
+    pub fd: OwnedFd,
+    /// Exactly the queued bytes that were not written.
+    pub unsent: Vec<Bytes>,
+}
+
+/// Counters since the engine was built.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// `flush` calls that started at least one write.
+    pub submissions: u64,
+    /// Writes started (one per connection per round, plus resumptions).
+    pub writes: u64,
+    /// io_uring submission queue entries.
+    pub sqes: u64,
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// System calls made to move bytes or wait (on io_uring: `enters`).
+    pub syscalls: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Builds a [`Mover`].
+#[derive(Debug, Clone)]
+pub struct MoverBuilder {
+    choice: Option<BackendChoice>,
+    depth: u32,
+    max_queued: usize,
+}
+
+impl Default for MoverBuilder {
+    fn default() -> Self {
+        MoverBuilder {
+            choice: None,
+            depth: 1024,
+            max_queued: 64 << 20,
+        }
+    }
+}
+
+impl MoverBuilder {
+    /// The backend; default: `RINGMOVER_BACKEND`, else `Auto`.
+    pub fn backend(mut self, choice: BackendChoice) -> Self {
+        self.choice = Some(choice);
+        self
+    }
+
+    /// io_uring submission queue size (default 1024): a flush of more
+    /// connections than this enters the kernel once per full queue.
+    pub fn queue_depth(mut self, depth: u32) -> Self {
+        self.depth = depth;
+        self
+    }
+
+    /// Bytes a connection may hold queued before `send` answers
+    /// [`SendErrorKind::BackPressure`] (default 64 MiB).
+    pub fn max_queued_bytes(mut self, limit: usize) -> Self {
+        self.max_queued = limit;
+        self
+    }
+
+    /// Selects the backend and sets it up.
+    pub fn build(self) -> io::Result<Mover> {
+        let choice = match self.choice {
+            Some(c) => c,
+            None => BackendChoice::from_env()?,
+        };
+        let selection = Selection::choose(choice)?;
+        let driver = Driver::new(selection.backend, self.depth)?;
+        Ok(Mover {
+            driver,
+            selection,
+            slots: Vec::new(),
+            free: Vec::new(),
+            dirty: Vec::new(),
+            events: Vec::new(),
+            completions: Vec::new(),
+            in_flight: 0,
+            max_queued: self.max_queued,
+            submissions: 0,
+            writes: 0,
+            bytes: 0,
+        })
+    }
+}
+
+/// One connection's state. The `op` and the `outbox` together are what the
+/// kernel reads while a write is in flight; see `WriteOp`'s invariant.
+#[derive(Debug)]
+struct ConnState {
+    fd: OwnedFd,
+    kind: FdKind,
+    outbox: Outbox,
+    op: Box<WriteOp>,
+    /// A write was started and its `Done` not yet seen.
+    in_flight: bool,
+    /// In `dirty`, waiting to start.
+    scheduled: bool,
+    failed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    state: Option<ConnState>,
+}
+
+/// The batched-send engine.
+///
+/// ```no_run
+/// use bytes::Bytes;
+/// use ringmover::Mover;
+/// # fn main() -> std::io::Result<()> {
+/// let mut mover = Mover::builder().build()?;
+/// let stream = std::net::TcpStream::connect("127.0.0.1:7000")?;
+/// let conn = mover.attach(stream)?;
+/// let payload = Bytes::from(vec![7u8; 10_000]);
+/// mover.send(conn, [Bytes::from_static(b"HDR1"), payload.slice(..5000)])?;
+/// mover.send(conn, [Bytes::from_static(b"HDR2"), payload.slice(5000..)])?;
+/// let mut done = Vec::new();
+/// mover.drain(&mut done)?; // flush, finish partial writes, collect results
+/// assert!(done.iter().all(|c| c.error.is_none()));
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Mover {
+    driver: Driver,
+    selection: Selection,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    dirty: Vec<Conn>,
+    events: Vec<Event>,
+    completions: Vec<Completion>,
+    in_flight: usize,
+    max_queued: usize,
+    submissions: u64,
+    writes: u64,
+    bytes: u64,
+}
+
+impl Mover {
+    /// A builder with defaults.
+    pub fn builder() -> MoverBuilder {
+        MoverBuilder::default()
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.selection.backend
+    }
+
+    /// The backend selection, with its reason and per-operation fallbacks.
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    /// Attaches an fd: a TCP, UDP or Unix socket, a regular file (written
+    /// at its file position), a pipe. The engine owns it until `detach`.
+    pub fn attach(&mut self, fd: impl Into<OwnedFd>) -> io::Result<Conn> {
+        let fd: OwnedFd = fd.into();
+        let kind = net::classify(std::os::fd::AsFd::as_fd(&fd))?;
+        let framing = match kind {
+            FdKind::DatagramSocket => Framing::Datagram,
+            _ => Framing::Stream,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let s = u32::try_from(self.slots.len())
+                    .map_err(|_| io::Error::other("too many connections"))?;
+                self.slots.push(Slot::default());
+                s
+            }
+        };
+        let entry = &mut self.slots[slot as usize];
+        let conn = Conn {
+            slot,
+            generation: entry.generation,
+        };
+        if let Err(e) = self.driver.register(conn.token(), fd.as_raw_fd(), kind) {
+            self.free.push(slot);
+            return Err(e);
+        }
+        entry.state = Some(ConnState {
+            fd,
+            kind,
+            outbox: Outbox::new(framing),
+            op: WriteOp::new(),
+            in_flight: false,
+            scheduled: false,
+            failed: false,
+        });
+        Ok(conn)
+    }
+
+    fn state(&self, conn: Conn) -> Option<&ConnState> {
+        let slot = self.slots.get(conn.slot as usize)?;
+        if slot.generation != conn.generation {
+            return None;
+        }
+        slot.state.as_ref()
+    }
+
+    fn state_mut(&mut self, conn: Conn) -> Option<&mut ConnState> {
+        let slot = self.slots.get_mut(conn.slot as usize)?;
+        if slot.generation != conn.generation {
+            return None;
+        }
+        slot.state.as_mut()
+    }
+
+    /// Queues `bufs` on `conn`: no copy, no syscall. On a stream they
+    /// continue the byte stream; on a datagram socket they form one datagram
+    /// to the connected peer. Nothing moves until [`flush`](Self::flush).
+    pub fn send<I: IntoIterator<Item = Bytes>>(
+        &mut self,
+        conn: Conn,
+        bufs: I,
+    ) -> Result<(), SendError<I>> {
+        self.enqueue(conn, bufs, None)
+    }
+
+    /// Queues one datagram for `dest` on a datagram socket.
+    pub fn send_to<I: IntoIterator<Item = Bytes>>(
+        &mut self,
+        conn: Conn,
+        bufs: I,
+        dest: SocketAddr,
+    ) -> Result<(), SendError<I>> {
+        self.enqueue(conn, bufs, Some(dest))
+    }
+
+    fn enqueue<I: IntoIterator<Item = Bytes>>(
+        &mut self,
+        conn: Conn,
+        bufs: I,
+        dest: Option<SocketAddr>,
+    ) -> Result<(), SendError<I>> {
+        let limit = self.max_queued;
+        let Some(st) = self.state_mut(conn) else {
+            return Err(SendError {
+                kind: SendErrorKind::UnknownConn,
+                bufs,
+            });
+        };
+        let refuse = if st.failed {
+            Some(SendErrorKind::Failed)
+        } else if dest.is_some() && st.kind != FdKind::DatagramSocket {
+            Some(SendErrorKind::NotDatagram)
+        } else if st.outbox.queued_bytes() >= limit {
+            Some(SendErrorKind::BackPressure {
+                queued: st.outbox.queued_bytes(),
+                limit,
+            })
+        } else {
+            None
+        };
+        if let Some(kind) = refuse {
+            return Err(SendError { kind, bufs });
+        }
+        st.outbox.push(bufs, dest);
+        if st.kind != FdKind::DatagramSocket && st.outbox.queued_bytes() == 0 {
+            // Only empty buffers on a stream: nothing to write, nothing to keep.
+            st.outbox.take_unsent();
+            return Ok(());
+        }
+        if !st.in_flight && !st.scheduled {
+            st.scheduled = true;
+            self.dirty.push(conn);
+        }
+        Ok(())
+    }
+
+    /// Bytes queued on `conn` and not yet written (`None` if unknown).
+    pub fn queued(&self, conn: Conn) -> Option<usize> {
+        self.state(conn).map(|s| s.outbox.queued_bytes())
+    }
+
+    /// Starts a write for every connection with queued data and none in
+    /// flight, and submits them: on io_uring one SQE per connection and one
+    /// `io_uring_enter` for all; on epoll/poll a non-blocking `sendmsg` or
+    /// `writev` each, finishing immediately what the sockets accept. Returns
+    /// the number of writes started.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        let started = self.start_dirty()?;
+        self.driver.submit()?;
+        if started > 0 {
+            self.submissions += 1;
+        }
+        Ok(started)
+    }
+
+    /// Starts every scheduled connection; readiness backends finish writes
+    /// inline, so their events are processed (and resumptions started) here.
+    fn start_dirty(&mut self) -> io::Result<usize> {
+        let mut started = 0;
+        while !self.dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.dirty);
+            for conn in dirty {
+                if self.start(conn)? {
+                    started += 1;
+                }
+            }
+            self.process_events();
+        }
+        Ok(started)
+    }
+
+    /// Starts `conn`'s next write. `Ok(false)` if there was nothing to do.
+    fn start(&mut self, conn: Conn) -> io::Result<bool> {
+        let Some(slot) = self.slots.get_mut(conn.slot as usize) else {
+            return Ok(false);
+        };
+        let Some(st) = slot
+            .state
+            .as_mut()
+            .filter(|_| slot.generation == conn.generation)
+        else {
+            return Ok(false);
+        };
+        st.scheduled = false;
+        if st.failed || st.in_flight || st.outbox.is_empty() {
+            return Ok(false);
+        }
+        if st.kind == FdKind::DatagramSocket && st.outbox.front_pieces() > IOV_MAX {
+            let msg = format!("datagram of more than {IOV_MAX} pieces");
+            Self::fail(
+                &mut self.completions,
+                conn,
+                st,
+                io::Error::new(io::ErrorKind::InvalidInput, msg),
+            );
+            return Ok(false);
+        }
+        // The op is not in flight (checked above), so it may be refilled.
+        st.op.fill(&st.outbox);
+        st.in_flight = true;
+        self.in_flight += 1;
+        self.writes += 1;
+        // SAFETY: `st.op` is boxed and is not touched again until `Done` for
+        // this token clears `in_flight`; the `Bytes` its iovecs point at stay
+        // in `st.outbox`, which only advances on that `Done`; `Drop` and
+        // `detach` wait for every in-flight write before freeing either.
+        unsafe {
+            self.driver.start(
+                conn.token(),
+                st.fd.as_raw_fd(),
+                st.kind,
+                &st.op,
+                &mut self.events,
+            )?;
+        }
+        Ok(true)
+    }
+
+    fn fail(completions: &mut Vec<Completion>, conn: Conn, st: &mut ConnState, error: io::Error) {
+        st.failed = true;
+        let unsent = st.outbox.take_unsent();
+        completions.push(Completion {
+            conn,
+            written: 0,
+            queued: 0,
+            error: Some(ConnError { error, unsent }),
+        });
+    }
+
+    fn process_events(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            match ev {
+                Event::Done { token, res } => {
+                    let conn = Conn::from_token(token);
+                    let Some(slot) = self.slots.get_mut(conn.slot as usize) else {
+                        continue;
+                    };
+                    let Some(st) = slot
+                        .state
+                        .as_mut()
+                        .filter(|_| slot.generation == conn.generation)
+                    else {
+                        continue;
+                    };
+                    if !st.in_flight {
+                        continue;
+                    }
+                    st.in_flight = false;
+                    self.in_flight -= 1;
+                    match res {
+                        Ok(n) => {
+                            st.outbox.advance(n);
+                            self.bytes += n as u64;
+                            self.completions.push(Completion {
+                                conn,
+                                written: n,
+                                queued: st.outbox.queued_bytes(),
+                                error: None,
+                            });
+                            if !st.outbox.is_empty() && !st.scheduled {
+                                st.scheduled = true;
+                                self.dirty.push(conn);
+                            }
+                        }
+                        Err(e) => Self::fail(&mut self.completions, conn, st, e),
+                    }
+                }
+                Event::Writable { token } => {
+                    let conn = Conn::from_token(token);
+                    let Some(slot) = self.slots.get_mut(conn.slot as usize) else {
+                        continue;
+                    };
+                    let Some(st) = slot
+                        .state
+                        .as_mut()
+                        .filter(|_| slot.generation == conn.generation)
+                    else {
+                        continue;
+                    };
+                    if st.in_flight {
+                        // Retry the same, untouched op.
+                        st.in_flight = false;
+                        self.in_flight -= 1;
+                        if !st.scheduled {
+                            st.scheduled = true;
+                            self.dirty.push(conn);
+                        }
+                    }
+                }
+            }
+        }
+        self.events = events;
+    }
+
+    /// Waits for completions, finishing partial writes and retrying sockets
+    /// that became writable, and moves them into `out`. Returns when at least
+    /// one completion is available, when `timeout` passes, or at once when
+    /// nothing is in flight.
+    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            self.start_dirty()?;
+            if !self.completions.is_empty() || self.in_flight == 0 {
+                break;
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) => Some(left),
+                    None => break,
+                },
+                None => None,
+            };
+            self.driver.wait(left, &mut self.events)?;
+            self.process_events();
+        }
+        out.append(&mut self.completions);
+        Ok(())
+    }
+
+    /// Flushes, then waits until every connection's queue is empty or its
+    /// connection failed, moving all completions into `out`.
+    pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+        self.flush()?;
+        while self.in_flight > 0 || !self.dirty.is_empty() || !self.completions.is_empty() {
+            self.wait(out, None)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches `conn`, giving its fd back with whatever it had not sent.
+    /// A write in flight is cancelled and its completion awaited first, so
+    /// nothing the kernel may still read is freed early.
+    pub fn detach(&mut self, conn: Conn) -> io::Result<Detached> {
+        let Some(st) = self.state(conn) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "unknown or detached connection",
+            ));
+        };
+        if st.in_flight {
+            self.driver.cancel(conn.token())?;
+            while self.state(conn).is_some_and(|s| s.in_flight) {
+                self.driver.wait(None, &mut self.events)?;
+                self.process_events();
+            }
+        }
+        let slot = &mut self.slots[conn.slot as usize];
+        let Some(mut st) = slot.state.take() else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "connection vanished",
+            ));
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(conn.slot);
+        self.dirty.retain(|&c| c != conn);
+        // A cancelled write fails the connection and moves its queue into
+        // that completion; hand those bytes back with the fd instead.
+        let mut unsent = Vec::new();
+        for c in self.completions.iter_mut().filter(|c| c.conn == conn) {
+            if let Some(e) = c.error.as_mut() {
+                unsent.append(&mut e.unsent);
+            }
+        }
+        self.completions.retain(|c| c.conn != conn);
+        unsent.append(&mut st.outbox.take_unsent());
+        self.driver.deregister(conn.token(), st.fd.as_raw_fd());
+        Ok(Detached { unsent, fd: st.fd })
+    }
+
+    /// Counters since the engine was built.
+    pub fn stats(&self) -> Stats {
+        let d = self.driver.stats();
+        Stats {
+            submissions: self.submissions,
+            writes: self.writes,
+            sqes: d.sqes,
+            enters: d.enters,
+            syscalls: d.syscalls,
+            bytes: self.bytes,
+        }
+    }
+
+    /// Writes in flight (started, completion not yet seen).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        // The kernel may still read in-flight buffers: cancel, and wait for
+        // every completion before the Bytes and ops are freed.
+        let tokens: Vec<Token> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                s.state.as_ref().filter(|st| st.in_flight).map(|_| {
+                    Conn {
+                        slot: i as u32,
+                        generation: s.generation,
+                    }
+                    .token()
+                })
+            })
+            .collect();
+        let mut ok = tokens.iter().all(|&t| self.driver.cancel(t).is_ok());
+        while ok && self.in_flight > 0 {
+            ok = self.driver.wait(None, &mut self.events).is_ok();
+            self.process_events();
+        }
+        if self.in_flight > 0 {
+            // Could not confirm completion: leak rather than free memory the
+            // kernel may read.
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
+    }
+}

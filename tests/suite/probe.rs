@@ -1,0 +1,202 @@
+//! `ringmover probe`: the report matches the kernel, and it works and says
+//! why where io_uring is forbidden.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{deny_io_uring, ringmover, run, stderr, stdout};
+
+fn probe_json(cmd: &mut std::process::Command) -> Value {
+    let out = run(cmd.args(["probe", "--json"]));
+    assert!(
+        out.status.success(),
+        "probe --json failed: {}",
+        stderr(&out)
+    );
+    serde_json::from_str(&stdout(&out)).expect("probe --json prints JSON")
+}
+
+/// What `IORING_REGISTER_PROBE` says, asked through the io-uring crate: an
+/// implementation independent of ours.
+fn kernel_opcodes() -> Vec<u64> {
+    let ring = io_uring::IoUring::new(2).expect("io_uring must work on the test host");
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .expect("IORING_REGISTER_PROBE");
+    (0..=255u8)
+        .filter(|&op| probe.is_supported(op))
+        .map(u64::from)
+        .collect()
+}
+
+#[test]
+fn opcodes_equal_register_probe() {
+    let v = probe_json(&mut ringmover());
+    assert_eq!(v["schema"], "ringmover.probe/1");
+    assert_eq!(v["io_uring"]["available"], true);
+    let ours: Vec<u64> = v["io_uring"]["opcodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["code"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ours, kernel_opcodes());
+    assert_eq!(v["io_uring"]["opcodes"][2]["name"], "writev");
+    assert_eq!(v["backend"]["selected"], "uring");
+    assert_eq!(v["backend"]["forced"], false);
+    let flags = v["io_uring"]["setup_flags"].as_array().unwrap();
+    assert!(flags.iter().any(|f| f["name"] == "SQPOLL"), "{flags:?}");
+    assert!(v["io_uring"]["features"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("NODROP")));
+}
+
+#[test]
+fn text_report_names_things() {
+    let out = run(ringmover().arg("probe"));
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for needle in [
+        "kernel",
+        "opcodes",
+        "send_zc",
+        "setup flags",
+        "RLIMIT_MEMLOCK",
+        "pipe-max-size",
+        "backend              uring",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn require_known_supported_ops_exits_0() {
+    let kernel = kernel_opcodes();
+    let out = run(ringmover().args(["probe", "--require", "SEND_ZC,splice"]));
+    let expect_ok = kernel.contains(&47) && kernel.contains(&30);
+    assert_eq!(out.status.success(), expect_ok, "{}", stderr(&out));
+}
+
+#[test]
+fn require_unknown_name_exits_2() {
+    let out = run(ringmover().args(["probe", "--require", "splice,frobnicate"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("frobnicate"), "{}", stderr(&out));
+}
+
+#[test]
+fn require_missing_op_exits_1_naming_it() {
+    let out = run(ringmover().args(["probe", "--require", "op250,writev"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("op250"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("writev"), "{}", stderr(&out));
+}
+
+#[test]
+fn seccomp_eperm_selects_epoll_and_says_why() {
+    let v = probe_json(deny_io_uring(&mut ringmover(), libc::EPERM));
+    assert_eq!(v["io_uring"]["available"], false);
+    assert_eq!(v["io_uring"]["error"]["errno"], libc::EPERM);
+    assert_eq!(v["io_uring"]["error"]["cause"], "seccomp");
+    assert_eq!(v["backend"]["selected"], "epoll");
+    let reason = v["backend"]["reason"].as_str().unwrap();
+    assert!(reason.contains("seccomp"), "{reason}");
+
+    let out = run(deny_io_uring(&mut ringmover(), libc::EPERM).arg("probe"));
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains("unavailable: EPERM: forbidden by a seccomp filter"),
+        "{text}"
+    );
+    assert!(text.contains("backend              epoll"), "{text}");
+}
+
+#[test]
+fn seccomp_enosys_selects_epoll_and_says_why() {
+    let v = probe_json(deny_io_uring(&mut ringmover(), libc::ENOSYS));
+    assert_eq!(v["io_uring"]["available"], false);
+    assert_eq!(v["io_uring"]["error"]["errno"], libc::ENOSYS);
+    assert_eq!(v["io_uring"]["error"]["cause"], "enosys");
+    let why = v["io_uring"]["error"]["explanation"].as_str().unwrap();
+    // This kernel has the io_uring sysctls, so a filter is the likely cause.
+    assert!(why.contains("seccomp filter"), "{why}");
+    assert_eq!(v["backend"]["selected"], "epoll");
+}
+
+#[test]
+fn require_under_seccomp_exits_1_and_says_why() {
+    let out =
+        run(deny_io_uring(&mut ringmover(), libc::EPERM).args(["probe", "--require", "splice"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("io_uring unavailable"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn forced_backends_are_reported() {
+    for b in ["uring", "epoll", "poll"] {
+        let v = probe_json(ringmover().env("RINGMOVER_BACKEND", b));
+        assert_eq!(v["backend"]["selected"], b);
+        assert_eq!(v["backend"]["forced"], true);
+    }
+}
+
+#[test]
+fn forcing_uring_where_it_cannot_work_is_an_error() {
+    let out = run(deny_io_uring(&mut ringmover(), libc::EPERM)
+        .env("RINGMOVER_BACKEND", "uring")
+        .arg("probe"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("error: RINGMOVER_BACKEND=uring but io_uring is unavailable"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn unknown_backend_name_is_an_error() {
+    let out = run(ringmover().env("RINGMOVER_BACKEND", "kqueue").arg("probe"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("unknown backend \"kqueue\""),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn probe_is_fast() {
+    // Best of several runs: the machine is shared and noisy, the minimum is not.
+    let best = (0..15)
+        .map(|_| {
+            let t = Instant::now();
+            let out = run(ringmover().arg("probe"));
+            assert!(out.status.success());
+            t.elapsed()
+        })
+        .min()
+        .unwrap();
+    assert!(best < Duration::from_millis(5), "probe took {best:?}");
+}
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    use std::process::Stdio;
+    let mut child = ringmover()
+        .arg("probe")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}

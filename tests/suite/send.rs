@@ -1,0 +1,439 @@
+//! The batched-send engine's behaviour, one suite run on every backend
+//! (`uring`, `epoll`, `poll`) and on `auto`, which the seccomp test below
+//! re-runs in a child whose policy denies io_uring.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+
+use bytes::Bytes;
+use ringmover::{Backend, BackendChoice, Completion, Mover, SendErrorKind};
+
+/// A connected loopback TCP pair: (our sending end, the peer's reading end).
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    (a, b)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Cuts `data` into pieces of varied sizes, some empty, as `Bytes` slices
+/// of one allocation (no copies).
+pub fn pieces(data: &Bytes, seed: u64) -> Vec<Bytes> {
+    let sizes = pattern(seed, data.len() + 1);
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut i = 0;
+    while at < data.len() {
+        let n = (usize::from(sizes[i]) % 97).min(data.len() - at);
+        out.push(data.slice(at..at + n));
+        at += n;
+        i += 1;
+    }
+    out
+}
+
+fn set_sndbuf(s: &impl AsFd, bytes: i32) {
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &(bytes as usize)).unwrap();
+}
+
+fn reader(mut s: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).unwrap();
+        v
+    })
+}
+
+/// Which backend a suite instance runs on; `None` is `Auto`.
+pub fn mover(backend: Option<Backend>) -> Mover {
+    let choice = backend.map_or(BackendChoice::Auto, BackendChoice::Force);
+    let m = Mover::builder()
+        .backend(choice)
+        .build()
+        .expect("building the mover");
+    if let Some(b) = backend {
+        assert_eq!(m.backend(), b);
+    } else if let Ok(expected) = std::env::var("RINGMOVER_EXPECT_BACKEND") {
+        assert_eq!(m.backend().name(), expected, "{}", m.selection().reason);
+    }
+    m
+}
+
+fn errors(done: &[Completion]) -> Vec<String> {
+    done.iter()
+        .filter_map(|c| {
+            c.error
+                .as_ref()
+                .map(|e| format!("{:?}: {}", c.conn, e.error))
+        })
+        .collect()
+}
+
+pub fn more_than_iov_max_pieces_arrive_byte_exact(b: Option<Backend>) {
+    let mut m = mover(b);
+    let (a, peer) = tcp_pair();
+    let rx = reader(peer);
+    let conn = m.attach(a).unwrap();
+    let data = Bytes::from(pattern(1, 400_000));
+    let bufs = pieces(&data, 2);
+    assert!(bufs.len() > 3 * 1024, "{}", bufs.len());
+    assert!(bufs.iter().any(Bytes::is_empty));
+    m.send(conn, bufs).unwrap();
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    assert!(done.last().unwrap().is_drained());
+    assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), data.len());
+    drop(m.detach(conn).unwrap());
+    assert!(rx.join().unwrap() == data[..]);
+}
+
+pub fn partial_writes_resume_at_the_exact_byte(b: Option<Backend>) {
+    let mut m = mover(b);
+    let (a, peer) = tcp_pair();
+    set_sndbuf(&a, 4096);
+    // A slow reader keeps the tiny send buffer full: many short writes.
+    let rx = std::thread::spawn(move || {
+        let mut peer = peer;
+        let mut v = Vec::new();
+        let mut buf = [0u8; 1500];
+        loop {
+            let n = peer.read(&mut buf).unwrap();
+            if n == 0 {
+                return v;
+            }
+            v.extend_from_slice(&buf[..n]);
+        }
+    });
+    let conn = m.attach(a).unwrap();
+    let data = Bytes::from(pattern(3, 3 << 20));
+    for (i, chunk) in data.chunks(100_000).enumerate() {
+        let chunk = data.slice_ref(chunk);
+        m.send(conn, pieces(&chunk, i as u64)).unwrap();
+    }
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    drop(m.detach(conn).unwrap());
+    assert!(rx.join().unwrap() == data[..]);
+}
+
+pub fn thousand_connections_each_get_their_own_stream(b: Option<Backend>) {
+    let mut m = mover(b);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut peers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        peers.push(l.accept().unwrap().0);
+        conns.push(m.attach(a).unwrap());
+    }
+    // Three rounds: each queues one packet (header + payload slices) per
+    // connection, then one flush for all.
+    let payloads: Vec<Bytes> = (0..1000)
+        .map(|i| Bytes::from(pattern(i + 10, 3000)))
+        .collect();
+    let mut done = Vec::new();
+    let before = m.stats();
+    for round in 0..3 {
+        for (i, &c) in conns.iter().enumerate() {
+            let header = Bytes::from(format!("<{i}:{round}>"));
+            let p = &payloads[i];
+            m.send(c, [header, p.slice(..1000), Bytes::new(), p.slice(1000..)])
+                .unwrap();
+        }
+        let started = m.flush().unwrap();
+        assert_eq!(started, 1000);
+        m.drain(&mut done).unwrap();
+    }
+    let after = m.stats();
+    if m.backend() == Backend::Uring {
+        // One io_uring_enter per flush of 1000 connections (SQ holds 1024).
+        assert!(
+            after.enters - before.enters <= 3 + 3,
+            "{before:?} {after:?}"
+        );
+        assert_eq!(after.sqes - before.sqes, 3000);
+    }
+    assert_eq!(errors(&done), Vec::<String>::new());
+    for (i, c) in conns.into_iter().enumerate() {
+        drop(m.detach(c).unwrap());
+        let mut got = Vec::new();
+        peers[i].read_to_end(&mut got).unwrap();
+        let mut want = Vec::new();
+        for round in 0..3 {
+            want.extend_from_slice(format!("<{i}:{round}>").as_bytes());
+            want.extend_from_slice(&payloads[i]);
+        }
+        assert!(got == want, "connection {i} got {} bytes", got.len());
+    }
+}
+
+pub fn a_dead_peer_fails_only_its_own_connection(b: Option<Backend>) {
+    let mut m = mover(b);
+    let (a1, peer1) = tcp_pair();
+    let (a2, peer2) = tcp_pair();
+    // Reset: SO_LINGER 0 then close sends RST; later sends get ECONNRESET/EPIPE.
+    nix::sys::socket::setsockopt(
+        &peer1,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(peer1);
+    let rx2 = reader(peer2);
+    let dead = m.attach(a1).unwrap();
+    let live = m.attach(a2).unwrap();
+    let data = Bytes::from(pattern(5, 2 << 20));
+    let mut done = Vec::new();
+    for chunk in data.chunks(64 << 10) {
+        let chunk = data.slice_ref(chunk);
+        // The dead one refuses sends once its failure is known.
+        let _ = m.send(dead, [chunk.clone()]);
+        m.send(live, [chunk]).unwrap();
+        m.flush().unwrap();
+        m.wait(&mut done, Some(std::time::Duration::from_millis(1)))
+            .unwrap();
+    }
+    m.drain(&mut done).unwrap();
+    let dead_err: Vec<&Completion> = done
+        .iter()
+        .filter(|c| c.conn == dead && c.error.is_some())
+        .collect();
+    assert_eq!(dead_err.len(), 1, "{done:?}");
+    let e = dead_err[0].error.as_ref().unwrap();
+    assert!(
+        matches!(e.error.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE)),
+        "{}",
+        e.error
+    );
+    let written: usize = done
+        .iter()
+        .filter(|c| c.conn == dead)
+        .map(|c| c.written)
+        .sum();
+    assert!(written < data.len());
+    assert!(done.iter().all(|c| c.conn != live || c.error.is_none()));
+    let err = m.send(dead, [Bytes::from_static(b"x")]).unwrap_err();
+    assert_eq!(err.kind, SendErrorKind::Failed);
+    drop(m.detach(live).unwrap());
+    assert!(rx2.join().unwrap() == data[..]);
+}
+
+pub fn back_pressure_returns_the_buffers(b: Option<Backend>) {
+    let mut m = Mover::builder()
+        .backend(b.map_or(BackendChoice::Auto, BackendChoice::Force))
+        .max_queued_bytes(10_000)
+        .build()
+        .unwrap();
+    let (a, _peer) = tcp_pair();
+    let conn = m.attach(a).unwrap();
+    m.send(conn, vec![Bytes::from(vec![1u8; 10_000])]).unwrap();
+    let refused = m.send(conn, vec![Bytes::from_static(b"more")]).unwrap_err();
+    assert_eq!(
+        refused.kind,
+        SendErrorKind::BackPressure {
+            queued: 10_000,
+            limit: 10_000
+        }
+    );
+    assert_eq!(refused.bufs, vec![Bytes::from_static(b"more")]);
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    m.send(conn, vec![Bytes::from_static(b"more")]).unwrap();
+}
+
+pub fn udp_datagrams_keep_their_boundaries(b: Option<Backend>) {
+    let mut m = mover(b);
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dest = rx.local_addr().unwrap();
+    let conn = m.attach(tx).unwrap();
+    for i in 0..20u8 {
+        let body = Bytes::from(vec![i; 1000 + usize::from(i)]);
+        m.send_to(
+            conn,
+            [
+                Bytes::from(vec![b'H', i]),
+                body.slice(..500),
+                Bytes::new(),
+                body.slice(500..),
+            ],
+            dest,
+        )
+        .unwrap();
+    }
+    m.send_to(conn, Vec::<Bytes>::new(), dest).unwrap();
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    let mut buf = [0u8; 4096];
+    for i in 0..20u8 {
+        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        assert_eq!(n, 2 + 1000 + usize::from(i));
+        assert_eq!(&buf[..2], &[b'H', i]);
+        assert!(buf[2..n].iter().all(|&x| x == i));
+    }
+    let (n, _) = rx.recv_from(&mut buf).unwrap();
+    assert_eq!(n, 0, "the empty datagram arrives empty");
+    // A stream refuses destination addresses.
+    let (a, _peer) = tcp_pair();
+    let s = m.attach(a).unwrap();
+    let e = m.send_to(s, [Bytes::from_static(b"x")], dest).unwrap_err();
+    assert_eq!(e.kind, SendErrorKind::NotDatagram);
+}
+
+pub fn files_are_written_at_their_position(b: Option<Backend>) {
+    let mut m = mover(b);
+    let mut f = tempfile();
+    f.write_all(b"prefix:").unwrap();
+    let conn = m.attach(f.try_clone().unwrap()).unwrap();
+    let data = Bytes::from(pattern(7, 300_000));
+    m.send(conn, pieces(&data, 8)).unwrap();
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    drop(m.detach(conn).unwrap());
+    let mut got = Vec::new();
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut got).unwrap();
+    assert_eq!(&got[..7], b"prefix:");
+    assert!(got[7..] == data[..]);
+}
+
+pub fn detach_returns_fd_and_unsent_bytes(b: Option<Backend>) {
+    let mut m = mover(b);
+    let (a, peer) = tcp_pair();
+    set_sndbuf(&a, 4096);
+    let raw = a.as_raw_fd();
+    let conn = m.attach(a).unwrap();
+    let data = Bytes::from(pattern(9, 8 << 20));
+    m.send(conn, [data.clone()]).unwrap();
+    m.flush().unwrap();
+    let mut done = Vec::new();
+    m.wait(&mut done, Some(std::time::Duration::from_millis(20)))
+        .unwrap();
+    // Nobody reads: most of the 8 MiB is still queued or in flight.
+    let detached = m.detach(conn).unwrap();
+    assert_eq!(detached.fd.as_raw_fd(), raw);
+    let unsent: usize = detached.unsent.iter().map(Bytes::len).sum();
+    let written: usize = done.iter().map(|c| c.written).sum();
+    assert!(unsent > 0);
+    // Every byte is either reported written or handed back. (A cancelled
+    // in-flight send may have moved bytes it could not report; the kernel
+    // reports what it moved in the cancelled completion.)
+    assert!(written + unsent <= data.len());
+    let stale = m.send(conn, [Bytes::from_static(b"x")]).unwrap_err();
+    assert_eq!(stale.kind, SendErrorKind::UnknownConn);
+    assert!(m.detach(conn).is_err());
+    drop(peer);
+}
+
+pub fn blocking_write_to_finishes_partial_writes(_b: Option<Backend>) {
+    use ringmover::outbox::{Framing, Outbox};
+    let (a, peer) = tcp_pair();
+    set_sndbuf(&a, 4096);
+    a.set_nonblocking(true).unwrap();
+    let rx = reader(peer);
+    let data = Bytes::from(pattern(11, 2 << 20));
+    let mut bufs = Outbox::new(Framing::Stream);
+    bufs.push(pieces(&data, 12), None);
+    assert_eq!(
+        ringmover::write_to(&a, &mut bufs).unwrap(),
+        data.len() as u64
+    );
+    drop(a);
+    assert!(rx.join().unwrap() == data[..]);
+}
+
+fn tempfile() -> std::fs::File {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!(
+        "ringmover-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    f
+}
+
+/// Generates `mod uring`, `mod epoll`, `mod poll` and `mod auto`, each with
+/// one `#[test]` per behaviour above.
+macro_rules! for_each_backend {
+    ($($test:ident),* $(,)?) => {
+        for_each_backend!(@mod uring, Some(Backend::Uring), $($test),*);
+        for_each_backend!(@mod epoll, Some(Backend::Epoll), $($test),*);
+        for_each_backend!(@mod poll, Some(Backend::Poll), $($test),*);
+        for_each_backend!(@mod auto, None, $($test),*);
+    };
+    (@mod $name:ident, $backend:expr, $($test:ident),*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use ringmover::Backend;
+            $(
+                #[test]
+                fn $test() {
+                    super::$test($backend);
+                }
+            )*
+        }
+    };
+}
+
+for_each_backend!(
+    more_than_iov_max_pieces_arrive_byte_exact,
+    partial_writes_resume_at_the_exact_byte,
+    thousand_connections_each_get_their_own_stream,
+    a_dead_peer_fails_only_its_own_connection,
+    back_pressure_returns_the_buffers,
+    udp_datagrams_keep_their_boundaries,
+    files_are_written_at_their_position,
+    detach_returns_fd_and_unsent_bytes,
+    blocking_write_to_finishes_partial_writes,
+);
+
+/// The whole suite again, as `auto`, in a child whose seccomp filter makes
+/// io_uring fail with EPERM (Docker's default): it must run on epoll.
+#[test]
+fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["send::auto::", "--test-threads=2"])
+        .env("RINGMOVER_EXPECT_BACKEND", "epoll")
+        .env_remove("RINGMOVER_BACKEND");
+    crate::util::deny_io_uring(&mut cmd, libc::EPERM);
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("test result: ok. 9 passed"), "{text}");
+}
