@@ -269,19 +269,26 @@ fn small_transfers_are_byte_exact(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The large source file, made once per test process.
+/// The large source file: one fixed path in the temp directory, reused by
+/// later runs when its size is right (so runs do not pile up 1 GiB files),
+/// created under a private name and renamed into place (so a concurrent
+/// run never reads a half-written one). Its SHA-256 is computed per run.
 fn big_source() -> &'static (PathBuf, String) {
     static BIG: OnceLock<(PathBuf, String)> = OnceLock::new();
     BIG.get_or_init(|| {
-        let dir = scratch("big-source");
-        let path = dir.join("source.bin");
-        let mut f = fs::File::create(&path).unwrap();
-        let mut block = pattern(1 << 20, 42);
-        for i in 0..BIG_BYTES >> 20 {
-            block[..8].copy_from_slice(&i.to_le_bytes());
-            f.write_all(&block).unwrap();
+        let path = std::env::temp_dir().join("ringmover-suite-1GiB.bin");
+        if fs::metadata(&path).map(|m| m.len()).ok() != Some(BIG_BYTES) {
+            let tmp = std::env::temp_dir()
+                .join(format!("ringmover-suite-1GiB.bin.{}", std::process::id()));
+            let mut f = fs::File::create(&tmp).unwrap();
+            let mut block = pattern(1 << 20, 42);
+            for i in 0..BIG_BYTES >> 20 {
+                block[..8].copy_from_slice(&i.to_le_bytes());
+                f.write_all(&block).unwrap();
+            }
+            drop(f);
+            fs::rename(&tmp, &path).unwrap();
         }
-        drop(f);
         let sha = sha256_file(&path);
         (path, sha)
     })
