@@ -17,11 +17,15 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Which {
     Gather(gather::Args),
+    /// A loopback TCP stream into a page-cache file: each backend against a
+    /// read/write loop with a 64 KiB buffer.
+    Recv(crate::bench_recv::Args),
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.which {
         Which::Gather(a) => gather::run(a),
+        Which::Recv(a) => crate::bench_recv::run(a),
     }
 }
 

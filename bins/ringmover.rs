@@ -1,7 +1,11 @@
 //! `ringmover`: a thin command line over the ringmover library.
 
 mod bench;
+mod bench_recv;
 mod probe;
+mod recv;
+mod send;
+mod units;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -23,6 +27,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Probe(probe::Args),
+    Recv(recv::Args),
+    Send(send::Args),
     Bench(bench::Args),
 }
 
@@ -40,6 +46,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Probe(args) => probe::run(&args),
+        Command::Recv(args) => recv::run(&args),
+        Command::Send(args) => send::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     match result {

@@ -29,6 +29,8 @@ pub mod mover;
 pub mod opcode;
 pub mod outbox;
 pub mod probe;
+pub mod recv;
+pub mod send;
 mod sys;
 mod write;
 

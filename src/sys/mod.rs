@@ -9,6 +9,8 @@ use std::io;
 
 pub(crate) mod net;
 #[cfg(target_os = "linux")]
+pub(crate) mod splice;
+#[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
 /// Turns a C-style return value into an [`io::Result`]: `-1` becomes
@@ -78,4 +80,17 @@ pub(crate) fn memlock_limit() -> io::Result<(Option<u64>, Option<u64>)> {
         }
     };
     Ok((conv(soft), conv(hard)))
+}
+
+/// `signal(SIGXFSZ, SIG_IGN)`: a write past `RLIMIT_FSIZE` then fails with
+/// `EFBIG` instead of killing the process.
+pub(crate) fn ignore_sigxfsz() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety
+    // contract is involved; it only changes the disposition of SIGXFSZ.
+    let old = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if old == libc::SIG_ERR {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -2,6 +2,7 @@
 //! (ripgrep's layout). Every test talks to the real kernel.
 
 mod probe;
+mod recv;
 mod send;
 mod util;
 mod zerocopy;
