@@ -2,6 +2,9 @@
 //! per GB from getrusage (stable on a noisy machine, unlike wall time).
 
 mod gather;
+mod recv;
+mod sink;
+mod zerocopy;
 
 use std::time::Duration;
 
@@ -19,13 +22,17 @@ enum Which {
     Gather(gather::Args),
     /// A loopback TCP stream into a page-cache file: each backend against a
     /// read/write loop with a 64 KiB buffer.
-    Recv(crate::bench_recv::Args),
+    Recv(recv::Args),
+    Zerocopy(zerocopy::ZcArgs),
+    Fanout(zerocopy::FanoutArgs),
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     match &args.which {
         Which::Gather(a) => gather::run(a),
-        Which::Recv(a) => crate::bench_recv::run(a),
+        Which::Recv(a) => recv::run(a),
+        Which::Zerocopy(a) => zerocopy::run_zc(a),
+        Which::Fanout(a) => zerocopy::run_fanout(a),
     }
 }
 
@@ -73,63 +80,5 @@ pub fn set_rcvlowat(fd: &impl std::os::fd::AsRawFd, bytes: i32) -> std::io::Resu
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Parses `1.5`, `2s`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(v) = s.strip_suffix("ms") {
-        (v, 1e-3)
-    } else if let Some(v) = s.strip_suffix('s') {
-        (v, 1.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 2, 2s, 500ms)"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
-}
-
-/// Parses `156K`, `10KiB`, `512`, `1M`.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let upper = t.to_ascii_uppercase();
-    let digits_end = upper
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(upper.len());
-    let (num, unit) = upper.split_at(digits_end);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{t:?} is not a size (e.g. 512, 10K, 156KiB, 1M)"))?;
-    let mul = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => return Err(format!("{t:?}: unknown unit {unit:?}")),
-    };
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{t:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_size("156K"), Ok(156 * 1024));
-        assert_eq!(parse_size("10KiB"), Ok(10 * 1024));
-        assert_eq!(parse_size("512"), Ok(512));
-        assert!(parse_size("12X").is_err());
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("-1").is_err());
     }
 }

@@ -1,7 +1,6 @@
 //! `ringmover`: a thin command line over the ringmover library.
 
 mod bench;
-mod bench_recv;
 mod probe;
 mod recv;
 mod send;

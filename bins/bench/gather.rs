@@ -2,7 +2,7 @@
 //! interleaved with slices of one payload), sent by each strategy in turn.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,9 @@ use ringmover::outbox::{Framing, Outbox};
 use ringmover::{Backend, BackendChoice, Mover};
 use serde_json::json;
 
-use super::{parse_duration, parse_size, peak_rss, reset_peak_rss, thread_cpu};
+use super::sink::connect;
+use super::{peak_rss, reset_peak_rss, thread_cpu};
+use crate::units::{parse_duration, parse_size};
 use crate::Outcome;
 
 /// Send packets cut into pieces (each behind a small header) to many
@@ -50,15 +52,15 @@ pub struct Args {
 
     /// Custom shape: payload bytes per packet (e.g. 156K).
     #[arg(long, value_parser = parse_size)]
-    payload: Option<usize>,
+    payload: Option<u64>,
 
     /// Custom shape: bytes per piece (default 10K).
     #[arg(long, value_parser = parse_size, requires = "payload")]
-    piece: Option<usize>,
+    piece: Option<u64>,
 
     /// Custom shape: header bytes before each piece (default 12).
     #[arg(long, value_parser = parse_size, requires = "payload")]
-    header: Option<usize>,
+    header: Option<u64>,
 
     /// How long each strategy runs per shape and connection count.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
@@ -172,7 +174,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let shapes = match args.payload {
         Some(payload) => {
-            let piece = args.piece.unwrap_or(10 << 10);
+            let payload = usize::try_from(payload)?;
+            let piece = usize::try_from(args.piece.unwrap_or(10 << 10))?;
             if payload == 0 || piece == 0 {
                 bail!("--payload and --piece must be greater than zero");
             }
@@ -180,7 +183,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 name: "custom".into(),
                 payload,
                 piece,
-                header: args.header.unwrap_or(12),
+                header: usize::try_from(args.header.unwrap_or(12))?,
             }]
         }
         None => args
@@ -265,27 +268,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Success)
-}
-
-/// Connects `n` sockets to `to`, or to a fresh built-in sink.
-fn connect(
-    n: usize,
-    to: Option<SocketAddr>,
-) -> anyhow::Result<(Vec<TcpStream>, Option<sink::Sink>)> {
-    let (addr, sink) = match to {
-        Some(a) => (a, None),
-        None => {
-            let s = sink::Sink::start(n)?;
-            (s.addr, Some(s))
-        }
-    };
-    let socks = (0..n)
-        .map(|_| TcpStream::connect(addr).with_context(|| format!("connecting to {addr}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    for s in &socks {
-        s.set_nodelay(true)?;
-    }
-    Ok((socks, sink))
 }
 
 fn measure(
@@ -390,108 +372,4 @@ fn measure(
         syscalls,
         peak_rss: peak,
     })
-}
-
-/// The built-in loopback sink: one thread, epoll, `recv(MSG_TRUNC)` so the
-/// data is discarded in the kernel without a copy.
-mod sink {
-    use std::net::{SocketAddr, TcpListener};
-    use std::os::fd::AsFd;
-    use std::thread::JoinHandle;
-
-    use anyhow::Context;
-    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-    use nix::sys::socket::{recv, MsgFlags};
-
-    #[derive(Debug)]
-    pub struct Sink {
-        pub addr: SocketAddr,
-        thread: JoinHandle<anyhow::Result<u64>>,
-    }
-
-    impl Sink {
-        /// Listens on loopback and serves `n` connections until each closes.
-        pub fn start(n: usize) -> anyhow::Result<Sink> {
-            let listener = super::listen_loopback()?;
-            let addr = listener.local_addr()?;
-            let thread = std::thread::Builder::new()
-                .name("sink".into())
-                .spawn(move || serve(listener, n))?;
-            Ok(Sink { addr, thread })
-        }
-
-        /// Waits for every connection to close; returns the bytes received.
-        pub fn finish(self) -> anyhow::Result<u64> {
-            self.thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the sink thread panicked"))?
-        }
-    }
-
-    fn serve(listener: TcpListener, n: usize) -> anyhow::Result<u64> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let mut socks = Vec::with_capacity(n);
-        for i in 0..n {
-            let (s, _) = listener.accept().context("sink: accepting")?;
-            s.set_nonblocking(true)?;
-            // Wake only once 64 KiB wait (or at EOF): the sink stays cheap, so
-            // the sender, not the sink, is what the bench measures.
-            super::super::set_rcvlowat(&s, 64 << 10)?;
-            epoll.add(s.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
-            socks.push(Some(s));
-        }
-        let mut open = n;
-        let mut total = 0u64;
-        let mut events = vec![EpollEvent::empty(); 1024];
-        let mut buf = vec![0u8; 4 << 20];
-        while open > 0 {
-            let k = match epoll.wait(&mut events, 1000u16) {
-                Ok(k) => k,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for ev in &events[..k] {
-                let i = ev.data() as usize;
-                let Some(s) = socks[i].as_ref() else { continue };
-                // One recv per readiness report: level-triggered epoll says
-                // again if more is left, so no extra EAGAIN round trip.
-                // TCP with MSG_TRUNC: the kernel discards, nothing is copied.
-                match recv(
-                    std::os::fd::AsRawFd::as_raw_fd(s),
-                    &mut buf,
-                    MsgFlags::MSG_TRUNC,
-                ) {
-                    Ok(0) => {
-                        epoll.delete(s.as_fd())?;
-                        socks[i] = None;
-                        open -= 1;
-                    }
-                    Ok(m) => total += m as u64,
-                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(e).context("sink: recv"),
-                }
-            }
-        }
-        Ok(total)
-    }
-}
-
-/// A loopback listener on an ephemeral port with the largest backlog, so
-/// a thousand connects never wait on SYN retries.
-fn listen_loopback() -> anyhow::Result<TcpListener> {
-    use nix::sys::socket::{
-        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::new(127, 0, 0, 1, 0),
-    )?;
-    listen(&fd, Backlog::MAXCONN)?;
-    Ok(TcpListener::from(fd))
 }

@@ -49,6 +49,8 @@ pub(crate) struct UringDriver {
     /// Zero-copy sends by `user_data`, until their notification.
     zc: HashMap<u64, ZcSend>,
     next_zc: u64,
+    /// Zero-copy sends completed and waiting only for their notification.
+    zc_done: usize,
     /// Kernel accepts `IORING_SEND_ZC_REPORT_USAGE` (6.2).
     report_usage: bool,
 }
@@ -105,6 +107,7 @@ impl UringDriver {
             disabled,
             zc: HashMap::new(),
             next_zc: 0,
+            zc_done: 0,
             // REPORT_USAGE came in 6.2, with the RECVSEND_BUNDLE-era feature
             // set; EXT_ARG+NODROP alone do not tell, so ask the version.
             report_usage: kernel_at_least(6, 2),
@@ -277,7 +280,7 @@ impl UringDriver {
     ) -> io::Result<()> {
         let ready = self.ring.completion().len();
         // Notifications count too: Drop waits for them.
-        let outstanding = self.in_flight + self.zc.values().filter(|z| z.done).count();
+        let outstanding = self.in_flight + self.zc_done;
         let want = if ready >= min.max(1) {
             0
         } else {
@@ -298,6 +301,9 @@ impl UringDriver {
                 let token = zc.token;
                 if cqueue::notif(cqe.flags()) {
                     // The kernel is done with the buffers: release them.
+                    if zc.done {
+                        self.zc_done -= 1;
+                    }
                     self.zc.remove(&user_data);
                     let copied = (cqe.result() as u32) & NOTIF_USAGE_ZC_COPIED != 0;
                     events.push(Event::Notified { token, copied });
@@ -305,6 +311,7 @@ impl UringDriver {
                 }
                 if cqueue::more(cqe.flags()) {
                     zc.done = true;
+                    self.zc_done += 1;
                 } else {
                     // No notification follows (the send failed early).
                     self.zc.remove(&user_data);

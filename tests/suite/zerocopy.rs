@@ -294,3 +294,30 @@ fn uring_reports_kernel_copies_and_auto_demotes() {
         assert_eq!(rx.join().unwrap().len(), 20 * (64 << 10));
     }
 }
+
+/// UDP too: a datagram socket whose zero-copy sends the kernel copies
+/// (loopback delivery) is switched to copying by `Auto`.
+#[test]
+fn uring_auto_demotes_udp_too() {
+    let mut m = mover(Some(Backend::Uring), 1, 32 << 10, ZeroCopy::AUTO);
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    tx.connect(rx.local_addr().unwrap()).unwrap();
+    let c = m.attach(tx).unwrap();
+    let payload = {
+        let mut b = m.lease().unwrap();
+        b.fill(7, 20_000);
+        b.freeze()
+    };
+    let mut done = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..50 {
+        m.send(c, [payload.clone()]).unwrap();
+        m.drain(&mut done).unwrap();
+        assert_eq!(rx.recv(&mut buf).unwrap(), 20_000);
+    }
+    no_errors(&done);
+    let s = m.stats();
+    assert!(s.zc_copied > 0, "{s:?}");
+    assert!(s.zc_sends < 5, "{s:?}");
+}

@@ -1,0 +1,419 @@
+//! `ringmover bench zerocopy` and `ringmover bench fanout`: what registered
+//! buffers and zero-copy sends buy, measured side by side with copying.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use ringmover::{Backend, BackendChoice, Conn, Mover, ZeroCopy};
+use serde_json::json;
+
+use super::sink::connect;
+use super::{peak_rss, reset_peak_rss, thread_cpu};
+use crate::units::{parse_duration, parse_size};
+use crate::Outcome;
+
+/// Copy vs zero-copy vs auto across send sizes, on io_uring with
+/// registered buffers: over TCP on loopback (where the kernel copies
+/// anyway: a deferred copy) and with UDP into a veth whose peer is down (the
+/// device drops at transmit, so nothing is delivered locally and zero-copy
+/// shows its real effect). The veth transport creates a network namespace
+/// and needs root; it says so and is skipped otherwise.
+#[derive(Debug, clap::Args)]
+#[command(long_about)]
+pub struct ZcArgs {
+    /// Send sizes.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "4K,16K,63K,256K,1M")]
+    sizes: Vec<u64>,
+    /// Strategies: copy, zerocopy, auto.
+    #[arg(long, value_delimiter = ',', default_value = "copy,zerocopy,auto")]
+    strategy: Vec<String>,
+    /// Transports: tcp (loopback), udp-veth (black-hole veth, root only).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,udp-veth")]
+    transport: Vec<String>,
+    /// How long each cell runs.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    seconds: Duration,
+    /// One JSON object per result line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One 1 MiB payload to many connections: ringmover sends one registered
+/// buffer to all of them (no user-space copy; memory does not grow with
+/// the count), against a copy of the payload per connection.
+#[derive(Debug, clap::Args)]
+#[command(long_about)]
+pub struct FanoutArgs {
+    /// Connection counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    conns: Vec<usize>,
+    /// Payload size.
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    payload: u64,
+    /// Strategies: shared (one registered buffer, zero-copy Auto), copy
+    /// (a private copy per connection).
+    #[arg(long, value_delimiter = ',', default_value = "shared,copy")]
+    strategy: Vec<String>,
+    /// How long each cell runs.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    seconds: Duration,
+    /// Send to this external sink instead of the built-in one.
+    #[arg(long, value_name = "ADDR")]
+    to: Option<SocketAddr>,
+    /// One JSON object per result line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn policy(name: &str) -> anyhow::Result<ZeroCopy> {
+    Ok(match name.trim().to_ascii_lowercase().as_str() {
+        "copy" => ZeroCopy::Never,
+        "zerocopy" | "zc" => ZeroCopy::Always,
+        "auto" => ZeroCopy::AUTO,
+        other => bail!("unknown strategy {other:?}: expected copy, zerocopy or auto"),
+    })
+}
+
+#[derive(Debug, Default)]
+struct Cell {
+    bytes: u64,
+    wall: Duration,
+    cpu: Duration,
+    zc_sends: u64,
+    zc_copied: u64,
+}
+
+/// Keeps `window` bytes queued on `conn`, sending `payload` again and again
+/// without ever waiting for a notification, for `seconds`.
+fn pump(
+    m: &mut Mover,
+    conn: Conn,
+    payload: &Bytes,
+    dest: Option<SocketAddr>,
+    seconds: Duration,
+) -> anyhow::Result<Cell> {
+    let window = (4 * payload.len()).max(256 << 10);
+    let mut done = Vec::new();
+    let cpu0 = thread_cpu();
+    let t0 = Instant::now();
+    let before = m.stats();
+    while t0.elapsed() < seconds {
+        let sent = match dest {
+            Some(d) => m.send_to(conn, [payload.clone()], d),
+            None => m.send(conn, [payload.clone()]),
+        };
+        sent.map_err(std::io::Error::from)?;
+        m.flush()?;
+        while m.queued(conn).unwrap_or(0) > window {
+            m.wait(&mut done, None)?;
+        }
+        if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
+            bail!("send failed: {}", e.error);
+        }
+        done.clear();
+    }
+    m.drain(&mut done)?;
+    if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
+        bail!("send failed: {}", e.error);
+    }
+    let after = m.stats();
+    Ok(Cell {
+        bytes: after.bytes - before.bytes,
+        wall: t0.elapsed(),
+        cpu: thread_cpu() - cpu0,
+        zc_sends: after.zc_sends - before.zc_sends,
+        zc_copied: after.zc_copied - before.zc_copied,
+    })
+}
+
+fn uring_mover(size: usize, zc: ZeroCopy) -> anyhow::Result<Mover> {
+    Mover::builder()
+        .backend(BackendChoice::Force(Backend::Uring))
+        .fixed_buffers(1, size)
+        .zero_copy(zc)
+        .build()
+        .context("the zerocopy bench needs io_uring with SEND_ZC")
+}
+
+fn registered_payload(m: &Mover, size: usize) -> anyhow::Result<Bytes> {
+    let mut buf = m.lease()?;
+    buf.fill(0x5A, size);
+    Ok(buf.freeze())
+}
+
+pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
+    let policies = args
+        .strategy
+        .iter()
+        .map(|s| Ok((s.trim().to_ascii_lowercase(), policy(s)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:<9} {:>7}  {:<9} {:>7} {:>9} {:>9} {:>9} {:>8}",
+            "transport", "size", "strategy", "GB/s", "CPU-s/GB", "zc sends", "copied", "vs copy"
+        )?;
+    }
+    for transport in &args.transport {
+        let transport = transport.trim().to_ascii_lowercase();
+        let veth = match transport.as_str() {
+            "tcp" => None,
+            "udp-veth" | "veth" => match BlackHole::create() {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    eprintln!("ringmover: bench zerocopy: udp-veth skipped: {e:#}");
+                    continue;
+                }
+            },
+            other => bail!("unknown transport {other:?}: expected tcp or udp-veth"),
+        };
+        for &size in &args.sizes {
+            let size = usize::try_from(size)?;
+            // A UDP datagram holds at most 65507 bytes.
+            if veth.is_some() && size > 65507 {
+                continue;
+            }
+            let mut copy_rate = None;
+            for (name, zc) in &policies {
+                let cell = match &veth {
+                    None => {
+                        let (mut socks, sink) = connect(1, None)?;
+                        let mut m = uring_mover(size, *zc)?;
+                        let payload = registered_payload(&m, size)?;
+                        let conn = m.attach(socks.remove(0))?;
+                        let cell = pump(&mut m, conn, &payload, None, args.seconds)?;
+                        drop(m.detach(conn)?);
+                        drop(payload);
+                        drop(m);
+                        if let Some(s) = sink {
+                            let got = s.finish()?;
+                            if got != cell.bytes {
+                                bail!("the sink received {got} of {} bytes", cell.bytes);
+                            }
+                        }
+                        cell
+                    }
+                    Some(v) => v.run(|| {
+                        let sock = UdpSocket::bind("0.0.0.0:0")?;
+                        let mut m = uring_mover(size, *zc)?;
+                        let payload = registered_payload(&m, size)?;
+                        let conn = m.attach(sock)?;
+                        pump(&mut m, conn, &payload, Some(BlackHole::DEST), args.seconds)
+                    })?,
+                };
+                let gbs = cell.bytes as f64 / 1e9 / cell.wall.as_secs_f64();
+                if name == "copy" {
+                    copy_rate = Some(gbs);
+                }
+                let ratio = copy_rate.map(|c| gbs / c);
+                let cpu_gb = cell.cpu.as_secs_f64() / (cell.bytes as f64 / 1e9);
+                if args.json {
+                    let v = json!({
+                        "bench": "zerocopy", "transport": transport, "size": size,
+                        "strategy": name, "bytes": cell.bytes, "seconds": cell.wall.as_secs_f64(),
+                        "gb_per_s": gbs, "cpu_s_per_gb": cpu_gb, "zc_sends": cell.zc_sends,
+                        "zc_copied": cell.zc_copied, "vs_copy": ratio,
+                    });
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<9} {:>7}  {:<9} {:>7.2} {:>9.3} {:>9} {:>9} {:>8}",
+                        transport,
+                        crate::units::human_bytes(size as u64),
+                        name,
+                        gbs,
+                        cpu_gb,
+                        cell.zc_sends,
+                        cell.zc_copied,
+                        ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
+                    )?;
+                }
+                out.flush()?;
+            }
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
+    let size = usize::try_from(args.payload)?;
+    if size == 0 {
+        bail!("--payload must be greater than zero");
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if !args.json {
+        writeln!(
+            out,
+            "{:>5}  {:<7} {:>7} {:>9} {:>12} {:>12}",
+            "conns", "strategy", "GB/s", "CPU-s/GB", "peak RSS MiB", "RSS-payload"
+        )?;
+    }
+    for &conns in &args.conns {
+        for strategy in &args.strategy {
+            let strategy = strategy.trim().to_ascii_lowercase();
+            let shared = match strategy.as_str() {
+                "shared" => true,
+                "copy" => false,
+                other => bail!("unknown strategy {other:?}: expected shared or copy"),
+            };
+            let (socks, sink) = connect(conns, args.to)?;
+            reset_peak_rss();
+            let rss0 = peak_rss();
+            let mut m = Mover::builder()
+                .fixed_buffers(1, size)
+                .zero_copy(if shared {
+                    ZeroCopy::AUTO
+                } else {
+                    ZeroCopy::Never
+                })
+                .queue_depth(conns.next_power_of_two().clamp(8, 4096) as u32)
+                .build()?;
+            let handles = socks
+                .into_iter()
+                .map(|s| m.attach(s))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let payload = registered_payload(&m, size)?;
+            let mut done = Vec::new();
+            let cpu0 = thread_cpu();
+            let t0 = Instant::now();
+            let mut bytes = 0u64;
+            while t0.elapsed() < args.seconds {
+                for &h in &handles {
+                    let buf = if shared {
+                        payload.clone()
+                    } else {
+                        // What a server without shared buffers does: a
+                        // private copy per connection.
+                        Bytes::copy_from_slice(&payload)
+                    };
+                    m.send(h, [buf]).map_err(std::io::Error::from)?;
+                }
+                m.drain(&mut done)?;
+                if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
+                    bail!("a connection failed: {}", e.error);
+                }
+                done.clear();
+                bytes += (conns * size) as u64;
+            }
+            let wall = t0.elapsed();
+            let cpu = thread_cpu() - cpu0;
+            let peak = peak_rss();
+            drop(payload);
+            drop(m);
+            if let Some(s) = sink {
+                let got = s.finish()?;
+                if got != bytes {
+                    bail!("the sink received {got} of {bytes} bytes");
+                }
+            }
+            let gbs = bytes as f64 / 1e9 / wall.as_secs_f64();
+            let cpu_gb = cpu.as_secs_f64() / (bytes as f64 / 1e9);
+            let above = peak.saturating_sub(rss0) as f64 / f64::from(1u32 << 20);
+            if args.json {
+                let v = json!({
+                    "bench": "fanout", "conns": conns, "strategy": strategy, "payload": size,
+                    "bytes": bytes, "seconds": wall.as_secs_f64(), "gb_per_s": gbs,
+                    "cpu_s_per_gb": cpu_gb, "peak_rss": peak, "rss_growth_mib": above,
+                });
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{:>5}  {:<7} {:>7.2} {:>9.3} {:>12.1} {:>12.1}",
+                    conns,
+                    strategy,
+                    gbs,
+                    cpu_gb,
+                    peak as f64 / f64::from(1u32 << 20),
+                    above - size as f64 / f64::from(1u32 << 20),
+                )?;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+/// A network namespace holding a veth pair whose peer is down: UDP sent to
+/// `DEST` is dropped by the device at transmit (no local delivery, so no
+/// deferred copy). Removed on drop.
+struct BlackHole {
+    name: String,
+}
+
+impl BlackHole {
+    /// TEST-NET-1 (RFC 5737), inside a namespace of our own: never routed.
+    const DEST: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 9));
+
+    fn create() -> anyhow::Result<BlackHole> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("needs root: it creates a network namespace and a veth pair");
+        }
+        let name = format!("ringmover-zc-{}", std::process::id());
+        let hole = BlackHole { name };
+        let n = hole.name.as_str();
+        for args in [
+            vec!["netns", "add", n],
+            vec![
+                "-n", n, "link", "add", "rmzc0", "type", "veth", "peer", "name", "rmzc1",
+            ],
+            vec!["-n", n, "addr", "add", "192.0.2.1/24", "dev", "rmzc0"],
+            // A 64 KiB MTU: datagrams leave unfragmented (fragmenting copies).
+            vec!["-n", n, "link", "set", "rmzc0", "mtu", "65535", "up"],
+            // A static neighbour: no ARP, so every datagram reaches the device.
+            vec![
+                "-n",
+                n,
+                "neigh",
+                "add",
+                "192.0.2.2",
+                "lladdr",
+                "02:00:00:00:00:02",
+                "dev",
+                "rmzc0",
+                "nud",
+                "permanent",
+            ],
+        ] {
+            let st = Command::new("ip")
+                .args(&args)
+                .status()
+                .context("running ip(8) (package iproute2)")?;
+            if !st.success() {
+                bail!("ip {} failed", args.join(" "));
+            }
+        }
+        Ok(hole)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("entering the bench's network namespace")?;
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the veth bench thread panicked"))?
+        })
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
