@@ -324,6 +324,20 @@ struct ConnState {
     /// this socket: use the copy path (demoted per connection, observable
     /// in `Stats::zc_copied`).
     copy_only: bool,
+    /// `Auto`: what this connection has learnt about zero-copy.
+    zc_probe: ZcProbe,
+}
+
+/// `ZeroCopy::Auto` learns per connection: one zero-copy send first (the
+/// probe), copies while its notification is outstanding, then either
+/// zero-copies everything (the kernel did not copy) or nothing (it did:
+/// loopback, veth delivery). Notification latency thus costs at most one
+/// slow send, never a stream of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZcProbe {
+    Untried,
+    Probing,
+    Pays,
 }
 
 #[derive(Debug, Default)]
@@ -433,6 +447,7 @@ impl Mover {
             scheduled: false,
             failed: false,
             copy_only: false,
+            zc_probe: ZcProbe::Untried,
         });
         Ok(conn)
     }
@@ -572,7 +587,17 @@ impl Mover {
             && match self.zero_copy {
                 ZeroCopy::Never => false,
                 ZeroCopy::Always => true,
-                ZeroCopy::Auto { min_bytes } => batch_bytes >= min_bytes,
+                ZeroCopy::Auto { min_bytes } => {
+                    batch_bytes >= min_bytes
+                        && match st.zc_probe {
+                            ZcProbe::Untried => {
+                                st.zc_probe = ZcProbe::Probing;
+                                true
+                            }
+                            ZcProbe::Probing => false,
+                            ZcProbe::Pays => true,
+                        }
+                }
             };
         st.op.zero_copy = zero_copy;
         st.op.fixed = None;
@@ -663,12 +688,15 @@ impl Mover {
                 }
                 Event::Notified { token, copied } => {
                     self.zc_notified += 1;
-                    if copied {
-                        self.zc_copied += 1;
-                        if matches!(self.zero_copy, ZeroCopy::Auto { .. }) {
-                            if let Some(st) = live_mut(&mut self.slots, Conn::from_token(token)) {
-                                st.copy_only = true;
-                            }
+                    self.zc_copied += u64::from(copied);
+                    if let (ZeroCopy::Auto { .. }, Some(st)) = (
+                        self.zero_copy,
+                        live_mut(&mut self.slots, Conn::from_token(token)),
+                    ) {
+                        if copied {
+                            st.copy_only = true;
+                        } else if st.zc_probe == ZcProbe::Probing {
+                            st.zc_probe = ZcProbe::Pays;
                         }
                     }
                 }

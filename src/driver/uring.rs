@@ -46,6 +46,9 @@ pub(crate) struct UringDriver {
     /// Set up with `IORING_SETUP_R_DISABLED`: enabled by the first enter,
     /// which makes the calling thread the ring's single issuer.
     disabled: bool,
+    /// Set up with `DEFER_TASKRUN`: retries and notifications run only in
+    /// an enter that asks for events.
+    deferred: bool,
     /// Zero-copy sends by `user_data`, until their notification.
     zc: HashMap<u64, ZcSend>,
     next_zc: u64,
@@ -105,6 +108,7 @@ impl UringDriver {
             unsubmitted: 0,
             in_flight: 0,
             disabled,
+            deferred: disabled,
             zc: HashMap::new(),
             next_zc: 0,
             zc_done: 0,
@@ -272,6 +276,34 @@ impl UringDriver {
         }
     }
 
+    /// `io_uring_enter(fd, 0, 0, IORING_ENTER_GETEVENTS)`: runs deferred
+    /// task work without waiting.
+    fn run_deferred(&mut self) -> io::Result<()> {
+        self.stats.enters += 1;
+        self.stats.syscalls += 1;
+        // SAFETY: no SQEs are submitted and no argument pointer is passed.
+        let res = unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                0,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub(crate) fn wait(
         &mut self,
         min: usize,
@@ -288,6 +320,12 @@ impl UringDriver {
         };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
+        } else if self.deferred && outstanding > 0 {
+            // Completions are ready, but deferred task work (partial-send
+            // retries, zero-copy notifications) runs only when we ask for
+            // events: without this a caller that always finds a completion
+            // waiting would starve it.
+            self.run_deferred()?;
         }
         for cqe in self.ring.completion() {
             let user_data = cqe.user_data();
