@@ -1,6 +1,7 @@
 # ringmover: the two set-up commands README.md gives.
 #   make demo  - build, then show the main job end to end on defaults
 #   make test  - format check, clippy -D warnings, every test (all backends)
+SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/ringmover
 
@@ -15,14 +16,31 @@ demo: build
 	@echo "== ringmover probe: what this kernel supports and which backend we get"
 	$(BIN) probe
 	@echo
-	@echo "== the same host as a container whose seccomp policy forbids io_uring would see it"
-	RINGMOVER_BACKEND=epoll $(BIN) probe | tail -n 1
-	@echo
 	@echo "== required opcodes for zero-copy receive and send"
 	$(BIN) probe --require send_zc,splice
 	@echo
+	@echo "== recv + send end to end on every backend: 256 MiB over loopback, SHA-256 checked"
+	@set -euo pipefail; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	head -c 268435456 /dev/urandom > "$$work/src.bin"; \
+	want=$$(sha256sum < "$$work/src.bin" | cut -d' ' -f1); \
+	for b in uring epoll poll; do \
+	  mkdir "$$work/in-$$b"; \
+	  RINGMOVER_BACKEND=$$b $(BIN) recv --listen 127.0.0.1:0 --out "$$work/in-$$b" --max-conns 1 --json \
+	    > "$$work/recv-$$b.json" 2> "$$work/recv-$$b.err" & rpid=$$!; \
+	  for i in $$(seq 100); do grep -q '^listening on' "$$work/recv-$$b.err" && break; sleep 0.05; done; \
+	  addr=$$(sed -n 's/^listening on //p' "$$work/recv-$$b.err" | head -n1); \
+	  RINGMOVER_BACKEND=$$b $(BIN) send "$$work/src.bin" --to "$$addr" --json > "$$work/send-$$b.json"; \
+	  wait $$rpid; \
+	  got=$$(sha256sum "$$work/in-$$b"/* | cut -d' ' -f1); \
+	  [ "$$got" = "$$want" ] || { echo "$$b: SHA-256 mismatch" >&2; exit 1; }; \
+	  printf '%-6s sha256 ok  %s\n' "$$b" "$$(cat "$$work/recv-$$b.json")"; \
+	done
+	@echo
 	@echo "== batched sends: one packet per connection per round, every strategy side by side"
 	$(BIN) bench gather --seconds 0.3 --conns 1,100 --shape small,srs
+	@echo
+	@echo "== fan-out of one registered 1 MiB buffer vs a copy per connection"
+	$(BIN) bench fanout --seconds 0.3 --conns 1,100
 
 fmt:
 	$(CARGO) fmt --all -- --check

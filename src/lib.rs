@@ -43,3 +43,8 @@ pub use mover::{
 pub use opcode::Opcode;
 pub use probe::{KernelReport, RingSupport, RingUnavailable};
 pub use write::write_to;
+
+/// Compiles README.md's Rust example as a doctest, so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -320,7 +320,7 @@ impl UringDriver {
         };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
-        } else if self.deferred && outstanding > 0 {
+        } else if self.deferred && outstanding > ready {
             // Completions are ready, but deferred task work (partial-send
             // retries, zero-copy notifications) runs only when we ask for
             // events: without this a caller that always finds a completion
