@@ -1,6 +1,31 @@
 //! ringmover's integration tests: one binary, one module per area
 //! (ripgrep's layout). Every test talks to the real kernel.
 
+/// Generates `mod uring`, `mod epoll` and `mod poll` (and with `auto;`
+/// also `mod auto`, which selects at run time), each with one `#[test]` per
+/// behaviour `fn name(backend: Option<Backend>)`: one suite, every backend.
+macro_rules! for_each_backend {
+    (auto; $($test:ident),* $(,)?) => {
+        for_each_backend!($($test),*);
+        for_each_backend!(@mod auto, None, $($test),*);
+    };
+    ($($test:ident),* $(,)?) => {
+        for_each_backend!(@mod uring, Some(ringmover::Backend::Uring), $($test),*);
+        for_each_backend!(@mod epoll, Some(ringmover::Backend::Epoll), $($test),*);
+        for_each_backend!(@mod poll, Some(ringmover::Backend::Poll), $($test),*);
+    };
+    (@mod $name:ident, $backend:expr, $($test:ident),*) => {
+        mod $name {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test($backend);
+                }
+            )*
+        }
+    };
+}
+
 mod probe;
 mod recv;
 mod send;

@@ -18,21 +18,6 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmover");
 
-/// Generates one `#[test]` per backend for each behaviour `fn name(backend: &str)`.
-macro_rules! for_each_backend {
-    ($($test:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $test() { super::$test("uring") })*
-        }
-        mod epoll {
-            $(#[test] fn $test() { super::$test("epoll") })*
-        }
-        mod poll {
-            $(#[test] fn $test() { super::$test("poll") })*
-        }
-    };
-}
-
 for_each_backend!(
     small_transfers_are_byte_exact,
     large_transfer_with_send_is_byte_exact,
@@ -228,7 +213,8 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 
 // ---------------------------------------------------------------- tests
 
-fn small_transfers_are_byte_exact(backend: &str) {
+fn small_transfers_are_byte_exact(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("small");
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();
@@ -297,7 +283,8 @@ fn big_source() -> &'static (PathBuf, String) {
 /// 1 GiB, as the issue asks.
 const BIG_BYTES: u64 = 1 << 30;
 
-fn large_transfer_with_send_is_byte_exact(backend: &str) {
+fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let (src, sha) = big_source();
     let dir = scratch("large");
     let out = dir.join("big.bin");
@@ -323,7 +310,8 @@ fn large_transfer_with_send_is_byte_exact(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn two_hundred_concurrent_connections(backend: &str) {
+fn two_hundred_concurrent_connections(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     const N: usize = 200;
     const EACH: usize = 96 * 1024;
     let dir = scratch("many");
@@ -374,7 +362,8 @@ fn two_hundred_concurrent_connections(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn peer_reset_keeps_the_bytes_received(backend: &str) {
+fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("reset");
     let out = dir.join("got.bin");
     let server = Server::start(backend, &["--out", out.to_str().unwrap()]);
@@ -414,7 +403,8 @@ fn peer_reset_keeps_the_bytes_received(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn idle_timeout_fails_the_connection(backend: &str) {
+fn idle_timeout_fails_the_connection(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("idle");
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();
@@ -448,7 +438,8 @@ fn idle_timeout_fails_the_connection(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn quota_keeps_exactly_max_bytes(backend: &str) {
+fn quota_keeps_exactly_max_bytes(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("quota");
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();
@@ -487,7 +478,8 @@ fn quota_keeps_exactly_max_bytes(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn unwritable_directory_fails_the_connection(backend: &str) {
+fn unwritable_directory_fails_the_connection(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     // Tests run as root: chmod would not stop us, /proc does.
     let server = Server::start(backend, &["--out", "/proc", "--once"]);
     let mut s = TcpStream::connect(server.addr).unwrap();
@@ -520,7 +512,8 @@ fn unwritable_directory_fails_the_connection(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn existing_file_is_refused(backend: &str) {
+fn existing_file_is_refused(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("exists");
     let out = dir.join("keep.txt");
     fs::write(&out, b"precious").unwrap();
@@ -546,7 +539,8 @@ fn existing_file_is_refused(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn rlimit_fsize_is_a_write_error(backend: &str) {
+fn rlimit_fsize_is_a_write_error(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     const LIMIT: u64 = 1 << 20;
     let dir = scratch("fsize");
     let out = dir.join("capped.bin");
@@ -593,7 +587,8 @@ fn rlimit_fsize_is_a_write_error(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn address_in_use_is_reported(backend: &str) {
+fn address_in_use_is_reported(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = scratch("inuse");
@@ -623,7 +618,8 @@ fn require_tool(tool: &str) -> PathBuf {
         })
 }
 
-fn nc_and_socat_clients(backend: &str) {
+fn nc_and_socat_clients(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let nc = require_tool("nc");
     let socat = require_tool("socat");
     let dir = scratch("tools");
@@ -661,7 +657,8 @@ fn nc_and_socat_clients(backend: &str) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn send_from_stdin_with_progress(backend: &str) {
+fn send_from_stdin_with_progress(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("stdin");
     let src = dir.join("src.bin");
     let data = pattern(3 << 20, 19);
@@ -706,7 +703,8 @@ fn idle_connections_hold_no_io_wq_workers() {
 
 /// A reset peer and a peer over quota, at the same time as a healthy one:
 /// only they fail.
-fn failures_stay_with_their_connection(backend: &str) {
+fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
+    let backend = backend.map_or("auto", |b| b.name());
     let dir = scratch("mixed");
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();

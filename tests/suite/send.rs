@@ -410,30 +410,8 @@ fn tempfile() -> std::fs::File {
     f
 }
 
-/// Generates `mod uring`, `mod epoll`, `mod poll` and `mod auto`, each with
-/// one `#[test]` per behaviour above.
-macro_rules! for_each_backend {
-    ($($test:ident),* $(,)?) => {
-        for_each_backend!(@mod uring, Some(Backend::Uring), $($test),*);
-        for_each_backend!(@mod epoll, Some(Backend::Epoll), $($test),*);
-        for_each_backend!(@mod poll, Some(Backend::Poll), $($test),*);
-        for_each_backend!(@mod auto, None, $($test),*);
-    };
-    (@mod $name:ident, $backend:expr, $($test:ident),*) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use ringmover::Backend;
-            $(
-                #[test]
-                fn $test() {
-                    super::$test($backend);
-                }
-            )*
-        }
-    };
-}
-
 for_each_backend!(
+    auto;
     more_than_iov_max_pieces_arrive_byte_exact,
     partial_writes_resume_at_the_exact_byte,
     thousand_connections_each_get_their_own_stream,

@@ -234,26 +234,6 @@ pub fn a_peer_closed_mid_flight_frees_nothing_early(b: Option<Backend>) {
     }
 }
 
-macro_rules! for_each_backend {
-    ($($test:ident),* $(,)?) => {
-        for_each_backend!(@mod uring, Some(Backend::Uring), $($test),*);
-        for_each_backend!(@mod epoll, Some(Backend::Epoll), $($test),*);
-        for_each_backend!(@mod poll, Some(Backend::Poll), $($test),*);
-    };
-    (@mod $name:ident, $backend:expr, $($test:ident),*) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use ringmover::Backend;
-            $(
-                #[test]
-                fn $test() {
-                    super::$test($backend);
-                }
-            )*
-        }
-    };
-}
-
 for_each_backend!(
     buffers_are_never_reused_in_flight,
     pool_exhaustion_is_back_pressure_not_a_panic,
