@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -64,14 +64,8 @@ pub struct Args {
     #[arg(long)]
     overwrite: bool,
 
-    /// Print each connection's rate on stderr every second (default when
-    /// stderr is a terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    progress: bool,
-
-    /// Never print progress.
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    progress: crate::units::ProgressArgs,
 
     /// Print one JSON object per connection on stdout: peer, path, bytes,
     /// seconds, gbps (Gbit/s), backend, outcome, error.
@@ -134,7 +128,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut err = io::stderr();
     writeln!(err, "listening on {local}").context("writing to stderr")?;
 
-    let progress = !args.no_progress && (args.progress || io::stderr().is_terminal());
+    let progress = args.progress.enabled();
     if progress {
         writeln!(err, "backend: {backend} ({})", selection.reason)?;
     }

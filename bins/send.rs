@@ -1,7 +1,7 @@
 //! `ringmover send`: send a file or stdin to a TCP address.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -28,13 +28,8 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     to: String,
 
-    /// Print the rate on stderr every second (default when stderr is a terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    progress: bool,
-
-    /// Never print progress.
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    progress: crate::units::ProgressArgs,
 
     /// Print one JSON object on stdout: to, path, bytes, seconds, gbps
     /// (Gbit/s), method.
@@ -45,7 +40,7 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut socket =
         TcpStream::connect(&args.to).with_context(|| format!("connecting to {}", args.to))?;
-    let show = !args.no_progress && (args.progress || io::stderr().is_terminal());
+    let show = args.progress.enabled();
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64);
     let mut progress = |total: u64| {

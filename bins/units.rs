@@ -2,6 +2,27 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// `--progress` / `--no-progress`, shared by `recv` and `send`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ProgressArgs {
+    /// Print the rate on stderr every second (default when stderr is a
+    /// terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    progress: bool,
+
+    /// Never print progress.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl ProgressArgs {
+    /// Whether to print progress: asked for, or stderr is a terminal.
+    pub fn enabled(&self) -> bool {
+        use std::io::IsTerminal;
+        !self.no_progress && (self.progress || std::io::stderr().is_terminal())
+    }
+}
+
 /// Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
