@@ -51,6 +51,8 @@ lint:
 test: fmt lint
 	# --all-targets also runs each criterion bench once, so they never rot
 	$(CARGO) test --all-targets
+	# doctests, README.md's example among them (--all-targets skips them)
+	$(CARGO) test --doc
 
 bench:
 	$(CARGO) bench
