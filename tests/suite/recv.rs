@@ -36,6 +36,22 @@ for_each_backend!(
 
 // ---------------------------------------------------------------- helpers
 
+/// A fresh scratch directory holding an `out/` directory, and a `recv`
+/// server on `backend` writing into it with `args` after `--out out/`.
+fn serve_into_dir(
+    backend: Option<ringmover::Backend>,
+    name: &str,
+    args: &[&str],
+) -> (PathBuf, PathBuf, Server) {
+    let dir = scratch(name);
+    let out = dir.join("out");
+    fs::create_dir(&out).unwrap();
+    let mut all = vec!["--out", out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let server = Server::start(backend.map_or("auto", |b| b.name()), &all);
+    (dir, out, server)
+}
+
 /// A fresh scratch directory.
 fn scratch(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -214,20 +230,7 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 // ---------------------------------------------------------------- tests
 
 fn small_transfers_are_byte_exact(backend: Option<ringmover::Backend>) {
-    let backend = backend.map_or("auto", |b| b.name());
-    let dir = scratch("small");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        backend,
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--max-conns",
-            "3",
-            "--fsync",
-        ],
-    );
+    let (dir, out, server) = serve_into_dir(backend, "small", &["--max-conns", "3", "--fsync"]);
     let sizes = [0usize, 1, 1 << 20];
     let mut sent = Vec::new();
     for (i, &n) in sizes.iter().enumerate() {
@@ -241,7 +244,7 @@ fn small_transfers_are_byte_exact(backend: Option<ringmover::Backend>) {
     for (peer, data) in &sent {
         let r = record_for(&done, *peer);
         assert_eq!(r["outcome"], "complete", "{r}");
-        assert_eq!(r["backend"], backend, "{r}");
+        assert_eq!(r["backend"], backend.map_or("auto", |b| b.name()), "{r}");
         assert_eq!(r["bytes"], data.len() as u64, "{r}");
         assert!(r["error"].is_null(), "{r}");
         let path = path_of(r);
@@ -311,21 +314,9 @@ fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
 }
 
 fn two_hundred_concurrent_connections(backend: Option<ringmover::Backend>) {
-    let backend = backend.map_or("auto", |b| b.name());
     const N: usize = 200;
     const EACH: usize = 96 * 1024;
-    let dir = scratch("many");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        backend,
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--max-conns",
-            &N.to_string(),
-        ],
-    );
+    let (dir, out, server) = serve_into_dir(backend, "many", &["--max-conns", &N.to_string()]);
     // All connected before any byte goes; then bytes interleave.
     let mut socks: Vec<(TcpStream, Vec<u8>)> = (0..N)
         .map(|i| {
@@ -404,20 +395,8 @@ fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
 }
 
 fn idle_timeout_fails_the_connection(backend: Option<ringmover::Backend>) {
-    let backend = backend.map_or("auto", |b| b.name());
-    let dir = scratch("idle");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        backend,
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--once",
-            "--idle-timeout",
-            "300ms",
-        ],
-    );
+    let (dir, _out, server) =
+        serve_into_dir(backend, "idle", &["--once", "--idle-timeout", "300ms"]);
     let mut s = TcpStream::connect(server.addr).unwrap();
     let peer = s.local_addr().unwrap();
     s.write_all(&pattern(1000, 9)).unwrap();
@@ -439,20 +418,10 @@ fn idle_timeout_fails_the_connection(backend: Option<ringmover::Backend>) {
 }
 
 fn quota_keeps_exactly_max_bytes(backend: Option<ringmover::Backend>) {
-    let backend = backend.map_or("auto", |b| b.name());
-    let dir = scratch("quota");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
+    let (dir, _out, server) = serve_into_dir(
         backend,
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--max-conns",
-            "2",
-            "--max-bytes",
-            "100000",
-        ],
+        "quota",
+        &["--max-conns", "2", "--max-bytes", "100000"],
     );
     // Exactly the quota, then a clean end: complete.
     let exact = pattern(100_000, 11);
@@ -704,21 +673,8 @@ fn idle_connections_hold_no_io_wq_workers() {
 /// A reset peer and a peer over quota, at the same time as a healthy one:
 /// only they fail.
 fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
-    let backend = backend.map_or("auto", |b| b.name());
-    let dir = scratch("mixed");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        backend,
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--max-conns",
-            "3",
-            "--max-bytes",
-            "1M",
-        ],
-    );
+    let (dir, _out, server) =
+        serve_into_dir(backend, "mixed", &["--max-conns", "3", "--max-bytes", "1M"]);
     let healthy = TcpStream::connect(server.addr).unwrap();
     let resetting = TcpStream::connect(server.addr).unwrap();
     let greedy = TcpStream::connect(server.addr).unwrap();
