@@ -11,6 +11,7 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
+use crate::sys::is_transient_enter_error;
 use crate::sys::net::FdKind;
 
 /// `user_data` of entries whose completions nobody waits for (cancels,
@@ -264,15 +265,13 @@ impl UringDriver {
                 "io_uring ring used from a second thread: a Mover's ring has a single \
                  issuer (IORING_SETUP_SINGLE_ISSUER), the thread that first flushed it",
             )),
-            Err(e) => match e.raw_os_error() {
-                // Timed out, interrupted, or the CQ is backed up and must be
-                // reaped first: the caller reaps and comes back.
-                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => {
-                    self.unsubmitted = self.ring.submission().len();
-                    Ok(())
-                }
-                _ => Err(e),
-            },
+            // Timed out, interrupted, or the CQ is backed up and must be
+            // reaped first: the caller reaps and comes back.
+            Err(e) if is_transient_enter_error(&e) => {
+                self.unsubmitted = self.ring.submission().len();
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -291,16 +290,8 @@ impl UringDriver {
             )
         };
         match res {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
+            Err(e) if !is_transient_enter_error(&e) => Err(e),
+            _ => Ok(()),
         }
     }
 

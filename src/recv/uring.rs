@@ -357,16 +357,8 @@ impl UringEngine {
             }
         };
         match result {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
+            Err(e) if !crate::sys::is_transient_enter_error(&e) => Err(e),
+            _ => Ok(()),
         }
     }
 

@@ -33,6 +33,16 @@ pub(crate) fn retry<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
     }
 }
 
+/// Whether an `io_uring_enter(2)` error only means "reap and come back":
+/// timed out (ETIME), interrupted (EINTR), completion queue backed up
+/// (EBUSY), or no room to queue work yet (EAGAIN).
+pub(crate) fn is_transient_enter_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+    )
+}
+
 /// Return types of C calls that report failure as `-1`.
 pub(crate) trait IsMinusOne {
     fn is_minus_one(&self) -> bool;
