@@ -34,6 +34,10 @@ pub struct ZcArgs {
     /// Transports: tcp (loopback), udp-veth (black-hole veth, root only).
     #[arg(long, value_delimiter = ',', default_value = "tcp,udp-veth")]
     transport: Vec<String>,
+    /// Sockets sent to at once, each round one send per socket and one
+    /// submission for all (TCP: connections to the sink; UDP: sockets).
+    #[arg(long, default_value = "16")]
+    conns: usize,
     /// How long each cell runs.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     seconds: Duration,
@@ -91,7 +95,7 @@ struct Cell {
 /// without ever waiting for a notification, for `seconds`.
 fn pump(
     m: &mut Mover,
-    conn: Conn,
+    conns: &[Conn],
     payload: &Bytes,
     dest: Option<SocketAddr>,
     seconds: Duration,
@@ -102,13 +106,16 @@ fn pump(
     let t0 = Instant::now();
     let before = m.stats();
     while t0.elapsed() < seconds {
-        let sent = match dest {
-            Some(d) => m.send_to(conn, [payload.clone()], d),
-            None => m.send(conn, [payload.clone()]),
-        };
-        sent.map_err(std::io::Error::from)?;
+        for &conn in conns {
+            let sent = match dest {
+                Some(d) => m.send_to(conn, [payload.clone()], d),
+                None => m.send(conn, [payload.clone()]),
+            };
+            sent.map_err(std::io::Error::from)?;
+        }
+        // One submission for every socket.
         m.flush()?;
-        while m.queued(conn).unwrap_or(0) > window {
+        while conns.iter().any(|&c| m.queued(c).unwrap_or(0) > window) {
             m.wait(&mut done, None)?;
         }
         if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
@@ -153,6 +160,9 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    if args.conns == 0 {
+        bail!("--conns must be at least 1");
+    }
     if !args.json {
         writeln!(
             out,
@@ -183,12 +193,17 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
             for (name, zc) in &policies {
                 let cell = match &veth {
                     None => {
-                        let (mut socks, sink) = connect(1, None)?;
+                        let (socks, sink) = connect(args.conns, None)?;
                         let mut m = uring_mover(size, *zc)?;
                         let payload = registered_payload(&m, size)?;
-                        let conn = m.attach(socks.remove(0))?;
-                        let cell = pump(&mut m, conn, &payload, None, args.seconds)?;
-                        drop(m.detach(conn)?);
+                        let conns = socks
+                            .into_iter()
+                            .map(|s| m.attach(s))
+                            .collect::<std::io::Result<Vec<_>>>()?;
+                        let cell = pump(&mut m, &conns, &payload, None, args.seconds)?;
+                        for c in conns {
+                            drop(m.detach(c)?);
+                        }
                         drop(payload);
                         drop(m);
                         if let Some(s) = sink {
@@ -200,11 +215,18 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                         cell
                     }
                     Some(v) => v.run(|| {
-                        let sock = UdpSocket::bind("0.0.0.0:0")?;
                         let mut m = uring_mover(size, *zc)?;
                         let payload = registered_payload(&m, size)?;
-                        let conn = m.attach(sock)?;
-                        pump(&mut m, conn, &payload, Some(BlackHole::DEST), args.seconds)
+                        let conns = (0..args.conns)
+                            .map(|_| m.attach(UdpSocket::bind("0.0.0.0:0")?))
+                            .collect::<std::io::Result<Vec<_>>>()?;
+                        pump(
+                            &mut m,
+                            &conns,
+                            &payload,
+                            Some(BlackHole::DEST),
+                            args.seconds,
+                        )
                     })?,
                 };
                 let gbs = cell.bytes as f64 / 1e9 / cell.wall.as_secs_f64();

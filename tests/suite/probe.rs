@@ -186,7 +186,10 @@ fn probe_is_fast() {
             break;
         }
     }
-    assert!(best < Duration::from_millis(5), "probe took {best:?} at best");
+    assert!(
+        best < Duration::from_millis(5),
+        "probe took {best:?} at best"
+    );
 }
 
 #[test]
