@@ -866,6 +866,10 @@ impl Mover {
     }
 }
 
+/// How long dropping a `Mover` waits for in-flight writes and zero-copy
+/// notifications before leaking what the kernel may still read.
+const DROP_GRACE: Duration = Duration::from_secs(2);
+
 impl Drop for Mover {
     fn drop(&mut self) {
         if self.in_flight == 0 && self.driver.notifs_pending() == 0 {
@@ -888,14 +892,21 @@ impl Drop for Mover {
             })
             .collect();
         let mut ok = tokens.iter().all(|&t| self.driver.cancel(t).is_ok());
+        // Cancelled writes complete at once, but a zero-copy notification
+        // waits for the peer to acknowledge the data, which a peer that never
+        // reads never does: wait a bounded time, never hang in drop.
+        let deadline = Instant::now() + DROP_GRACE;
         while ok && (self.in_flight > 0 || self.driver.notifs_pending() > 0) {
-            ok = self.driver.wait(1, None, &mut self.events).is_ok();
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            ok = self.driver.wait(1, Some(left), &mut self.events).is_ok();
             self.process_events();
         }
         if self.in_flight > 0 || self.driver.notifs_pending() > 0 {
             // Could not confirm completion: leak rather than free memory the
             // kernel may read (the held Bytes live in the driver, the
-            // registered pool in `pool`).
+            // registered pool in `pool`); the ring and its sockets stay open.
             std::mem::forget(std::mem::take(&mut self.slots));
             if let Some(pool) = self.pool.take() {
                 std::mem::forget(pool);

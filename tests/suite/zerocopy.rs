@@ -301,3 +301,32 @@ fn uring_auto_demotes_udp_too() {
     assert!(s.zc_copied > 0, "{s:?}");
     assert!(s.zc_sends < 5, "{s:?}");
 }
+
+/// Dropping the engine while zero-copy data sits unacknowledged at a peer
+/// that never reads neither hangs nor frees the buffers under the kernel.
+#[test]
+fn uring_drop_with_notifications_pending_does_not_hang() {
+    const SIZE: usize = 1 << 20;
+    let mut m = mover(Some(Backend::Uring), 4, SIZE, ZeroCopy::Always);
+    let (a, peer) = tcp_pair();
+    let c = m.attach(a).unwrap();
+    let pool = m.pool().unwrap().clone();
+    let mut done = Vec::new();
+    for i in 0..4u64 {
+        let mut buf = m.lease().unwrap();
+        buf.extend_from_slice(&pattern(i, SIZE)).unwrap();
+        m.send(c, [buf.freeze()]).unwrap();
+        m.flush().unwrap();
+        m.wait(&mut done, Some(Duration::from_millis(50))).unwrap();
+    }
+    let started = std::time::Instant::now();
+    drop(m);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // What the peer never acknowledged is still held, not back in the pool.
+    assert!(pool.available() < 4);
+    drop(peer);
+}
