@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/ringmover
 
-.PHONY: all build demo test fmt lint bench clean
+.PHONY: all build demo test deps fmt lint bench clean
 
 all: build
 
@@ -42,13 +42,27 @@ demo: build
 	@echo "== fan-out of one registered 1 MiB buffer vs a copy per connection"
 	$(BIN) bench fanout --seconds 0.3 --conns 1,100
 
+# The recv tests drive real clients (nc, socat): install them on a fresh
+# Debian machine, fail clearly elsewhere.
+deps:
+	@missing=""; for t in nc socat; do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing netcat-openbsd socat (missing:$$missing)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netcat-openbsd socat; \
+	  else \
+	    echo "make test needs:$$missing (Debian: apt-get install netcat-openbsd socat)" >&2; exit 1; \
+	  fi; \
+	fi
+
 fmt:
 	$(CARGO) fmt --all -- --check
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: fmt lint
+test: deps fmt lint
 	# --all-targets also runs each criterion bench once, so they never rot
 	$(CARGO) test --all-targets
 	# doctests, README.md's example among them (--all-targets skips them)
