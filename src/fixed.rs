@@ -13,12 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 /// A pool of `count` buffers of `size` bytes each.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FixedBufPool {
     inner: Arc<PoolInner>,
 }
 
-#[derive(Debug)]
 struct PoolInner {
     size: usize,
     count: usize,
@@ -27,6 +26,17 @@ struct PoolInner {
     free: Mutex<Vec<(u16, Vec<u8>)>>,
     /// `(start address, index)` of every buffer, sorted by address.
     bases: Vec<(usize, u16)>,
+}
+
+// Hand-written: the derived form would print every buffer's bytes.
+impl std::fmt::Debug for FixedBufPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixedBufPool")
+            .field("count", &self.inner.count)
+            .field("buf_size", &self.inner.size)
+            .field("available", &self.available())
+            .finish()
+    }
 }
 
 impl FixedBufPool {
@@ -123,12 +133,21 @@ impl FixedBufPool {
 }
 
 /// A leased buffer being filled. Freeze it to send it.
-#[derive(Debug)]
 pub struct FixedBufMut {
     pool: Arc<PoolInner>,
     index: u16,
     /// Always `Some` until frozen or dropped.
     buf: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FixedBufMut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixedBufMut")
+            .field("index", &self.index)
+            .field("len", &self.len())
+            .field("capacity", &self.pool.size)
+            .finish()
+    }
 }
 
 impl FixedBufMut {

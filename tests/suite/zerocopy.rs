@@ -330,3 +330,54 @@ fn uring_drop_with_notifications_pending_does_not_hang() {
     assert!(pool.available() < 4);
     drop(peer);
 }
+
+/// Registering more than `RLIMIT_MEMLOCK` allows is a clear error naming the
+/// limit. Root is not charged for locked memory, so the check runs in a
+/// child (this test binary again) as `nobody` with a 1 MiB limit.
+#[test]
+fn registering_beyond_memlock_is_a_clear_error() {
+    const NAME: &str = "zerocopy::registering_beyond_memlock_is_a_clear_error";
+    if std::env::var_os("RINGMOVER_MEMLOCK_CHILD").is_some() {
+        let err = Mover::builder()
+            .backend(BackendChoice::Force(Backend::Uring))
+            .fixed_buffers(4, 1 << 20)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::OutOfMemory, "{err}");
+        assert!(
+            err.to_string().contains("RLIMIT_MEMLOCK (1048576 bytes)"),
+            "{err}"
+        );
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([NAME, "--exact", "--test-threads=1"])
+        .env("RINGMOVER_MEMLOCK_CHILD", "1");
+    // SAFETY: between fork and exec only async-signal-safe calls are made.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let out = cmd
+        .output()
+        .expect("the child runs (as nobody: needs root)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("test result: ok. 1 passed"), "{text}");
+}
