@@ -350,8 +350,18 @@ fn registering_beyond_memlock_is_a_clear_error() {
         );
         return;
     }
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    // `nobody` must be able to run it wherever the tree was cloned: run a
+    // copy from a world-readable temporary directory.
+    let dir = std::env::temp_dir().join(format!("ringmover-memlock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join("suite");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.current_dir(&dir);
     cmd.args([NAME, "--exact", "--test-threads=1"])
         .env("RINGMOVER_MEMLOCK_CHILD", "1");
     // SAFETY: between fork and exec only async-signal-safe calls are made.
@@ -373,6 +383,7 @@ fn registering_beyond_memlock_is_a_clear_error() {
     let out = cmd
         .output()
         .expect("the child runs (as nobody: needs root)");
+    std::fs::remove_dir_all(&dir).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
