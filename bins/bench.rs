@@ -36,6 +36,18 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
 }
 
+/// Options every side-by-side bench takes.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// How long each cell (strategy × size or connection count) runs.
+    #[arg(long, value_parser = crate::units::parse_duration, default_value = "1s")]
+    pub seconds: Duration,
+
+    /// One JSON object per result line.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// CPU time (user + system) of the calling thread.
 pub fn thread_cpu() -> Duration {
     let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::sink::connect;
 use super::{peak_rss, reset_peak_rss, thread_cpu};
-use crate::units::{parse_duration, parse_size};
+use crate::units::parse_size;
 use crate::Outcome;
 
 /// Send packets cut into pieces (each behind a small header) to many
@@ -62,17 +62,12 @@ pub struct Args {
     #[arg(long, value_parser = parse_size, requires = "payload")]
     header: Option<u64>,
 
-    /// How long each strategy runs per shape and connection count.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
-    seconds: Duration,
-
     /// Send to this external sink instead of the built-in one.
     #[arg(long, value_name = "ADDR")]
     to: Option<SocketAddr>,
 
-    /// One JSON object per result line.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +192,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if !args.json {
+    if !args.run.json {
         writeln!(
             out,
             "{:<6} {:>5}  {:<16} {:>8} {:>11} {:>9} {:>11} {:>9} {:>8}",
@@ -217,7 +212,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             let mut writev_pps = None;
             let mut rows = Vec::new();
             for &s in &strategies {
-                let m = measure(s, shape, conns, args.seconds, args.to)
+                let m = measure(s, shape, conns, args.run.seconds, args.to)
                     .with_context(|| format!("{} with {conns} connections", s.name()))?;
                 let pps = m.packets as f64 / m.wall.as_secs_f64();
                 if s == Strategy::Writev {
@@ -228,7 +223,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             for (s, m, pps) in rows {
                 let gb = m.bytes as f64 / 1e9;
                 let ratio = writev_pps.map(|w| pps / w);
-                if args.json {
+                if args.run.json {
                     let v = json!({
                         "bench": "gather",
                         "shape": shape.name,

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::sink::connect;
 use super::{peak_rss, reset_peak_rss, thread_cpu};
-use crate::units::{parse_duration, parse_size};
+use crate::units::parse_size;
 use crate::Outcome;
 
 /// Copy vs zero-copy vs auto across send sizes, on io_uring with
@@ -38,12 +38,8 @@ pub struct ZcArgs {
     /// submission for all (TCP: connections to the sink; UDP: sockets).
     #[arg(long, default_value = "16")]
     conns: usize,
-    /// How long each cell runs.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
-    seconds: Duration,
-    /// One JSON object per result line.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
 }
 
 /// One 1 MiB payload to many connections: ringmover sends one registered
@@ -62,15 +58,11 @@ pub struct FanoutArgs {
     /// (a private copy per connection).
     #[arg(long, value_delimiter = ',', default_value = "shared,copy")]
     strategy: Vec<String>,
-    /// How long each cell runs.
-    #[arg(long, value_parser = parse_duration, default_value = "1s")]
-    seconds: Duration,
     /// Send to this external sink instead of the built-in one.
     #[arg(long, value_name = "ADDR")]
     to: Option<SocketAddr>,
-    /// One JSON object per result line.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    run: super::RunArgs,
 }
 
 fn policy(name: &str) -> anyhow::Result<ZeroCopy> {
@@ -163,7 +155,7 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
     if args.conns == 0 {
         bail!("--conns must be at least 1");
     }
-    if !args.json {
+    if !args.run.json {
         writeln!(
             out,
             "{:<9} {:>7}  {:<9} {:>7} {:>9} {:>9} {:>9} {:>8}",
@@ -200,7 +192,7 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                             .into_iter()
                             .map(|s| m.attach(s))
                             .collect::<std::io::Result<Vec<_>>>()?;
-                        let cell = pump(&mut m, &conns, &payload, None, args.seconds)?;
+                        let cell = pump(&mut m, &conns, &payload, None, args.run.seconds)?;
                         for c in conns {
                             drop(m.detach(c)?);
                         }
@@ -225,7 +217,7 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                             &conns,
                             &payload,
                             Some(BlackHole::DEST),
-                            args.seconds,
+                            args.run.seconds,
                         )
                     })?,
                 };
@@ -235,7 +227,7 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                 }
                 let ratio = copy_rate.map(|c| gbs / c);
                 let cpu_gb = cell.cpu.as_secs_f64() / (cell.bytes as f64 / 1e9);
-                if args.json {
+                if args.run.json {
                     let v = json!({
                         "bench": "zerocopy", "transport": transport, "size": size,
                         "strategy": name, "bytes": cell.bytes, "seconds": cell.wall.as_secs_f64(),
@@ -271,7 +263,7 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if !args.json {
+    if !args.run.json {
         writeln!(
             out,
             "{:>5}  {:<7} {:>7} {:>9} {:>12} {:>12}",
@@ -307,7 +299,7 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
             let cpu0 = thread_cpu();
             let t0 = Instant::now();
             let mut bytes = 0u64;
-            while t0.elapsed() < args.seconds {
+            while t0.elapsed() < args.run.seconds {
                 for &h in &handles {
                     let buf = if shared {
                         payload.clone()
@@ -339,7 +331,7 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
             let gbs = bytes as f64 / 1e9 / wall.as_secs_f64();
             let cpu_gb = cpu.as_secs_f64() / (bytes as f64 / 1e9);
             let above = peak.saturating_sub(rss0) as f64 / f64::from(1u32 << 20);
-            if args.json {
+            if args.run.json {
                 let v = json!({
                     "bench": "fanout", "conns": conns, "strategy": strategy, "payload": size,
                     "bytes": bytes, "seconds": wall.as_secs_f64(), "gb_per_s": gbs,
