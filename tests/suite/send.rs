@@ -50,6 +50,22 @@ fn set_sndbuf(s: &impl AsFd, bytes: i32) {
     nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &(bytes as usize)).unwrap();
 }
 
+/// Reads `s` to EOF in `chunk`-byte reads, so the sender sees its socket
+/// buffer fill and drain many times.
+pub fn slow_reader(mut s: TcpStream, chunk: usize) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                return v;
+            }
+            v.extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
 fn reader(mut s: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -107,18 +123,7 @@ pub fn partial_writes_resume_at_the_exact_byte(b: Option<Backend>) {
     let (a, peer) = tcp_pair();
     set_sndbuf(&a, 4096);
     // A slow reader keeps the tiny send buffer full: many short writes.
-    let rx = std::thread::spawn(move || {
-        let mut peer = peer;
-        let mut v = Vec::new();
-        let mut buf = [0u8; 1500];
-        loop {
-            let n = peer.read(&mut buf).unwrap();
-            if n == 0 {
-                return v;
-            }
-            v.extend_from_slice(&buf[..n]);
-        }
-    });
+    let rx = slow_reader(peer, 1500);
     let conn = m.attach(a).unwrap();
     let data = Bytes::from(pattern(3, 3 << 20));
     for (i, chunk) in data.chunks(100_000).enumerate() {

@@ -2,7 +2,6 @@
 //! never reused while the kernel may read them, exhaustion is back-pressure,
 //! fan-out sends one buffer everywhere, and a dead peer frees nothing early.
 
-use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -59,18 +58,8 @@ fn lease(m: &mut Mover, done: &mut Vec<Completion>) -> ringmover::FixedBufMut {
     );
 }
 
-fn slow_reader(mut s: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let mut buf = [0u8; 3000];
-        loop {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                return v;
-            }
-            v.extend_from_slice(&buf[..n]);
-        }
-    })
+fn slow_reader(s: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
+    crate::send::slow_reader(s, 3000)
 }
 
 pub fn buffers_are_never_reused_in_flight(b: Option<Backend>) {
