@@ -4,7 +4,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
 use crate::outbox::{Outbox, IOV_MAX};
-use crate::sys::net;
+use crate::sys::net::{self, FdKind};
 
 /// Writes everything queued in `outbox` to `fd` with `writev`/`sendmsg`
 /// (at most [`IOV_MAX`] buffers a call), resuming partial writes at the exact
@@ -27,7 +27,10 @@ use crate::sys::net;
 /// ```
 pub fn write_to(fd: impl AsFd, outbox: &mut Outbox) -> io::Result<u64> {
     let fd = fd.as_fd();
-    let kind = net::classify(fd)?;
+    // Assume a socket and learn otherwise from ENOTSOCK: classifying first
+    // (fstat + getsockopt) would cost two syscalls per call, about a tenth
+    // of a small write's price.
+    let mut kind = FdKind::StreamSocket;
     let mut iovecs = Vec::with_capacity(IOV_MAX.min(64));
     let mut total = 0u64;
     while !outbox.is_empty() {
@@ -38,6 +41,9 @@ pub fn write_to(fd: impl AsFd, outbox: &mut Outbox) -> io::Result<u64> {
                 total += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => net::wait_writable(fd)?,
+            Err(e) if kind.is_socket() && e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                kind = FdKind::Other;
+            }
             Err(e) => return Err(e),
         }
     }

@@ -13,14 +13,17 @@ use ringmover::{Backend, BackendChoice, Mover};
 use serde_json::json;
 
 use super::sink::connect;
-use super::{peak_rss, reset_peak_rss, thread_cpu};
+use super::sink::Sink;
+use super::{peak_rss, reset_peak_rss, CpuMeter};
 use crate::units::parse_size;
 use crate::Outcome;
 
 /// Send packets cut into pieces (each behind a small header) to many
 /// connections, by each strategy in one run, and compare: GB/s, packets/s,
-/// CPU-seconds per GB of the sending thread (getrusage), syscalls (or
-/// io_uring_enter calls) per MB, and peak RSS.
+/// CPU-seconds per GB (the sending process, io_uring workers included, the
+/// built-in sink left out, plus ksoftirqd, which finishes network work the
+/// sender's softirqs defer), syscalls (or io_uring_enter calls) per MB, and
+/// peak RSS.
 ///
 /// Strategies: write (one write(2) per header and per piece), copy (glue
 /// the packet into one buffer per connection, then write), writev (one
@@ -279,7 +282,7 @@ fn measure(
     let mut packets = 0u64;
     let mut syscalls = 0u64;
     reset_peak_rss();
-    let cpu0 = thread_cpu();
+    let meter = CpuMeter::start(&Sink::tids(&sink));
     let t0 = Instant::now();
     match strategy {
         Strategy::Write => {
@@ -349,7 +352,7 @@ fn measure(
         }
     }
     let wall = t0.elapsed();
-    let cpu = thread_cpu() - cpu0;
+    let cpu = meter.elapsed();
     let peak = peak_rss();
     let bytes = packets * pkt_len as u64;
     // Closing every connection lets the sink finish and count.

@@ -14,6 +14,8 @@ use nix::sys::socket::{recv, MsgFlags};
 #[derive(Debug)]
 pub struct Sink {
     pub addr: SocketAddr,
+    /// The sink thread, which a bench leaves out of the sender's CPU.
+    pub tid: i32,
     thread: JoinHandle<anyhow::Result<u64>>,
 }
 
@@ -22,10 +24,22 @@ impl Sink {
     pub fn start(n: usize) -> anyhow::Result<Sink> {
         let listener = listen_loopback()?;
         let addr = listener.local_addr()?;
+        let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("sink".into())
-            .spawn(move || serve(listener, n))?;
-        Ok(Sink { addr, thread })
+            .spawn(move || {
+                let _ = tx.send(super::gettid());
+                serve(listener, n)
+            })?;
+        let tid = rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the sink thread died at start"))?;
+        Ok(Sink { addr, thread, tid })
+    }
+
+    /// `sink`'s thread, for [`super::CpuMeter::start`].
+    pub fn tids(sink: &Option<Sink>) -> Vec<i32> {
+        sink.iter().map(|s| s.tid).collect()
     }
 
     /// Waits for every connection to close; returns the bytes received.

@@ -12,7 +12,8 @@ use ringmover::{Backend, BackendChoice, Conn, Mover, ZeroCopy};
 use serde_json::json;
 
 use super::sink::connect;
-use super::{peak_rss, reset_peak_rss, thread_cpu};
+use super::sink::Sink;
+use super::{peak_rss, reset_peak_rss, CpuMeter};
 use crate::units::parse_size;
 use crate::Outcome;
 
@@ -91,10 +92,11 @@ fn pump(
     payload: &Bytes,
     dest: Option<SocketAddr>,
     seconds: Duration,
+    sink: &Option<Sink>,
 ) -> anyhow::Result<Cell> {
     let window = (4 * payload.len()).max(256 << 10);
     let mut done = Vec::new();
-    let cpu0 = thread_cpu();
+    let meter = CpuMeter::start(&Sink::tids(sink));
     let t0 = Instant::now();
     let before = m.stats();
     while t0.elapsed() < seconds {
@@ -123,7 +125,7 @@ fn pump(
     Ok(Cell {
         bytes: after.bytes - before.bytes,
         wall: t0.elapsed(),
-        cpu: thread_cpu() - cpu0,
+        cpu: meter.elapsed(),
         zc_sends: after.zc_sends - before.zc_sends,
         zc_copied: after.zc_copied - before.zc_copied,
     })
@@ -192,7 +194,7 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                             .into_iter()
                             .map(|s| m.attach(s))
                             .collect::<std::io::Result<Vec<_>>>()?;
-                        let cell = pump(&mut m, &conns, &payload, None, args.run.seconds)?;
+                        let cell = pump(&mut m, &conns, &payload, None, args.run.seconds, &sink)?;
                         for c in conns {
                             drop(m.detach(c)?);
                         }
@@ -218,6 +220,7 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                             &payload,
                             Some(BlackHole::DEST),
                             args.run.seconds,
+                            &None,
                         )
                     })?,
                 };
@@ -296,7 +299,7 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
                 .collect::<std::io::Result<Vec<_>>>()?;
             let payload = registered_payload(&m, size)?;
             let mut done = Vec::new();
-            let cpu0 = thread_cpu();
+            let meter = CpuMeter::start(&Sink::tids(&sink));
             let t0 = Instant::now();
             let mut bytes = 0u64;
             while t0.elapsed() < args.run.seconds {
@@ -318,7 +321,7 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
                 bytes += (conns * size) as u64;
             }
             let wall = t0.elapsed();
-            let cpu = thread_cpu() - cpu0;
+            let cpu = meter.elapsed();
             let peak = peak_rss();
             drop(payload);
             drop(m);
