@@ -307,16 +307,29 @@ impl MoverBuilder {
     }
 }
 
-/// One connection's state. The `op` and the `outbox` together are what the
-/// kernel reads while a write is in flight; see `WriteOp`'s invariant.
+/// One connection's state. The `ops` and the `outbox` together are what the
+/// kernel reads while writes are in flight; see `WriteOp`'s invariant.
 #[derive(Debug)]
 struct ConnState {
     fd: OwnedFd,
     kind: FdKind,
     outbox: Outbox,
-    op: Box<WriteOp>,
-    /// A write was started and its `Done` not yet seen.
-    in_flight: bool,
+    /// One op per write of the current chain: a stream has one write in
+    /// flight at a time; a datagram socket up to a chain of them, the
+    /// `i`-th sending the `i`-th queued datagram. None is refilled until
+    /// the whole chain has completed.
+    // Boxed: an op's msghdr points into the op itself (its destination),
+    // so it must not move when the vector grows.
+    #[allow(clippy::vec_box)]
+    ops: Vec<Box<WriteOp>>,
+    /// Writes started and whose `Done` was not yet seen.
+    in_flight: usize,
+    /// `Done`s seen of the current chain: the next `Done` is `ops[done]`'s,
+    /// since a chain's writes complete in order.
+    done: usize,
+    /// A write of the current chain failed: the rest of it complete with
+    /// ECANCELED, unsent, and stay queued.
+    broken: bool,
     /// In `dirty`, waiting to start.
     scheduled: bool,
     failed: bool,
@@ -442,8 +455,10 @@ impl Mover {
             fd,
             kind,
             outbox: Outbox::new(framing),
-            op: WriteOp::new(),
-            in_flight: false,
+            ops: vec![WriteOp::new()],
+            in_flight: 0,
+            done: 0,
+            broken: false,
             scheduled: false,
             failed: false,
             copy_only: false,
@@ -519,7 +534,7 @@ impl Mover {
             st.outbox.take_unsent();
             return Ok(());
         }
-        if !st.in_flight && !st.scheduled {
+        if st.in_flight == 0 && !st.scheduled {
             st.scheduled = true;
             self.dirty.push(conn);
         }
@@ -561,16 +576,18 @@ impl Mover {
         Ok(started)
     }
 
-    /// Starts `conn`'s next write. `Ok(false)` if there was nothing to do.
+    /// Starts `conn`'s next write, or for a datagram socket a chain of them.
+    /// `Ok(false)` if there was nothing to do.
     fn start(&mut self, conn: Conn) -> io::Result<bool> {
         let Some(st) = live_mut(&mut self.slots, conn) else {
             return Ok(false);
         };
         st.scheduled = false;
-        if st.failed || st.in_flight || st.outbox.is_empty() {
+        if st.failed || st.in_flight > 0 || st.outbox.is_empty() {
             return Ok(false);
         }
-        if st.kind == FdKind::DatagramSocket && st.outbox.front_pieces() > IOV_MAX {
+        let datagram = st.kind == FdKind::DatagramSocket;
+        if datagram && st.outbox.front_pieces() > IOV_MAX {
             let msg = format!("datagram of more than {IOV_MAX} pieces");
             Self::fail(
                 &mut self.completions,
@@ -580,52 +597,87 @@ impl Mover {
             );
             return Ok(false);
         }
-        // The op is not in flight (checked above), so it may be refilled.
-        let batch_bytes = st.op.fill(&st.outbox).bytes;
-        let zero_copy = st.kind.is_socket()
-            && !st.copy_only
-            && match self.zero_copy {
-                ZeroCopy::Never => false,
-                ZeroCopy::Always => true,
-                ZeroCopy::Auto { min_bytes } => {
-                    batch_bytes >= min_bytes
-                        && match st.zc_probe {
-                            ZcProbe::Untried => {
-                                st.zc_probe = ZcProbe::Probing;
-                                true
-                            }
-                            ZcProbe::Probing => false,
-                            ZcProbe::Pays => true,
-                        }
-                }
+        let chain = if datagram {
+            self.driver.chain(st.outbox.queued_messages())?
+        } else {
+            1
+        };
+        // How many ops to fill: a chain stops before a datagram too big to
+        // send in one call (it fails the connection once it is the front).
+        let mut n = 0;
+        while n < chain {
+            if st.ops.len() == n {
+                st.ops.push(WriteOp::new());
+            }
+            // Nothing is in flight (checked above): every op may be refilled.
+            let op = &mut st.ops[n];
+            let filled = if datagram {
+                op.fill_datagram(&st.outbox, n).is_some()
+            } else {
+                op.fill(&st.outbox);
+                true
             };
-        st.op.zero_copy = zero_copy;
-        st.op.fixed = None;
-        let mut hold = Vec::new();
-        if zero_copy {
-            hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
-            if let ([iov], Some(pool)) = (st.op.iovecs(), &self.pool) {
-                st.op.fixed = pool.index_of(iov.iov_base as *const u8, iov.iov_len);
+            if !filled {
+                break;
+            }
+            n += 1;
+        }
+        st.done = 0;
+        st.broken = false;
+        for i in 0..n {
+            let batch_bytes = st.ops[i].batch.bytes;
+            let zero_copy = st.kind.is_socket()
+                && !st.copy_only
+                && match self.zero_copy {
+                    ZeroCopy::Never => false,
+                    ZeroCopy::Always => true,
+                    ZeroCopy::Auto { min_bytes } => {
+                        batch_bytes >= min_bytes
+                            && match st.zc_probe {
+                                ZcProbe::Untried => {
+                                    st.zc_probe = ZcProbe::Probing;
+                                    true
+                                }
+                                ZcProbe::Probing => false,
+                                ZcProbe::Pays => true,
+                            }
+                    }
+                };
+            let op = &mut st.ops[i];
+            op.zero_copy = zero_copy;
+            op.fixed = None;
+            op.link = i + 1 < n;
+            let mut hold = Vec::new();
+            if zero_copy {
+                if datagram {
+                    hold.extend(st.outbox.datagram_bufs(i).cloned());
+                } else {
+                    hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
+                }
+                if let ([iov], Some(pool)) = (op.iovecs(), &self.pool) {
+                    op.fixed = pool.index_of(iov.iov_base as *const u8, iov.iov_len);
+                }
+            }
+            st.in_flight += 1;
+            self.in_flight += 1;
+            self.writes += 1;
+            // SAFETY: `st.ops[i]` is boxed and is not touched again until
+            // every `Done` of this chain has been seen (`in_flight` back to
+            // 0); the `Bytes` its iovecs point at stay in `st.outbox`, which
+            // only advances on this write's `Done`; `Drop` and `detach` wait
+            // for every in-flight write before freeing either.
+            unsafe {
+                self.driver.start(
+                    conn.token(),
+                    st.fd.as_raw_fd(),
+                    st.kind,
+                    &st.ops[i],
+                    hold,
+                    &mut self.events,
+                )?;
             }
         }
-        st.in_flight = true;
-        self.in_flight += 1;
-        self.writes += 1;
-        // SAFETY: `st.op` is boxed and is not touched again until `Done` for
-        // this token clears `in_flight`; the `Bytes` its iovecs point at stay
-        // in `st.outbox`, which only advances on that `Done`; `Drop` and
-        // `detach` wait for every in-flight write before freeing either.
-        unsafe {
-            self.driver.start(
-                conn.token(),
-                st.fd.as_raw_fd(),
-                st.kind,
-                &st.op,
-                hold,
-                &mut self.events,
-            )?;
-        }
-        Ok(true)
+        Ok(n > 0)
     }
 
     fn fail(completions: &mut Vec<Completion>, conn: Conn, st: &mut ConnState, error: io::Error) {
@@ -648,42 +700,51 @@ impl Mover {
                     let Some(st) = live_mut(&mut self.slots, conn) else {
                         continue;
                     };
-                    if !st.in_flight {
+                    if st.in_flight == 0 {
                         continue;
                     }
-                    st.in_flight = false;
+                    st.in_flight -= 1;
                     self.in_flight -= 1;
-                    match res {
-                        Ok(n) => {
-                            st.outbox.advance(n);
-                            self.bytes += n as u64;
-                            self.completions.push(Completion {
-                                conn,
-                                written: n,
-                                queued: st.outbox.queued_bytes(),
-                                error: None,
-                            });
-                            if !st.outbox.is_empty() && !st.scheduled {
-                                st.scheduled = true;
-                                self.dirty.push(conn);
+                    let zero_copy = st.ops.get(st.done).is_some_and(|op| op.zero_copy);
+                    st.done += 1;
+                    let chain_over = st.in_flight == 0;
+                    if st.failed {
+                        // The dead connection's queue was handed back; the
+                        // rest of its chain failed with it.
+                    } else {
+                        match res {
+                            Ok(n) => {
+                                st.outbox.advance(n);
+                                self.bytes += n as u64;
+                                self.completions.push(Completion {
+                                    conn,
+                                    written: n,
+                                    queued: st.outbox.queued_bytes(),
+                                    error: None,
+                                });
                             }
-                        }
-                        // A socket that refuses zero-copy (e.g. Unix stream):
-                        // demote it and resend the same bytes by copying.
-                        Err(e)
-                            if st.op.zero_copy
-                                && matches!(
-                                    e.raw_os_error(),
-                                    Some(libc::EOPNOTSUPP | libc::EINVAL)
-                                ) =>
-                        {
-                            st.copy_only = true;
-                            if !st.scheduled {
-                                st.scheduled = true;
-                                self.dirty.push(conn);
+                            // The rest of a chain whose earlier write failed:
+                            // not sent, still queued.
+                            Err(e) if st.broken && e.raw_os_error() == Some(libc::ECANCELED) => {}
+                            // A socket that refuses zero-copy (e.g. Unix
+                            // stream): demote it and resend the same bytes
+                            // by copying.
+                            Err(e)
+                                if zero_copy
+                                    && matches!(
+                                        e.raw_os_error(),
+                                        Some(libc::EOPNOTSUPP | libc::EINVAL)
+                                    ) =>
+                            {
+                                st.copy_only = true;
+                                st.broken = true;
                             }
+                            Err(e) => Self::fail(&mut self.completions, conn, st, e),
                         }
-                        Err(e) => Self::fail(&mut self.completions, conn, st, e),
+                    }
+                    if chain_over && !st.failed && !st.outbox.is_empty() && !st.scheduled {
+                        st.scheduled = true;
+                        self.dirty.push(conn);
                     }
                 }
                 Event::Notified { token, copied } => {
@@ -705,9 +766,10 @@ impl Mover {
                     let Some(st) = live_mut(&mut self.slots, conn) else {
                         continue;
                     };
-                    if st.in_flight {
-                        // Retry the same, untouched op.
-                        st.in_flight = false;
+                    if st.in_flight > 0 {
+                        // Readiness backends: the one write hit EAGAIN;
+                        // retry the same, untouched op.
+                        st.in_flight -= 1;
                         self.in_flight -= 1;
                         if !st.scheduled {
                             st.scheduled = true;
@@ -788,9 +850,9 @@ impl Mover {
                 "unknown or detached connection",
             ));
         };
-        if st.in_flight {
+        if st.in_flight > 0 {
             self.driver.cancel(conn.token())?;
-            while self.state(conn).is_some_and(|s| s.in_flight) {
+            while self.state(conn).is_some_and(|s| s.in_flight > 0) {
                 self.driver.wait(1, None, &mut self.events)?;
                 self.process_events();
             }
@@ -882,7 +944,7 @@ impl Drop for Mover {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| {
-                s.state.as_ref().filter(|st| st.in_flight).map(|_| {
+                s.state.as_ref().filter(|st| st.in_flight > 0).map(|_| {
                     Conn {
                         slot: i as u32,
                         generation: s.generation,

@@ -162,6 +162,43 @@ impl Outbox {
         }
     }
 
+    /// Datagram framing: clears `out` and fills it with iovecs for the
+    /// `index`-th queued message (0 is the front, as `fill_iovecs` gives),
+    /// so several datagrams can be in flight at once. `None` past the last
+    /// message, for a stream, or for a message of more than [`IOV_MAX`]
+    /// pieces. The iovecs stay valid as `fill_iovecs`' do.
+    pub fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
+        let (bufs, m) = self.datagram(index)?;
+        if m.bufs > IOV_MAX {
+            return None;
+        }
+        out.clear();
+        out.extend(bufs.map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast::<libc::c_void>(),
+            iov_len: b.len(),
+        }));
+        Some(Batch {
+            bytes: m.bytes,
+            iovecs: out.len(),
+            dest: m.dest,
+        })
+    }
+
+    /// The `Bytes` of the `index`-th queued datagram (see `fill_datagram`):
+    /// clones keep them alive for a zero-copy send.
+    pub fn datagram_bufs(&self, index: usize) -> impl Iterator<Item = &Bytes> + '_ {
+        self.datagram(index).into_iter().flat_map(|(bufs, _)| bufs)
+    }
+
+    fn datagram(&self, index: usize) -> Option<(impl Iterator<Item = &Bytes> + '_, Message)> {
+        if self.framing != Framing::Datagram {
+            return None;
+        }
+        let m = *self.messages.get(index)?;
+        let first: usize = self.messages.iter().take(index).map(|m| m.bufs).sum();
+        Some((self.bufs.range(first..first + m.bufs), m))
+    }
+
     /// Non-empty buffers in the front datagram (more than [`IOV_MAX`] cannot
     /// be sent in one call), or for a stream all non-empty unsent buffers.
     pub fn front_pieces(&self) -> usize {
@@ -332,6 +369,37 @@ mod tests {
         assert_eq!((rest.iovecs, rest.bytes), (476, 476));
         o.advance(rest.bytes);
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn any_queued_datagram_can_be_filled_in_place() {
+        let mut d = Outbox::new(Framing::Datagram);
+        d.push([b(b"ab"), b(b""), b(b"c")], addr(1));
+        d.push(Vec::<Bytes>::new(), None);
+        d.push([b(b"xyz")], addr(3));
+        let mut iov = Vec::new();
+        // The iovecs describe exactly the message's own Bytes, in order.
+        let flat = |d: &Outbox, i: usize, iov: &[libc::iovec]| -> Vec<u8> {
+            let bufs: Vec<&Bytes> = d.datagram_bufs(i).collect();
+            assert_eq!(bufs.len(), iov.len());
+            for (b, v) in bufs.iter().zip(iov) {
+                assert_eq!((b.as_ptr(), b.len()), (v.iov_base as *const u8, v.iov_len));
+            }
+            bufs.iter().flat_map(|b| b.to_vec()).collect()
+        };
+        let batch = d.fill_datagram(0, &mut iov).unwrap();
+        assert_eq!((batch.bytes, batch.iovecs, batch.dest), (3, 2, addr(1)));
+        assert_eq!(flat(&d, 0, &iov), b"abc");
+        let batch = d.fill_datagram(1, &mut iov).unwrap();
+        assert_eq!((batch.bytes, batch.iovecs, batch.dest), (0, 0, None));
+        let batch = d.fill_datagram(2, &mut iov).unwrap();
+        assert_eq!((batch.bytes, batch.dest), (3, addr(3)));
+        assert_eq!(flat(&d, 2, &iov), b"xyz");
+        assert_eq!(d.datagram_bufs(2).count(), 1);
+        assert!(d.fill_datagram(3, &mut iov).is_none());
+        d.advance(3);
+        assert_eq!(d.fill_datagram(1, &mut iov).unwrap().dest, addr(3));
+        assert!(stream(&[b"a"]).fill_datagram(0, &mut iov).is_none());
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub(crate) struct WriteOp {
     pub(crate) zero_copy: bool,
     /// The whole batch lies in this registered buffer (`buf_index`).
     pub(crate) fixed: Option<u16>,
+    /// The next write started belongs to the same chain (see
+    /// `Driver::chain`): it must not begin before this one succeeded.
+    pub(crate) link: bool,
 }
 
 // SAFETY: the raw pointers inside point only at this op's own `iovecs` and
@@ -95,6 +98,7 @@ impl WriteOp {
             batch: Batch::default(),
             zero_copy: false,
             fixed: None,
+            link: false,
         })
     }
 
@@ -102,6 +106,20 @@ impl WriteOp {
     /// the op is in flight (see the type's invariant).
     pub(crate) fn fill(&mut self, outbox: &Outbox) -> &Batch {
         self.batch = outbox.fill_iovecs(&mut self.iovecs, crate::outbox::IOV_MAX);
+        self.point_msghdr();
+        &self.batch
+    }
+
+    /// Refills the op with the `index`-th queued datagram of `outbox`
+    /// (`None`: no such datagram). Not while in flight, as for `fill`.
+    pub(crate) fn fill_datagram(&mut self, outbox: &Outbox, index: usize) -> Option<&Batch> {
+        self.batch = outbox.fill_datagram(index, &mut self.iovecs)?;
+        self.point_msghdr();
+        Some(&self.batch)
+    }
+
+    /// Points the msghdr at this op's iovecs and destination.
+    fn point_msghdr(&mut self) {
         self.dest = self
             .batch
             .dest
@@ -118,7 +136,6 @@ impl WriteOp {
                 self.msg.msg_namelen = 0;
             }
         }
-        &self.batch
     }
 
     pub(crate) fn iovecs(&self) -> &[libc::iovec] {
@@ -224,6 +241,19 @@ impl Driver {
     ) -> io::Result<()> {
         // SAFETY: forwarded contract.
         each!(self, d => unsafe { d.start(token, fd, kind, op, hold, events) })
+    }
+
+    /// How many of `want` queued datagrams may go out as one ordered chain
+    /// of writes (at least 1), making room for them in one submission.
+    /// io_uring links them (IOSQE_IO_LINK), so a flush sends many datagrams
+    /// per socket in one `io_uring_enter`, in order; readiness backends
+    /// finish each write inline anyway and answer 1.
+    pub(crate) fn chain(&mut self, want: usize) -> io::Result<usize> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.chain(want),
+            _ => Ok(1),
+        }
     }
 
     /// Zero-copy sends whose notification has not arrived.

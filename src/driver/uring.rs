@@ -20,6 +20,10 @@ const IGNORED: u64 = u64::MAX;
 /// `user_data` bit of zero-copy sends: each gets its own id, since its
 /// notification may arrive after later sends on the same connection.
 const ZC_BIT: u64 = 1 << 63;
+/// Datagrams one connection may have in flight as one linked chain: enough
+/// to make one flush one submission for typical bursts, few enough that one
+/// socket does not take over the SQ ring.
+const MAX_CHAIN: usize = 32;
 /// `IORING_SEND_ZC_REPORT_USAGE` (6.2), in the SQE's `ioprio`.
 const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's `res`.
@@ -198,6 +202,13 @@ impl UringDriver {
             }
         }
         .user_data(user_data);
+        // A link orders this write before the next in the chain: the next
+        // starts only once this one succeeded, and fails (ECANCELED) if not.
+        let entry = if op.link {
+            entry.flags(squeue::Flags::IO_LINK)
+        } else {
+            entry
+        };
         // SAFETY: the caller upholds the WriteOp invariant for this entry's
         // msghdr/iovecs and the Bytes behind them until its completion, and
         // for zero-copy `self.zc` holds the Bytes until the notification.
@@ -207,6 +218,22 @@ impl UringDriver {
         }
         self.in_flight += 1;
         Ok(())
+    }
+
+    /// See `Driver::chain`. A chain must reach the kernel in one
+    /// submission (a chain split across two would be two chains, free to
+    /// overtake each other), so submit first if the SQ ring lacks room.
+    pub(crate) fn chain(&mut self, want: usize) -> io::Result<usize> {
+        let n = want.clamp(1, MAX_CHAIN);
+        let n = n.min(self.ring.params().sq_entries() as usize);
+        let free = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if free < n {
+            self.enter(0, None)?;
+        }
+        Ok(n)
     }
 
     /// Zero-copy sends whose notification has not arrived.
@@ -361,15 +388,24 @@ impl UringDriver {
     }
 
     pub(crate) fn cancel(&mut self, token: Token) -> io::Result<()> {
-        // An in-flight zero-copy send runs under its own id.
-        let target = self
+        // Plain writes run under the token (cancelling a chain's running
+        // write fails the rest of it); each zero-copy send under its own id,
+        // so cancel every one of this connection's still running: those
+        // not yet started are not found (ENOENT, ignored) and fail with
+        // the chain.
+        let mut targets: Vec<u64> = self
             .zc
             .iter()
-            .find(|(_, z)| z.token == token && !z.done)
-            .map_or(token, |(&id, _)| id);
-        let entry = opcode::AsyncCancel::new(target).build().user_data(IGNORED);
-        // SAFETY: ASYNC_CANCEL points at no buffer.
-        unsafe { self.push(&entry) }
+            .filter(|(_, z)| z.token == token && !z.done)
+            .map(|(&id, _)| id)
+            .collect();
+        targets.push(token);
+        for target in targets {
+            let entry = opcode::AsyncCancel::new(target).build().user_data(IGNORED);
+            // SAFETY: ASYNC_CANCEL points at no buffer.
+            unsafe { self.push(&entry) }?;
+        }
+        Ok(())
     }
 
     pub(crate) fn stats(&self) -> DriverStats {

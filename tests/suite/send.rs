@@ -310,6 +310,91 @@ pub fn udp_datagrams_keep_their_boundaries(b: Option<Backend>) {
     assert_eq!(e.kind, SendErrorKind::NotDatagram);
 }
 
+/// A burst of datagrams on one socket leaves in one flush, in order, each
+/// whole; on io_uring as linked chains, a handful of enters for them all.
+pub fn udp_bursts_leave_in_order_in_few_enters(b: Option<Backend>) {
+    let mut m = mover(b);
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    tx.connect(rx.local_addr().unwrap()).unwrap();
+    let conn = m.attach(tx).unwrap();
+    let n = 100usize;
+    for i in 0..n {
+        let body = Bytes::from(pattern(i as u64, 64 + i));
+        m.send(conn, [Bytes::from((i as u32).to_be_bytes().to_vec()), body])
+            .unwrap();
+    }
+    let before = m.stats();
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    let after = m.stats();
+    assert_eq!(after.writes - before.writes, n as u64);
+    if m.backend() == Backend::Uring {
+        // One datagram per enter would be 100 or more.
+        assert!(
+            after.enters - before.enters <= 10,
+            "{} enters for {n} datagrams",
+            after.enters - before.enters
+        );
+    }
+    let mut buf = [0u8; 2048];
+    for i in 0..n {
+        let got = rx.recv(&mut buf).unwrap();
+        assert_eq!(got, 4 + 64 + i, "datagram {i}");
+        assert_eq!(
+            &buf[..4],
+            &(i as u32).to_be_bytes(),
+            "datagram {i} out of order"
+        );
+        assert!(buf[4..got] == pattern(i as u64, 64 + i)[..]);
+    }
+}
+
+/// A datagram the kernel refuses (too big) fails its connection; those
+/// before it arrive, it and those after come back unsent, none reordered.
+pub fn a_refused_datagram_returns_it_and_the_rest(b: Option<Backend>) {
+    let mut m = mover(b);
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    tx.connect(rx.local_addr().unwrap()).unwrap();
+    let conn = m.attach(tx).unwrap();
+    for i in 0..5u8 {
+        m.send(conn, [Bytes::from(vec![i; 100])]).unwrap();
+    }
+    let big = Bytes::from(vec![9u8; 70_000]);
+    m.send(conn, [big.slice(..35_000), big.slice(35_000..)])
+        .unwrap();
+    for i in 5..10u8 {
+        m.send(conn, [Bytes::from(vec![i; 100])]).unwrap();
+    }
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    let failed: Vec<_> = done.iter().filter_map(|c| c.error.as_ref()).collect();
+    assert_eq!(failed.len(), 1, "one failure, reported once");
+    let e = failed[0];
+    assert_eq!(e.error.raw_os_error(), Some(libc::EMSGSIZE), "{}", e.error);
+    assert_eq!(e.unsent_bytes(), 70_000 + 5 * 100);
+    let unsent: Vec<u8> = e.unsent.iter().flat_map(|b| b.to_vec()).collect();
+    let mut want = vec![9u8; 70_000];
+    for i in 5..10u8 {
+        want.extend(vec![i; 100]);
+    }
+    assert!(unsent == want, "unsent bytes in order");
+    let written: usize = done.iter().map(|c| c.written).sum();
+    assert_eq!(written, 5 * 100);
+    rx.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..5u8 {
+        let n = rx.recv(&mut buf).unwrap();
+        assert!(n == 100 && buf[..n].iter().all(|&x| x == i), "datagram {i}");
+    }
+    assert!(rx.recv(&mut buf).is_err(), "nothing after the refused one");
+    let e = m.send(conn, [Bytes::from_static(b"x")]).unwrap_err();
+    assert_eq!(e.kind, SendErrorKind::Failed);
+}
+
 pub fn files_are_written_at_their_position(b: Option<Backend>) {
     let mut m = mover(b);
     let mut f = tempfile();
@@ -374,6 +459,40 @@ pub fn blocking_write_to_finishes_partial_writes(_b: Option<Backend>) {
     assert!(rx.join().unwrap() == data[..]);
 }
 
+/// Not only sockets: a file and a pipe get the same bytes, in order.
+pub fn blocking_write_to_writes_files_and_pipes(_b: Option<Backend>) {
+    use ringmover::outbox::{Framing, Outbox};
+    use std::io::{Read, Seek};
+    let data = Bytes::from(pattern(17, 300_000));
+    let mut file = tempfile();
+    let mut bufs = Outbox::new(Framing::Stream);
+    bufs.push(pieces(&data, 7), None);
+    assert_eq!(
+        ringmover::write_to(&file, &mut bufs).unwrap(),
+        data.len() as u64
+    );
+    assert!(bufs.is_empty());
+    let mut got = Vec::new();
+    file.rewind().unwrap();
+    file.read_to_end(&mut got).unwrap();
+    assert!(got == data[..]);
+
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let (mut rd, wr) = (std::fs::File::from(rd), std::fs::File::from(wr));
+    let rx = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).unwrap();
+        got
+    });
+    bufs.push(pieces(&data, 5), None);
+    assert_eq!(
+        ringmover::write_to(&wr, &mut bufs).unwrap(),
+        data.len() as u64
+    );
+    drop(wr);
+    assert!(rx.join().unwrap() == data[..]);
+}
+
 pub fn built_on_one_thread_used_on_another(b: Option<Backend>) {
     let mut m = mover(b);
     let (a, peer) = tcp_pair();
@@ -423,9 +542,12 @@ for_each_backend!(
     a_dead_peer_fails_only_its_own_connection,
     back_pressure_returns_the_buffers,
     udp_datagrams_keep_their_boundaries,
+    udp_bursts_leave_in_order_in_few_enters,
+    a_refused_datagram_returns_it_and_the_rest,
     files_are_written_at_their_position,
     detach_returns_fd_and_unsent_bytes,
     blocking_write_to_finishes_partial_writes,
+    blocking_write_to_writes_files_and_pipes,
     built_on_one_thread_used_on_another,
 );
 
@@ -445,7 +567,20 @@ fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("test result: ok. 10 passed"), "{text}");
+    // Every auto test ran, not just some.
+    let list = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["send::auto::", "--list"])
+        .output()
+        .unwrap();
+    let tests = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": test"))
+        .count();
+    assert!(tests >= 10, "only {tests} auto tests listed");
+    assert!(
+        text.contains(&format!("test result: ok. {tests} passed")),
+        "{text}"
+    );
 }
 
 /// io_uring's single issuer: once one thread has flushed, another gets a
