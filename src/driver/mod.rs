@@ -249,11 +249,7 @@ impl Driver {
     /// per socket in one `io_uring_enter`, in order; readiness backends
     /// finish each write inline anyway and answer 1.
     pub(crate) fn chain(&mut self, want: usize) -> io::Result<usize> {
-        match self {
-            #[cfg(target_os = "linux")]
-            Driver::Uring(d) => d.chain(want),
-            _ => Ok(1),
-        }
+        each!(self, d => d.chain(want))
     }
 
     /// Zero-copy sends whose notification has not arrived.
