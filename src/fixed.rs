@@ -116,6 +116,7 @@ impl FixedBufPool {
     }
 
     /// `(address, length)` of every buffer by index, for registration.
+    #[cfg(target_os = "linux")]
     pub(crate) fn regions(&self) -> Vec<(usize, usize)> {
         let mut v: Vec<(u16, usize)> = self.inner.bases.iter().map(|&(a, i)| (i, a)).collect();
         v.sort_unstable();

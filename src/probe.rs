@@ -183,7 +183,7 @@ impl fmt::Display for RingUnavailable {
             RingUnavailable::NotTried => {
                 f.write_str("not tried: RINGMOVER_BACKEND forces another backend")
             }
-            RingUnavailable::NotLinux => f.write_str("io_uring exists only on Linux"),
+            RingUnavailable::NotLinux => f.write_str("not Linux"),
             RingUnavailable::Other { errno } => write!(
                 f,
                 "io_uring_setup failed: {}",
@@ -253,6 +253,7 @@ fn detect_uncached() -> RingSupport {
 }
 
 /// Reads `Seccomp:` from `/proc/self/status`: 2 means a filter is active.
+#[cfg(target_os = "linux")]
 fn seccomp_mode() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
@@ -263,6 +264,7 @@ fn seccomp_mode() -> Option<u32> {
 
 /// Whether this process may use io_uring under `io_uring_disabled=1`:
 /// effective uid 0 stands for CAP_SYS_ADMIN, or membership of the group.
+#[cfg(target_os = "linux")]
 fn allowed_by_group(group: Option<i64>) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
@@ -274,6 +276,8 @@ fn allowed_by_group(group: Option<i64>) -> bool {
     nix::unistd::getegid() == gid || nix::unistd::getgroups().is_ok_and(|gs| gs.contains(&gid))
 }
 
+/// Why `io_uring_setup` failed with `errno` on this host.
+#[cfg(target_os = "linux")]
 fn classify(errno: i32) -> RingUnavailable {
     let disabled = crate::sys::read_trimmed("/proc/sys/kernel/io_uring_disabled")
         .and_then(|v| v.parse::<u32>().ok());

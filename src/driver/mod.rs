@@ -41,6 +41,8 @@ pub(crate) enum Event {
     Writable { token: Token },
     /// A zero-copy send's notification: the kernel no longer reads its
     /// buffers. `copied`: the kernel copied after all (loopback, veth).
+    /// Only the io_uring leaf sends zero-copy; the engine handles it anyway.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Notified { token: Token, copied: bool },
 }
 
@@ -147,6 +149,7 @@ impl WriteOp {
     }
 
     /// The destination's address and length, if the batch has one.
+    #[cfg(target_os = "linux")]
     pub(crate) fn dest(&self) -> Option<(*const libc::sockaddr, libc::socklen_t)> {
         self.dest.as_ref().map(|a| (a.as_ptr(), a.len()))
     }
@@ -178,23 +181,35 @@ macro_rules! each {
 }
 
 impl Driver {
-    /// Builds the driver for `backend` with room for `depth` queued writes.
+    /// Builds the driver for `backend` with room for `depth` queued writes
+    /// (io_uring registers `pool`'s buffers).
+    #[cfg(target_os = "linux")]
     pub(crate) fn new(
         backend: Backend,
         depth: u32,
         pool: Option<&crate::fixed::FixedBufPool>,
     ) -> io::Result<Driver> {
         match backend {
-            #[cfg(target_os = "linux")]
             Backend::Uring => Ok(Driver::Uring(Box::new(uring::UringDriver::new(
                 depth, pool,
             )?))),
-            #[cfg(target_os = "linux")]
             Backend::Epoll => Ok(Driver::Epoll(readiness::Readiness::new(
                 epoll::Epoll::new()?
             ))),
             Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(poll::Poll::new()))),
-            #[cfg(not(target_os = "linux"))]
+        }
+    }
+
+    /// Builds the driver for `backend`: only poll(2) exists here, and it
+    /// needs neither a queue depth nor registered buffers.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn new(
+        backend: Backend,
+        _depth: u32,
+        _pool: Option<&crate::fixed::FixedBufPool>,
+    ) -> io::Result<Driver> {
+        match backend {
+            Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(poll::Poll::new()))),
             b => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("the {b} backend exists only on Linux"),

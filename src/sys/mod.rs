@@ -36,6 +36,7 @@ pub(crate) fn retry<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
 /// Whether an `io_uring_enter(2)` error only means "reap and come back":
 /// timed out (ETIME), interrupted (EINTR), completion queue backed up
 /// (EBUSY), or no room to queue work yet (EAGAIN).
+#[cfg(target_os = "linux")]
 pub(crate) fn is_transient_enter_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -79,17 +80,24 @@ pub(crate) fn uname() -> (String, String) {
 }
 
 /// `getrlimit(RLIMIT_MEMLOCK)`: (soft, hard), `None` meaning unlimited.
+/// Called through libc: nix lacks `RLIMIT_MEMLOCK` on macOS.
 pub(crate) fn memlock_limit() -> io::Result<(Option<u64>, Option<u64>)> {
-    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
-        .map_err(io::Error::from)?;
-    let conv = |v: nix::libc::rlim_t| {
-        if v == nix::libc::RLIM_INFINITY {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit that outlives the call.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) })?;
+    // rlim_t is u64 on Linux and macOS but i64 on FreeBSD.
+    #[allow(clippy::useless_conversion)]
+    let conv = |v: libc::rlim_t| {
+        if v == libc::RLIM_INFINITY {
             None
         } else {
-            Some(v)
+            u64::try_from(v).ok()
         }
     };
-    Ok((conv(soft), conv(hard)))
+    Ok((conv(lim.rlim_cur), conv(lim.rlim_max)))
 }
 
 /// `signal(SIGXFSZ, SIG_IGN)`: a write past `RLIMIT_FSIZE` then fails with
