@@ -47,6 +47,12 @@ impl Backend {
             Backend::Poll => true,
         }
     }
+
+    /// The backends compiled into this build (all on Linux, `Poll`
+    /// elsewhere), in order of preference.
+    pub fn compiled() -> impl Iterator<Item = Backend> {
+        Backend::ALL.into_iter().filter(|b| b.is_compiled())
+    }
 }
 
 impl fmt::Display for Backend {

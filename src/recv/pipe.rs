@@ -4,9 +4,12 @@
 //! once the pipe is empty again, so idle connections hold none and the pool
 //! grows only to the number of connections moving bytes at once. A pipe
 //! that may still hold bytes (a failed write) is closed, never reused.
+//! Linux only, like `splice(2)` and `F_SETPIPE_SZ`.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::PipeReport;
 
 /// One pipe: read end, write end and the capacity it got.
 #[derive(Debug)]
@@ -14,18 +17,6 @@ pub(crate) struct Pipe {
     pub(crate) rd: OwnedFd,
     pub(crate) wr: OwnedFd,
     pub(crate) cap: usize,
-}
-
-/// What the pool made so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PipeReport {
-    /// Pipes created.
-    pub created: usize,
-    /// Capacity asked for with `F_SETPIPE_SZ`.
-    pub wanted: usize,
-    /// Capacity of the last pipe made (less than `wanted` when
-    /// `F_SETPIPE_SZ` was refused, e.g. past `pipe-user-pages-soft`).
-    pub got: usize,
 }
 
 /// Default pipe capacity: 64 KiB (the kernel's default pipe size).

@@ -1,18 +1,21 @@
 //! The readiness backends: epoll(7) or poll(2) says a socket is readable,
 //! then non-blocking syscalls move what is there.
 //!
-//! epoll moves bytes with `splice(2)` socket → pipe → file; poll with
-//! `read(2)` into a 64 KiB buffer and `pwrite(2)`. [`pump_splice`] also
-//! serves the io_uring backend on rings without `IORING_OP_SPLICE`.
+//! epoll (Linux) moves bytes with `splice(2)` socket → pipe → file; poll
+//! (every Unix) with `read(2)` into a 64 KiB buffer and `pwrite(2)`.
+//! [`pump_splice`] also serves the io_uring backend on rings without
+//! `IORING_OP_SPLICE`.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
-use super::pipe::{PipePool, PipeReport};
-use super::{next_timeout, peek_more, Conn, Event, Failure, Listen, RecvOptions, Want};
+#[cfg(target_os = "linux")]
+use super::pipe::PipePool;
+use super::{next_timeout, peek_more, Conn, Event, Failure, Listen, PipeReport, RecvOptions, Want};
 use crate::sys::retry;
+#[cfg(target_os = "linux")]
 use crate::sys::splice::splice;
 
 /// Token of the listener in the epoll set.
@@ -34,6 +37,7 @@ pub(crate) enum Pump {
 /// Moves what `socket` has into `conn.file` via pipes from `pool`, at most
 /// [`TURN`] pipefuls: `splice(socket → pipe, SPLICE_F_NONBLOCK)` then
 /// `splice(pipe → file at offset)` for exactly the count moved.
+#[cfg(target_os = "linux")]
 pub(crate) fn pump_splice(
     conn: &mut Conn,
     socket: &OwnedFd,
@@ -86,6 +90,7 @@ pub(crate) fn pump_splice(
 }
 
 /// `splice(pipe → file at conn.written)` until `n` bytes have gone.
+#[cfg(target_os = "linux")]
 fn drain_pipe(conn: &mut Conn, rd: &OwnedFd, mut n: usize) -> io::Result<()> {
     while n > 0 {
         let mut off =
@@ -180,6 +185,7 @@ enum Waiter {
 
 #[derive(Debug)]
 enum Mover {
+    #[cfg(target_os = "linux")]
     Splice(PipePool),
     Copy(Vec<u8>),
 }
@@ -229,6 +235,7 @@ impl ReadinessEngine {
 
     pub(crate) fn pipes(&self) -> PipeReport {
         match &self.mover {
+            #[cfg(target_os = "linux")]
             Mover::Splice(pool) => pool.report(),
             Mover::Copy(_) => PipeReport::default(),
         }
@@ -258,9 +265,10 @@ impl ReadinessEngine {
         self.slots.values().map(|s| &s.conn)
     }
 
+    /// Starts watching `fd` for readability under `token`.
+    #[cfg(target_os = "linux")]
     fn register(&self, fd: &impl AsFd, token: u64) -> io::Result<()> {
         match &self.waiter {
-            #[cfg(target_os = "linux")]
             Waiter::Epoll(ep) => {
                 use nix::sys::epoll::{EpollEvent, EpollFlags};
                 ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
@@ -268,6 +276,13 @@ impl ReadinessEngine {
             }
             Waiter::Poll => Ok(()),
         }
+    }
+
+    /// Only poll(2) exists here, and it keeps no registry: [`Self::ready`]
+    /// polls the listener and every slot.
+    #[cfg(not(target_os = "linux"))]
+    fn register(&self, _fd: &impl AsFd, _token: u64) -> io::Result<()> {
+        Ok(())
     }
 
     pub(crate) fn wait(
@@ -300,6 +315,7 @@ impl ReadinessEngine {
             };
             let max = self.options.max_bytes;
             let pump = match &mut self.mover {
+                #[cfg(target_os = "linux")]
                 Mover::Splice(pool) => pump_splice(&mut slot.conn, &slot.socket, pool, max),
                 Mover::Copy(buf) => pump_copy(&mut slot.conn, &slot.socket, buf, max),
             };

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::pipe::{Pipe, PipePool, PipeReport};
+use super::pipe::{Pipe, PipePool};
 use super::readiness::{pump_splice, Pump};
-use super::{next_timeout, peek_more, Conn, Event, Failure, Listen, RecvOptions, Want};
+use super::{next_timeout, peek_more, Conn, Event, Failure, Listen, PipeReport, RecvOptions, Want};
 use crate::backend::OpFallback;
 use crate::opcode::Opcode;
 use crate::probe::RingSupport;
