@@ -15,8 +15,8 @@ use crate::Outcome;
 
 /// Send FILE (or stdin, given `-`) to a TCP address, then close.
 ///
-/// Regular files go with sendfile(2); stdin and files sendfile cannot read
-/// go through a 64 KiB read/write loop.
+/// On Linux, regular files go with sendfile(2); stdin, files sendfile cannot
+/// read, and everything on other Unix go through a 64 KiB read/write loop.
 #[derive(Debug, clap::Args)]
 #[command(long_about)]
 pub struct Args {
