@@ -332,9 +332,27 @@ fn persist(file: &File, output: &Output, args: &Args) -> anyhow::Result<PathBuf>
 }
 
 /// `renameat2(from, to, RENAME_NOREPLACE)`: never replaces `to`.
+#[cfg(target_os = "linux")]
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use nix::fcntl::{renameat2, RenameFlags};
     renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE).map_err(io::Error::from)
+}
+
+/// `link(from, to)` then `unlink(from)`: without `renameat2` this is how to
+/// never replace `to`, since `link` fails with `EEXIST` when it exists.
+#[cfg(not(target_os = "linux"))]
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{} is in place, but removing {} failed: {e}",
+                to.display(),
+                from.display()
+            ),
+        )
+    })
 }
 
 /// Opens the output for a new connection from `peer`.
