@@ -1,5 +1,8 @@
 //! `ringmover`: a thin command line over the ringmover library.
 
+// The benches measure io_uring against the alternatives, with Linux-only
+// tools (epoll sink, veth namespaces, per-thread rusage, /proc).
+#[cfg(target_os = "linux")]
 mod bench;
 mod probe;
 mod recv;
@@ -28,6 +31,7 @@ enum Command {
     Probe(probe::Args),
     Recv(recv::Args),
     Send(send::Args),
+    #[cfg(target_os = "linux")]
     Bench(bench::Args),
 }
 
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Probe(args) => probe::run(&args),
         Command::Recv(args) => recv::run(&args),
         Command::Send(args) => send::run(&args),
+        #[cfg(target_os = "linux")]
         Command::Bench(args) => bench::run(&args),
     };
     match result {
