@@ -58,7 +58,7 @@ fn gather(c: &mut Criterion) {
             })
         });
         drop(socks);
-        for backend in Backend::ALL {
+        for backend in Backend::compiled() {
             let mut mover = Mover::builder()
                 .backend(BackendChoice::Force(backend))
                 .build()

@@ -3,14 +3,17 @@
 
 /// Generates `mod uring`, `mod epoll` and `mod poll` (and with `auto;`
 /// also `mod auto`, which selects at run time), each with one `#[test]` per
-/// behaviour `fn name(backend: Option<Backend>)`: one suite, every backend.
+/// behaviour `fn name(backend: Option<Backend>)`: one suite, every backend
+/// compiled in (off Linux, `poll` and `auto`, which is poll there).
 macro_rules! for_each_backend {
     (auto; $($test:ident),* $(,)?) => {
         for_each_backend!($($test),*);
         for_each_backend!(@mod auto, None, $($test),*);
     };
     ($($test:ident),* $(,)?) => {
+        #[cfg(target_os = "linux")]
         for_each_backend!(@mod uring, Some(ringmover::Backend::Uring), $($test),*);
+        #[cfg(target_os = "linux")]
         for_each_backend!(@mod epoll, Some(ringmover::Backend::Epoll), $($test),*);
         for_each_backend!(@mod poll, Some(ringmover::Backend::Poll), $($test),*);
     };
@@ -28,6 +31,8 @@ macro_rules! for_each_backend {
 
 mod probe;
 mod recv;
+#[cfg(target_os = "linux")]
+mod seccomp;
 mod send;
 mod util;
 mod zerocopy;

@@ -1,11 +1,13 @@
 //! `ringmover probe`: the report matches the kernel, and it works and says
-//! why where io_uring is forbidden.
+//! why where io_uring is forbidden (Linux) or absent (other Unix).
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{deny_io_uring, ringmover, run, stderr, stdout};
+#[cfg(target_os = "linux")]
+use crate::seccomp::deny_io_uring;
+use crate::util::{ringmover, run, stderr, stdout};
 
 fn probe_json(cmd: &mut std::process::Command) -> Value {
     let out = run(cmd.args(["probe", "--json"]));
@@ -19,6 +21,7 @@ fn probe_json(cmd: &mut std::process::Command) -> Value {
 
 /// What `IORING_REGISTER_PROBE` says, asked through the io-uring crate: an
 /// implementation independent of ours.
+#[cfg(target_os = "linux")]
 fn kernel_opcodes() -> Vec<u64> {
     let ring = io_uring::IoUring::new(2).expect("io_uring must work on the test host");
     let mut probe = io_uring::Probe::new();
@@ -32,6 +35,7 @@ fn kernel_opcodes() -> Vec<u64> {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn opcodes_equal_register_probe() {
     let v = probe_json(&mut ringmover());
     assert_eq!(v["schema"], "ringmover.probe/1");
@@ -55,6 +59,7 @@ fn opcodes_equal_register_probe() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn text_report_names_things() {
     let out = run(ringmover().arg("probe"));
     assert!(out.status.success());
@@ -73,6 +78,7 @@ fn text_report_names_things() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn require_known_supported_ops_exits_0() {
     let kernel = kernel_opcodes();
     let out = run(ringmover().args(["probe", "--require", "SEND_ZC,splice"]));
@@ -92,10 +98,18 @@ fn require_missing_op_exits_1_naming_it() {
     let out = run(ringmover().args(["probe", "--require", "op250,writev"]));
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("op250"), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("writev"), "{}", stderr(&out));
+    // Only a Linux ring has writev; elsewhere every opcode is missing.
+    let has_ring = cfg!(target_os = "linux");
+    assert_eq!(
+        stderr(&out).contains("writev"),
+        !has_ring,
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn seccomp_eperm_selects_epoll_and_says_why() {
     let v = probe_json(deny_io_uring(&mut ringmover(), libc::EPERM));
     assert_eq!(v["io_uring"]["available"], false);
@@ -116,6 +130,7 @@ fn seccomp_eperm_selects_epoll_and_says_why() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn seccomp_enosys_selects_epoll_and_says_why() {
     let v = probe_json(deny_io_uring(&mut ringmover(), libc::ENOSYS));
     assert_eq!(v["io_uring"]["available"], false);
@@ -128,6 +143,7 @@ fn seccomp_enosys_selects_epoll_and_says_why() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn require_under_seccomp_exits_1_and_says_why() {
     let out =
         run(deny_io_uring(&mut ringmover(), libc::EPERM).args(["probe", "--require", "splice"]));
@@ -141,14 +157,43 @@ fn require_under_seccomp_exits_1_and_says_why() {
 
 #[test]
 fn forced_backends_are_reported() {
-    for b in ["uring", "epoll", "poll"] {
-        let v = probe_json(ringmover().env("RINGMOVER_BACKEND", b));
-        assert_eq!(v["backend"]["selected"], b);
+    for b in ringmover::Backend::compiled() {
+        let v = probe_json(ringmover().env("RINGMOVER_BACKEND", b.name()));
+        assert_eq!(v["backend"]["selected"], b.name());
         assert_eq!(v["backend"]["forced"], true);
     }
 }
 
+/// Off Linux: no io_uring, and why; poll is the backend; forcing a Linux
+/// backend is an error naming it.
 #[test]
+#[cfg(not(target_os = "linux"))]
+fn elsewhere_io_uring_is_absent_and_poll_is_selected() {
+    let v = probe_json(&mut ringmover());
+    assert_eq!(v["io_uring"]["available"], false);
+    assert_eq!(v["io_uring"]["error"]["cause"], "not-linux");
+    assert_eq!(v["backend"]["selected"], "poll");
+    assert_eq!(v["backend"]["forced"], false);
+
+    let out = run(ringmover().arg("probe"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("io_uring             unavailable: not Linux"),
+        "{text}"
+    );
+    assert!(text.contains("backend              poll"), "{text}");
+
+    for b in ["uring", "epoll"] {
+        let out = run(ringmover().env("RINGMOVER_BACKEND", b).arg("probe"));
+        assert_eq!(out.status.code(), Some(1));
+        let want = format!("the {b} backend exists only on Linux");
+        assert!(stdout(&out).contains(&want), "{}", stdout(&out));
+    }
+}
+
+#[test]
+#[cfg(target_os = "linux")]
 fn forcing_uring_where_it_cannot_work_is_an_error() {
     let out = run(deny_io_uring(&mut ringmover(), libc::EPERM)
         .env("RINGMOVER_BACKEND", "uring")

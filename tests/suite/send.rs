@@ -1,6 +1,6 @@
 //! The batched-send engine's behaviour, one suite run on every backend
-//! (`uring`, `epoll`, `poll`) and on `auto`, which the seccomp test below
-//! re-runs in a child whose policy denies io_uring.
+//! (`uring`, `epoll`, `poll`; off Linux `poll`) and on `auto`, which the
+//! seccomp test below re-runs in a child whose policy denies io_uring.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -554,12 +554,13 @@ for_each_backend!(
 /// The whole suite again, as `auto`, in a child whose seccomp filter makes
 /// io_uring fail with EPERM (Docker's default): it must run on epoll.
 #[test]
+#[cfg(target_os = "linux")]
 fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["send::auto::", "--test-threads=2"])
         .env("RINGMOVER_EXPECT_BACKEND", "epoll")
         .env_remove("RINGMOVER_BACKEND");
-    crate::util::deny_io_uring(&mut cmd, libc::EPERM);
+    crate::seccomp::deny_io_uring(&mut cmd, libc::EPERM);
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -586,6 +587,7 @@ fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
 /// io_uring's single issuer: once one thread has flushed, another gets a
 /// clear error rather than silent misbehaviour.
 #[test]
+#[cfg(target_os = "linux")]
 fn uring_ring_used_from_a_second_thread_is_a_clear_error() {
     let mut m = mover(Some(Backend::Uring));
     let (a, peer) = tcp_pair();

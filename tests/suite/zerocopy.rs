@@ -233,6 +233,7 @@ for_each_backend!(
 /// On loopback the kernel copies zero-copy sends anyway and says so:
 /// `Always` counts the copies, `Auto` switches the connection to copying.
 #[test]
+#[cfg(target_os = "linux")]
 fn uring_reports_kernel_copies_and_auto_demotes() {
     for (policy, auto) in [(ZeroCopy::Always, false), (ZeroCopy::AUTO, true)] {
         let mut m = mover(Some(Backend::Uring), 2, 64 << 10, policy);
@@ -267,6 +268,7 @@ fn uring_reports_kernel_copies_and_auto_demotes() {
 /// UDP too: a datagram socket whose zero-copy sends the kernel copies
 /// (loopback delivery) is switched to copying by `Auto`.
 #[test]
+#[cfg(target_os = "linux")]
 fn uring_auto_demotes_udp_too() {
     let mut m = mover(Some(Backend::Uring), 1, 32 << 10, ZeroCopy::AUTO);
     let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -294,6 +296,7 @@ fn uring_auto_demotes_udp_too() {
 /// Dropping the engine while zero-copy data sits unacknowledged at a peer
 /// that never reads neither hangs nor frees the buffers under the kernel.
 #[test]
+#[cfg(target_os = "linux")]
 fn uring_drop_with_notifications_pending_does_not_hang() {
     const SIZE: usize = 1 << 20;
     let mut m = mover(Some(Backend::Uring), 4, SIZE, ZeroCopy::Always);
@@ -324,6 +327,7 @@ fn uring_drop_with_notifications_pending_does_not_hang() {
 /// limit. Root is not charged for locked memory, so the check runs in a
 /// child (this test binary again) as `nobody` with a 1 MiB limit.
 #[test]
+#[cfg(target_os = "linux")]
 fn registering_beyond_memlock_is_a_clear_error() {
     const NAME: &str = "zerocopy::registering_beyond_memlock_is_a_clear_error";
     if std::env::var_os("RINGMOVER_MEMLOCK_CHILD").is_some() {
