@@ -43,6 +43,12 @@ pub struct RunArgs {
     #[arg(long, value_parser = crate::units::parse_duration, default_value = "1s")]
     pub seconds: Duration,
 
+    /// Unmeasured time each cell first runs, so fresh connections are past
+    /// TCP slow start and socket-buffer autotuning when measuring starts
+    /// (gather only).
+    #[arg(long, value_parser = crate::units::parse_duration, default_value = "500ms")]
+    pub warmup: Duration,
+
     /// One JSON object per result line.
     #[arg(long)]
     pub json: bool,

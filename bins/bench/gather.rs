@@ -215,7 +215,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             let mut writev_pps = None;
             let mut rows = Vec::new();
             for &s in &strategies {
-                let m = measure(s, shape, conns, args.run.seconds, args.to)
+                let m = measure(s, shape, conns, &args.run, args.to)
                     .with_context(|| format!("{} with {conns} connections", s.name()))?;
                 let pps = m.packets as f64 / m.wall.as_secs_f64();
                 if s == Strategy::Writev {
@@ -268,74 +268,65 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-fn measure(
+/// One round of a strategy: one packet to every connection. Returns the
+/// syscalls (or `io_uring_enter` calls) it made.
+type Round<'a> = Box<dyn FnMut() -> anyhow::Result<u64> + 'a>;
+
+fn rounds<'a>(
     strategy: Strategy,
-    shape: &Shape,
-    conns: usize,
-    seconds: Duration,
-    to: Option<SocketAddr>,
-) -> anyhow::Result<Measured> {
-    let (socks, sink) = connect(conns, to)?;
-    let pkt = packet(shape);
+    socks: Vec<std::net::TcpStream>,
+    pkt: &'a [Bytes],
+) -> anyhow::Result<Round<'a>> {
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
-    debug_assert_eq!(pkt_len, shape.packet_bytes());
-    let mut packets = 0u64;
-    let mut syscalls = 0u64;
-    reset_peak_rss();
-    let meter = CpuMeter::start(&Sink::tids(&sink));
-    let t0 = Instant::now();
-    match strategy {
+    Ok(match strategy {
         Strategy::Write => {
             let mut socks = socks;
-            while t0.elapsed() < seconds {
+            Box::new(move || {
                 for s in &mut socks {
-                    for b in &pkt {
+                    for b in pkt {
                         s.write_all(b)?;
-                        syscalls += 1;
                     }
                 }
-                packets += conns as u64;
-            }
+                Ok((socks.len() * pkt.len()) as u64)
+            })
         }
         Strategy::Copy => {
             let mut socks = socks;
             // One glued buffer per connection, as a copying server keeps.
-            let mut glued: Vec<Vec<u8>> = vec![Vec::with_capacity(pkt_len); conns];
-            while t0.elapsed() < seconds {
+            let mut glued: Vec<Vec<u8>> = vec![Vec::with_capacity(pkt_len); socks.len()];
+            Box::new(move || {
                 for (s, buf) in socks.iter_mut().zip(&mut glued) {
                     buf.clear();
-                    for b in &pkt {
+                    for b in pkt {
                         buf.extend_from_slice(b);
                     }
                     s.write_all(buf)?;
-                    syscalls += 1;
                 }
-                packets += conns as u64;
-            }
+                Ok(socks.len() as u64)
+            })
         }
         Strategy::Writev => {
             let mut outbox = Outbox::new(Framing::Stream);
-            while t0.elapsed() < seconds {
+            Box::new(move || {
                 for s in &socks {
                     outbox.push(pkt.iter().cloned(), None);
                     ringmover::write_to(s.as_fd(), &mut outbox)?;
-                    syscalls += 1;
                 }
-                packets += conns as u64;
-            }
-            drop(socks);
+                Ok(socks.len() as u64)
+            })
         }
         Strategy::Mover(backend) => {
             let mut mover = Mover::builder()
                 .backend(BackendChoice::Force(backend))
-                .queue_depth(conns.next_power_of_two().clamp(8, 4096) as u32)
+                .queue_depth(socks.len().next_power_of_two().clamp(8, 4096) as u32)
                 .build()?;
             let handles = socks
                 .into_iter()
                 .map(|s| mover.attach(s))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let mut done = Vec::new();
-            while t0.elapsed() < seconds {
+            Box::new(move || {
+                let before = mover.stats().syscalls;
                 for &c in &handles {
                     mover
                         .send(c, pkt.iter().cloned())
@@ -346,24 +337,53 @@ fn measure(
                     bail!("a connection failed: {}", e.error);
                 }
                 done.clear();
-                packets += conns as u64;
-            }
-            syscalls = mover.stats().syscalls;
+                Ok(mover.stats().syscalls - before)
+            })
         }
+    })
+}
+
+fn measure(
+    strategy: Strategy,
+    shape: &Shape,
+    conns: usize,
+    run: &super::RunArgs,
+    to: Option<SocketAddr>,
+) -> anyhow::Result<Measured> {
+    let (socks, sink) = connect(conns, to)?;
+    let pkt = packet(shape);
+    let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
+    debug_assert_eq!(pkt_len, shape.packet_bytes());
+    let mut round = rounds(strategy, socks, &pkt)?;
+    let mut warm_packets = 0u64;
+    let warm = Instant::now();
+    while warm.elapsed() < run.warmup {
+        round()?;
+        warm_packets += conns as u64;
+    }
+    let mut packets = 0u64;
+    let mut syscalls = 0u64;
+    reset_peak_rss();
+    let meter = CpuMeter::start(&Sink::tids(&sink));
+    let t0 = Instant::now();
+    while t0.elapsed() < run.seconds {
+        syscalls += round()?;
+        packets += conns as u64;
     }
     let wall = t0.elapsed();
     let cpu = meter.elapsed();
     let peak = peak_rss();
-    let bytes = packets * pkt_len as u64;
     // Closing every connection lets the sink finish and count.
+    drop(round);
     if let Some(sink) = sink {
         let got = sink.finish()?;
-        if got != bytes {
-            bail!("the sink received {got} bytes of the {bytes} sent");
+        let sent = (warm_packets + packets) * pkt_len as u64;
+        if got != sent {
+            bail!("the sink received {got} bytes of the {sent} sent");
         }
     }
     Ok(Measured {
-        bytes,
+        bytes: packets * pkt_len as u64,
         packets,
         wall,
         cpu,
