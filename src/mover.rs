@@ -158,7 +158,8 @@ pub struct Detached {
 pub struct Stats {
     /// `flush` calls that started at least one write.
     pub submissions: u64,
-    /// Writes started (one per connection per round, plus resumptions).
+    /// Writes started (one per connection per round, plus resumptions;
+    /// one per datagram).
     pub writes: u64,
     /// io_uring submission queue entries.
     pub sqes: u64,
@@ -547,10 +548,11 @@ impl Mover {
     }
 
     /// Starts a write for every connection with queued data and none in
-    /// flight, and submits them: on io_uring one SQE per connection and one
-    /// `io_uring_enter` for all; on epoll/poll a non-blocking `sendmsg` or
-    /// `writev` each, finishing immediately what the sockets accept. Returns
-    /// the number of writes started.
+    /// flight, and submits them: on io_uring one SQE per connection (for a
+    /// datagram socket, a linked chain of one per queued datagram, up to 32,
+    /// kept in order) and one `io_uring_enter` for all; on epoll/poll a
+    /// non-blocking `sendmsg` or `writev` each, finishing immediately what
+    /// the sockets accept. Returns the number of connections started.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
         self.driver.submit()?;
