@@ -395,6 +395,89 @@ pub fn a_refused_datagram_returns_it_and_the_rest(b: Option<Backend>) {
     assert_eq!(e.kind, SendErrorKind::Failed);
 }
 
+/// A Unix datagram socket blocks once its unread datagrams fill the send
+/// buffer, so a burst stalls mid-chain (EAGAIN, wait, resume) while a slow
+/// reader drains: every datagram still arrives once, whole, in order.
+pub fn stalled_datagram_bursts_resume_in_order(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    let mut m = mover(b);
+    let (tx, rx) = UnixDatagram::pair().unwrap();
+    let conn = m.attach(tx).unwrap();
+    let n = 300usize;
+    for i in 0..n {
+        m.send(
+            conn,
+            [
+                Bytes::from((i as u32).to_be_bytes().to_vec()),
+                Bytes::from(vec![i as u8; 2000]),
+            ],
+        )
+        .unwrap();
+    }
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        for i in 0..n {
+            if i % 25 == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let got = rx.recv(&mut buf).unwrap();
+            assert_eq!(got, 2004, "datagram {i}");
+            assert_eq!(
+                &buf[..4],
+                &(i as u32).to_be_bytes(),
+                "datagram {i} out of order"
+            );
+            assert!(buf[4..got].iter().all(|&x| x == i as u8));
+        }
+    });
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    reader.join().unwrap();
+}
+
+/// Detaching while a datagram burst is stalled: what arrived plus what
+/// comes back is exactly the burst, in order, nothing twice.
+pub fn detach_mid_burst_returns_exactly_the_rest(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    let mut m = mover(b);
+    let (tx, rx) = UnixDatagram::pair().unwrap();
+    let conn = m.attach(tx).unwrap();
+    let n = 100u8;
+    for i in 0..n {
+        m.send(conn, [Bytes::from(vec![i; 4000])]).unwrap();
+    }
+    m.flush().unwrap();
+    // Let the sends run until the peer's queue is full, then give up.
+    let mut done = Vec::new();
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        m.wait(&mut done, Some(left)).unwrap();
+    }
+    assert_eq!(errors(&done), Vec::<String>::new());
+    let written: usize = done.iter().map(|c| c.written).sum();
+    assert!(
+        written < usize::from(n) * 4000,
+        "the peer never read, yet all was sent"
+    );
+    let d = m.detach(conn).unwrap();
+    let unsent: Vec<u8> = d.unsent.iter().flat_map(|b| b.to_vec()).collect();
+    rx.set_nonblocking(true).unwrap();
+    let mut arrived = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(k) = rx.recv(&mut buf) {
+        assert_eq!(k, 4000);
+        arrived.extend_from_slice(&buf[..k]);
+    }
+    assert_eq!(arrived.len(), written, "completions report what arrived");
+    let want: Vec<u8> = (0..n).flat_map(|i| vec![i; 4000]).collect();
+    arrived.extend(unsent);
+    assert!(
+        arrived == want,
+        "arrived + unsent is the burst, in order, once"
+    );
+}
+
 pub fn files_are_written_at_their_position(b: Option<Backend>) {
     let mut m = mover(b);
     let mut f = tempfile();
@@ -544,6 +627,8 @@ for_each_backend!(
     udp_datagrams_keep_their_boundaries,
     udp_bursts_leave_in_order_in_few_enters,
     a_refused_datagram_returns_it_and_the_rest,
+    stalled_datagram_bursts_resume_in_order,
+    detach_mid_burst_returns_exactly_the_rest,
     files_are_written_at_their_position,
     detach_returns_fd_and_unsent_bytes,
     blocking_write_to_finishes_partial_writes,

@@ -223,8 +223,43 @@ pub fn a_peer_closed_mid_flight_frees_nothing_early(b: Option<Backend>) {
     }
 }
 
+/// A Unix datagram socket refuses zero-copy (EOPNOTSUPP) on the first
+/// send of a burst; the kernel cancels the rest of that chain, and the
+/// whole burst goes again by copying: each datagram once, in order.
+pub fn a_burst_refused_zero_copy_is_resent_by_copying(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    let mut m = mover(b, 4, 64 << 10, ZeroCopy::Always);
+    let (tx, rx) = UnixDatagram::pair().unwrap();
+    let conn = m.attach(tx).unwrap();
+    let mut buf = m.lease().unwrap();
+    buf.extend_from_slice(&pattern(5, 50 * 100)).unwrap();
+    let payload = buf.freeze();
+    for i in 0..50 {
+        m.send(conn, [payload.slice(i * 100..(i + 1) * 100)])
+            .unwrap();
+    }
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    no_errors(&done);
+    assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), 50 * 100);
+    if m.zero_copy() != ZeroCopy::Never {
+        // A refused zero-copy chain, then all 50 again by copying.
+        let st = m.stats();
+        assert!(st.zc_sends >= 1 && st.writes > 50, "{st:?}");
+    }
+    rx.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 512];
+    while let Ok(n) = rx.recv(&mut b) {
+        assert_eq!(n, 100);
+        got.extend_from_slice(&b[..n]);
+    }
+    assert!(got == payload[..], "each datagram once, in order");
+}
+
 for_each_backend!(
     buffers_are_never_reused_in_flight,
+    a_burst_refused_zero_copy_is_resent_by_copying,
     pool_exhaustion_is_back_pressure_not_a_panic,
     one_buffer_fans_out_to_many_connections,
     a_peer_closed_mid_flight_frees_nothing_early,
