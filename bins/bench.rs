@@ -111,11 +111,16 @@ pub fn gettid() -> i32 {
 
 /// CPU time (user + system) of every thread of this process.
 fn process_cpu() -> Duration {
-    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .expect("getrusage(RUSAGE_SELF) cannot fail");
+    rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage(RUSAGE_SELF) cannot fail")
+}
+
+/// CPU time (user + system) that `getrusage(who)` reports.
+pub fn rusage_cpu(who: nix::sys::resource::UsageWho) -> std::io::Result<Duration> {
+    let r = nix::sys::resource::getrusage(who)?;
     let tv =
         |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
-    tv(r.user_time()) + tv(r.system_time())
+    Ok(tv(r.user_time()) + tv(r.system_time()))
 }
 
 /// A task's time on CPU from its `schedstat` (nanoseconds; 0 when the task

@@ -147,10 +147,7 @@ impl Outbox {
         let mut bytes = 0;
         for s in self.chunks(max_iovecs.clamp(1, IOV_MAX)) {
             bytes += s.len();
-            out.push(libc::iovec {
-                iov_base: s.as_ptr().cast_mut().cast::<libc::c_void>(),
-                iov_len: s.len(),
-            });
+            out.push(iovec(s));
         }
         Batch {
             bytes,
@@ -173,10 +170,7 @@ impl Outbox {
             return None;
         }
         out.clear();
-        out.extend(bufs.map(|b| libc::iovec {
-            iov_base: b.as_ptr().cast_mut().cast::<libc::c_void>(),
-            iov_len: b.len(),
-        }));
+        out.extend(bufs.map(|b| iovec(b)));
         Some(Batch {
             bytes: m.bytes,
             iovecs: out.len(),
@@ -253,6 +247,14 @@ impl Outbox {
         self.queued = 0;
         self.messages.clear();
         out
+    }
+}
+
+/// The iovec describing `s` (the kernel only reads through it).
+fn iovec(s: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: s.as_ptr().cast_mut().cast::<libc::c_void>(),
+        iov_len: s.len(),
     }
 }
 

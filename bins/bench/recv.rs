@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nix::sys::resource::{getrusage, UsageWho};
+use nix::sys::resource::UsageWho;
 use ringmover::recv::{Event, Receiver, RecvOptions};
 use ringmover::Backend;
 use serde_json::json;
@@ -173,9 +173,7 @@ fn kernel() -> (String, String) {
 }
 
 fn cpu_secs(who: UsageWho) -> anyhow::Result<f64> {
-    let u = getrusage(who).context("getrusage")?;
-    let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    Ok(tv(u.user_time()) + tv(u.system_time()))
+    Ok(super::rusage_cpu(who).context("getrusage")?.as_secs_f64())
 }
 
 /// One run: `conns` sender threads stream `bytes` between them; this

@@ -182,34 +182,25 @@ macro_rules! each {
 
 impl Driver {
     /// Builds the driver for `backend` with room for `depth` queued writes
-    /// (io_uring registers `pool`'s buffers).
-    #[cfg(target_os = "linux")]
+    /// (io_uring registers `pool`'s buffers; off Linux only poll exists,
+    /// which needs neither).
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
     pub(crate) fn new(
         backend: Backend,
         depth: u32,
         pool: Option<&crate::fixed::FixedBufPool>,
     ) -> io::Result<Driver> {
         match backend {
+            #[cfg(target_os = "linux")]
             Backend::Uring => Ok(Driver::Uring(Box::new(uring::UringDriver::new(
                 depth, pool,
             )?))),
+            #[cfg(target_os = "linux")]
             Backend::Epoll => Ok(Driver::Epoll(readiness::Readiness::new(
                 epoll::Epoll::new()?
             ))),
             Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(poll::Poll::new()))),
-        }
-    }
-
-    /// Builds the driver for `backend`: only poll(2) exists here, and it
-    /// needs neither a queue depth nor registered buffers.
-    #[cfg(not(target_os = "linux"))]
-    pub(crate) fn new(
-        backend: Backend,
-        _depth: u32,
-        _pool: Option<&crate::fixed::FixedBufPool>,
-    ) -> io::Result<Driver> {
-        match backend {
-            Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(poll::Poll::new()))),
+            #[cfg(not(target_os = "linux"))]
             b => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("the {b} backend exists only on Linux"),

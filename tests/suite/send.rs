@@ -310,14 +310,32 @@ pub fn udp_datagrams_keep_their_boundaries(b: Option<Backend>) {
     assert_eq!(e.kind, SendErrorKind::NotDatagram);
 }
 
+/// A loopback UDP socket connected to `rx`, attached to `m`.
+fn connected_udp(m: &mut Mover) -> (ringmover::Conn, UdpSocket) {
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    tx.connect(rx.local_addr().unwrap()).unwrap();
+    (m.attach(tx).unwrap(), rx)
+}
+
+/// Every datagram waiting on `rx`, each of `size` bytes, concatenated in
+/// arrival order.
+pub fn drain_datagrams(rx: &std::os::unix::net::UnixDatagram, size: usize) -> Vec<u8> {
+    rx.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; size + 1];
+    while let Ok(n) = rx.recv(&mut buf) {
+        assert_eq!(n, size);
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 /// A burst of datagrams on one socket leaves in one flush, in order, each
 /// whole; on io_uring as linked chains, a handful of enters for them all.
 pub fn udp_bursts_leave_in_order_in_few_enters(b: Option<Backend>) {
     let mut m = mover(b);
-    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-    tx.connect(rx.local_addr().unwrap()).unwrap();
-    let conn = m.attach(tx).unwrap();
+    let (conn, rx) = connected_udp(&mut m);
     let n = 100usize;
     for i in 0..n {
         let body = Bytes::from(pattern(i as u64, 64 + i));
@@ -355,10 +373,7 @@ pub fn udp_bursts_leave_in_order_in_few_enters(b: Option<Backend>) {
 /// before it arrive, it and those after come back unsent, none reordered.
 pub fn a_refused_datagram_returns_it_and_the_rest(b: Option<Backend>) {
     let mut m = mover(b);
-    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-    tx.connect(rx.local_addr().unwrap()).unwrap();
-    let conn = m.attach(tx).unwrap();
+    let (conn, rx) = connected_udp(&mut m);
     for i in 0..5u8 {
         m.send(conn, [Bytes::from(vec![i; 100])]).unwrap();
     }
@@ -462,13 +477,7 @@ pub fn detach_mid_burst_returns_exactly_the_rest(b: Option<Backend>) {
     );
     let d = m.detach(conn).unwrap();
     let unsent: Vec<u8> = d.unsent.iter().flat_map(|b| b.to_vec()).collect();
-    rx.set_nonblocking(true).unwrap();
-    let mut arrived = Vec::new();
-    let mut buf = [0u8; 8192];
-    while let Ok(k) = rx.recv(&mut buf) {
-        assert_eq!(k, 4000);
-        arrived.extend_from_slice(&buf[..k]);
-    }
+    let mut arrived = drain_datagrams(&rx, 4000);
     assert_eq!(arrived.len(), written, "completions report what arrived");
     let want: Vec<u8> = (0..n).flat_map(|i| vec![i; 4000]).collect();
     arrived.extend(unsent);
