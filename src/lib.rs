@@ -32,6 +32,7 @@ pub mod probe;
 pub mod recv;
 pub mod send;
 mod sys;
+pub mod wire;
 mod write;
 
 pub use backend::{Backend, BackendChoice, OpFallback, Selection, BACKEND_ENV};
