@@ -1,10 +1,12 @@
-//! `ringmover bench recv`: one loopback stream into a page-cache file, by
-//! each backend and by a read/write loop, side by side.
+//! `ringmover bench recv`: loopback streams into page-cache files, by each
+//! backend and by a read/write loop, side by side, from a sender in its own
+//! process.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,11 +20,16 @@ use serde_json::json;
 use crate::units::{human_bytes, parse_size};
 use crate::Outcome;
 
-/// Stream --bytes over loopback from in-process sender threads into
-/// files, with each backend and with a read/write loop (64 KiB buffer).
-/// Reports GB/s and receiver CPU-seconds per GiB: process-wide
-/// getrusage(RUSAGE_SELF) deltas minus the sender threads' own
-/// getrusage(RUSAGE_THREAD), so io-wq workers count as receiver CPU.
+/// Stream --bytes over loopback into files, with each backend and with a
+/// read/write loop (64 KiB buffer, a thread per connection, as `nc -l >
+/// file` does), and report the median and the spread of --runs runs.
+///
+/// The sender is a child process (this binary again), so its CPU never
+/// mixes with the receiver's: receiver CPU is this process's
+/// getrusage(RUSAGE_SELF) delta, io_uring workers included. Methods are
+/// interleaved run by run, so a slow spell of the machine hits them all;
+/// outputs are removed after each run and `sync(2)` runs before each, so
+/// every run starts with the same page-cache state.
 ///
 /// With --idle N: N idle connections on the io_uring backend, and how many
 /// iou-wrk threads exist meanwhile.
@@ -30,10 +37,10 @@ use crate::Outcome;
 #[command(long_about)]
 pub struct Args {
     /// Bytes per run (e.g. 2G, 256M).
-    #[arg(long, value_name = "BYTES", default_value = "2G", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
     bytes: u64,
 
-    /// Directory for the output file (removed after each run).
+    /// Directory for the output files (removed after each run).
     #[arg(long, value_name = "DIR", default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
 
@@ -42,8 +49,9 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1)]
     conns: usize,
 
-    /// Runs per method; the best run is reported.
-    #[arg(long, default_value_t = 1)]
+    /// Runs per method, interleaved; the median and the spread (slowest /
+    /// fastest wall time) are reported.
+    #[arg(long, default_value_t = 3)]
     runs: u32,
 
     /// Instead: hold this many idle connections on the io_uring backend and
@@ -54,6 +62,11 @@ pub struct Args {
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
+
+    /// Internal: be the sender process, streaming --bytes over --conns
+    /// connections to ADDR.
+    #[arg(long, value_name = "ADDR", hide = true)]
+    sender: Option<SocketAddr>,
 }
 
 /// A way to receive the stream.
@@ -78,8 +91,41 @@ struct Measure {
     cpu: f64,
 }
 
+/// The median and spread of one method's runs.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    secs: f64,
+    cpu: f64,
+    /// Slowest wall time over fastest.
+    spread: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn summarize(runs: &[Measure]) -> Summary {
+    let secs: Vec<f64> = runs.iter().map(|r| r.secs).collect();
+    let max = secs.iter().copied().fold(f64::MIN, f64::max);
+    let min = secs.iter().copied().fold(f64::MAX, f64::min);
+    Summary {
+        secs: median(secs),
+        cpu: median(runs.iter().map(|r| r.cpu).collect()),
+        spread: max / min,
+    }
+}
+
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     crate::recv::raise_nofile_limit();
+    if let Some(addr) = args.sender {
+        return sender(addr, args.bytes, args.conns.max(1));
+    }
     if let Some(n) = args.idle {
         return idle(n, args.json);
     }
@@ -89,74 +135,72 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Method::Ringmover(Backend::Epoll),
         Method::Ringmover(Backend::Poll),
     ];
-    let mut rows = Vec::new();
-    for m in methods {
-        let mut best: Option<Measure> = None;
-        for _ in 0..args.runs.max(1) {
+    let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); methods.len()];
+    for _ in 0..args.runs.max(1) {
+        for (i, &m) in methods.iter().enumerate() {
             let r = measure(m, args.bytes, args.conns.max(1), &args.dir)
                 .with_context(|| format!("benchmarking {}", m.name()))?;
-            if best.map_or(true, |b| r.secs < b.secs) {
-                best = Some(r);
-            }
-        }
-        if let Some(b) = best {
-            rows.push((m, b));
+            runs[i].push(r);
         }
     }
-    let base = rows
+    let rows: Vec<(Method, Summary)> = methods
         .iter()
-        .find(|(m, _)| matches!(m, Method::ReadWrite))
-        .map(|(_, r)| *r);
+        .zip(&runs)
+        .map(|(&m, r)| (m, summarize(r)))
+        .collect();
+    let base = rows[0].1;
     let gib = args.bytes as f64 / (1u64 << 30) as f64;
     let (release, _) = kernel();
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if args.json {
-        let v = json!({
-            "bytes": args.bytes,
-            "conns": args.conns,
-            "dir": args.dir,
-            "kernel": release,
-            "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            "cpu_accounting": "RUSAGE_SELF delta minus sender threads' RUSAGE_THREAD (includes io-wq workers)",
-            "results": rows.iter().map(|(m, r)| json!({
+        for (m, r) in &rows {
+            let v = json!({
+                "bytes": args.bytes,
+                "conns": args.conns,
+                "runs": args.runs,
+                "kernel": release,
+                "cpus": cpus,
                 "method": m.name(),
-                "seconds": r.secs,
+                "seconds_median": r.secs,
+                "spread": r.spread,
                 "gb_per_s": args.bytes as f64 / r.secs / 1e9,
                 "cpu_s_per_gib": r.cpu / gib,
-                "speed_vs_read_write": base.map(|b| b.secs / r.secs),
-            })).collect::<Vec<_>>(),
-        });
-        println!("{v}");
+                "speed_vs_read_write": base.secs / r.secs,
+            });
+            println!("{v}");
+        }
         return Ok(Outcome::Success);
     }
     let mut out = io::stdout().lock();
     writeln!(
         out,
-        "recv bench: {} over loopback in {} connection(s) into {} (kernel {release}, {} CPUs)",
+        "recv bench: {} over loopback in {} connection(s) into {} (kernel {release}, {cpus} CPUs), median of {} interleaved runs",
         human_bytes(args.bytes),
         args.conns,
         args.dir.display(),
-        thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        args.runs.max(1),
     )?;
     writeln!(
         out,
-        "receiver CPU = getrusage(RUSAGE_SELF) delta - sender threads' RUSAGE_THREAD (io-wq workers included)"
+        "sender: a child process; receiver CPU = this process's getrusage(RUSAGE_SELF) delta (io-wq workers included)"
     )?;
     writeln!(
         out,
-        "{:<20} {:>8} {:>10} {:>14}",
-        "method", "GB/s", "vs r/w", "CPU-s/GiB"
+        "{:<20} {:>8} {:>8} {:>10} {:>14} {:>12}",
+        "method", "wall s", "GB/s", "vs r/w", "CPU-s/GiB", "max/min wall"
     )?;
     for (m, r) in &rows {
-        let ratio = base.map_or(String::from("-"), |b| format!("{:.2}x", b.secs / r.secs));
         writeln!(
             out,
-            "{:<20} {:>8.2} {:>10} {:>14.3}",
+            "{:<20} {:>8.3} {:>8.2} {:>9.2}x {:>14.3} {:>12.2}",
             m.name(),
+            r.secs,
             args.bytes as f64 / r.secs / 1e9,
-            ratio,
-            r.cpu / gib
+            base.secs / r.secs,
+            r.cpu / gib,
+            r.spread,
         )?;
     }
     Ok(Outcome::Success)
@@ -176,8 +220,19 @@ fn cpu_secs(who: UsageWho) -> anyhow::Result<f64> {
     Ok(super::rusage_cpu(who).context("getrusage")?.as_secs_f64())
 }
 
-/// One run: `conns` sender threads stream `bytes` between them; this
-/// thread receives (the read/write baseline: one thread per connection).
+/// Starts the sender process: this binary, `bench recv --sender ADDR`.
+fn spawn_sender(addr: SocketAddr, bytes: u64, conns: usize) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("finding this binary to run the sender")?;
+    Command::new(exe)
+        .args(["bench", "recv", "--sender", &addr.to_string()])
+        .args(["--bytes", &bytes.to_string(), "--conns", &conns.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the sender process")
+}
+
+/// One run: a sender process streams `bytes` over `conns` connections;
+/// this process receives.
 fn measure(method: Method, bytes: u64, conns: usize, dir: &Path) -> anyhow::Result<Measure> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -195,29 +250,27 @@ fn measure(method: Method, bytes: u64, conns: usize, dir: &Path) -> anyhow::Resu
                 .with_context(|| format!("creating {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<File>>>()?;
-    let share = bytes / conns as u64;
-    let expected = share * conns as u64;
+    let expected = bytes / conns as u64 * conns as u64;
+    // Nothing dirty from an earlier run or another program is written back
+    // during this one.
+    nix::unistd::sync();
 
+    let mut child = spawn_sender(addr, bytes, conns)?;
     let cpu0 = cpu_secs(UsageWho::RUSAGE_SELF)?;
     let started = Instant::now();
-    let senders: Vec<_> = (0..conns)
-        .map(|_| thread::spawn(move || send_share(addr, share)))
-        .collect();
     let got = match method {
-        Method::ReadWrite => read_write(&listener, files)?,
-        Method::Ringmover(b) => ringmover(b, listener, files)?,
+        Method::ReadWrite => read_write(&listener, files),
+        Method::Ringmover(b) => ringmover(b, listener, files),
     };
     let secs = started.elapsed().as_secs_f64();
-    let mut sender_cpu = 0.0;
-    for s in senders {
-        sender_cpu += s
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
-            .context("sending")?;
-    }
-    let cpu = cpu_secs(UsageWho::RUSAGE_SELF)? - cpu0 - sender_cpu;
+    let cpu = cpu_secs(UsageWho::RUSAGE_SELF)? - cpu0;
+    let status = child.wait().context("waiting for the sender process")?;
     for p in &paths {
         let _ = std::fs::remove_file(p);
+    }
+    let got = got?;
+    if !status.success() {
+        bail!("the sender process failed ({status})");
     }
     if got != expected {
         bail!("received {got} bytes, expected {expected}");
@@ -225,9 +278,21 @@ fn measure(method: Method, bytes: u64, conns: usize, dir: &Path) -> anyhow::Resu
     Ok(Measure { secs, cpu })
 }
 
-/// A sender thread: `bytes` to `addr`; returns the thread's own CPU time.
-fn send_share(addr: std::net::SocketAddr, bytes: u64) -> io::Result<f64> {
-    let t0 = cpu_secs(UsageWho::RUSAGE_THREAD).map_err(io::Error::other)?;
+/// The sender process: `conns` threads, `bytes / conns` each, to `addr`.
+fn sender(addr: SocketAddr, bytes: u64, conns: usize) -> anyhow::Result<Outcome> {
+    let share = bytes / conns as u64;
+    let threads: Vec<_> = (0..conns)
+        .map(|_| thread::spawn(move || send_share(addr, share)))
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+            .with_context(|| format!("sending to {addr}"))?;
+    }
+    Ok(Outcome::Success)
+}
+
+fn send_share(addr: SocketAddr, bytes: u64) -> io::Result<()> {
     let mut s = TcpStream::connect(addr)?;
     let buf: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let mut left = bytes;
@@ -236,8 +301,7 @@ fn send_share(addr: std::net::SocketAddr, bytes: u64) -> io::Result<f64> {
         s.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    drop(s);
-    Ok(cpu_secs(UsageWho::RUSAGE_THREAD).map_err(io::Error::other)? - t0)
+    Ok(())
 }
 
 /// The baseline: a thread per connection, read(2) 64 KiB then write(2).
