@@ -731,17 +731,18 @@ fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
 #[cfg(target_os = "linux")]
 fn bench_recv_reports_every_method() {
     let out = Command::new(BIN)
-        .args(["bench", "recv", "--bytes", "8M", "--conns", "2", "--json"])
+        .args([
+            "bench", "recv", "--bytes", "8M", "--conns", "2", "--runs", "1",
+        ])
+        .arg("--json")
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let methods: Vec<&str> = v["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["method"].as_str().unwrap())
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
     assert_eq!(
         methods,
         [
@@ -751,8 +752,9 @@ fn bench_recv_reports_every_method() {
             "ringmover poll"
         ]
     );
-    for r in v["results"].as_array().unwrap() {
+    for r in &rows {
         assert!(r["gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["cpu_s_per_gib"].as_f64().is_some(), "{r}");
+        assert!(r["spread"].as_f64().unwrap() >= 1.0, "{r}");
     }
 }
