@@ -1,8 +1,9 @@
 # ringmover: the two set-up commands README.md gives.
 #   make demo  - build, then show the main job end to end on defaults
 #   make test  - format check, clippy -D warnings, every test (all backends)
-# and the portability check:
+# and the portability checks:
 #   make portable - clippy -D warnings for FreeBSD and macOS (compile only)
+#   make msrv     - the library and CLI build with Cargo.toml's rust-version
 SHELL := /bin/bash
 CARGO ?= cargo
 BIN := target/release/ringmover
@@ -11,7 +12,10 @@ BIN := target/release/ringmover
 # linker or machine for them here, so clippy, not test.
 PORTABLE_TARGETS := x86_64-unknown-freebsd x86_64-apple-darwin
 
-.PHONY: all build demo test deps fmt lint portable portable-targets bench clean
+# The declared minimum Rust version, read from Cargo.toml.
+MSRV := $(shell sed -n 's/^rust-version = "\(.*\)"$$/\1/p' Cargo.toml)
+
+.PHONY: all build demo test deps fmt lint portable portable-targets portable-check print-portable-targets msrv print-msrv bench clean
 
 all: build
 
@@ -73,17 +77,37 @@ test: deps fmt lint
 	$(CARGO) test --all-targets
 	# doctests, README.md's example among them (--all-targets skips them)
 	$(CARGO) test --doc
+	# every example builds (with or without an examples/ directory)
+	$(CARGO) build --examples
+	# a library user (no default features) compiles no CLI crate
+	$(CARGO) check --lib --no-default-features
+	@if $(CARGO) tree -e normal --no-default-features --prefix none | grep -E '^(clap|anyhow|serde_json) '; then \
+	  echo "the library without the cli feature depends on the CLI crates above" >&2; exit 1; \
+	fi
 
-# rustup fetches each target's std from its server: .ci/run runs this first
-# and skips the check when it fails (no network).
+# rustup fetches each target's std from its server. .ci/run adds only the
+# missing ones, checks those already installed whatever happens, and skips
+# (with a banner) those it cannot add.
 portable-targets:
 	rustup target add $(PORTABLE_TARGETS)
 
-portable: portable-targets
+portable: portable-targets portable-check
+
+portable-check:
 	@set -e; for t in $(PORTABLE_TARGETS); do \
 	  echo "== cargo clippy --all-targets --target $$t"; \
 	  $(CARGO) clippy --all-targets --target $$t -- -D warnings; \
 	done
+
+print-portable-targets:
+	@echo $(PORTABLE_TARGETS)
+
+# Tests and benches are not held to it (proptest needs a newer Rust).
+msrv:
+	$(CARGO) +$(MSRV) check --lib --bins --locked
+
+print-msrv:
+	@echo $(MSRV)
 
 bench:
 	$(CARGO) bench

@@ -276,29 +276,57 @@ fn allowed_by_group(group: Option<i64>) -> bool {
     nix::unistd::getegid() == gid || nix::unistd::getgroups().is_ok_and(|gs| gs.contains(&gid))
 }
 
+/// What classifying a failed set-up reads from the host besides the errno.
+/// Kept apart so the causes a test host cannot safely produce (the sysctl is
+/// machine-wide; rings are not charged to `RLIMIT_MEMLOCK` since 5.12) are
+/// tested with injected values.
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone, Copy)]
+struct HostFacts {
+    /// `kernel.io_uring_disabled` (6.6+), `None` when absent.
+    io_uring_disabled: Option<u32>,
+    /// Root, or in `kernel.io_uring_group`: what `io_uring_disabled=1` allows.
+    allowed_by_group: bool,
+    /// `Seccomp: 2` in `/proc/self/status`.
+    seccomp_active: bool,
+}
+
+#[cfg(target_os = "linux")]
+impl HostFacts {
+    fn read() -> HostFacts {
+        HostFacts {
+            io_uring_disabled: crate::sys::read_trimmed("/proc/sys/kernel/io_uring_disabled")
+                .and_then(|v| v.parse().ok()),
+            allowed_by_group: allowed_by_group(
+                crate::sys::read_trimmed("/proc/sys/kernel/io_uring_group")
+                    .and_then(|v| v.parse().ok()),
+            ),
+            seccomp_active: seccomp_mode() == Some(2),
+        }
+    }
+}
+
 /// Why `io_uring_setup` failed with `errno` on this host.
 #[cfg(target_os = "linux")]
 fn classify(errno: i32) -> RingUnavailable {
-    let disabled = crate::sys::read_trimmed("/proc/sys/kernel/io_uring_disabled")
-        .and_then(|v| v.parse::<u32>().ok());
-    let seccomp_active = seccomp_mode() == Some(2);
+    classify_with(errno, HostFacts::read())
+}
+
+/// Why `io_uring_setup` failed with `errno` on a host with `host`'s facts.
+#[cfg(target_os = "linux")]
+fn classify_with(errno: i32, host: HostFacts) -> RingUnavailable {
     match errno {
         libc::ENOSYS => RingUnavailable::NoSyscall {
             // The sysctl (6.6+) proves the kernel has io_uring: ENOSYS then
             // comes from a filter.
-            seccomp_likely: seccomp_active && disabled.is_some(),
+            seccomp_likely: host.seccomp_active && host.io_uring_disabled.is_some(),
         },
-        libc::EPERM => match disabled {
+        libc::EPERM => match host.io_uring_disabled {
             Some(2) => RingUnavailable::DisabledBySysctl { value: 2 },
-            Some(1)
-                if !allowed_by_group(
-                    crate::sys::read_trimmed("/proc/sys/kernel/io_uring_group")
-                        .and_then(|v| v.parse().ok()),
-                ) =>
-            {
-                RingUnavailable::DisabledBySysctl { value: 1 }
-            }
-            _ => RingUnavailable::ForbiddenByPolicy { seccomp_active },
+            Some(1) if !host.allowed_by_group => RingUnavailable::DisabledBySysctl { value: 1 },
+            _ => RingUnavailable::ForbiddenByPolicy {
+                seccomp_active: host.seccomp_active,
+            },
         },
         libc::ENOMEM => RingUnavailable::MemlockLimit,
         errno => RingUnavailable::Other { errno },
@@ -435,4 +463,110 @@ fn try_setup_flags() -> Vec<SetupFlagResult> {
 #[cfg(not(target_os = "linux"))]
 fn try_setup_flags() -> Vec<SetupFlagResult> {
     Vec::new()
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn host(disabled: Option<u32>, allowed: bool, seccomp: bool) -> HostFacts {
+        HostFacts {
+            io_uring_disabled: disabled,
+            allowed_by_group: allowed,
+            seccomp_active: seccomp,
+        }
+    }
+
+    /// The sysctl cases, which a test cannot set for real: the sysctl is
+    /// machine-wide and the other tests of this run need io_uring.
+    #[test]
+    fn eperm_is_the_sysctl_when_it_forbids_us() {
+        let c = classify_with(libc::EPERM, host(Some(2), true, false));
+        assert_eq!(c, RingUnavailable::DisabledBySysctl { value: 2 });
+        assert_eq!((c.code(), c.errno()), ("sysctl", Some(libc::EPERM)));
+        assert!(c.to_string().contains("io_uring_disabled=2"), "{c}");
+
+        let c = classify_with(libc::EPERM, host(Some(1), false, true));
+        assert_eq!(c, RingUnavailable::DisabledBySysctl { value: 1 });
+        assert!(c.to_string().contains("io_uring_group"), "{c}");
+    }
+
+    #[test]
+    fn eperm_is_policy_when_the_sysctl_allows_us() {
+        for disabled in [None, Some(0)] {
+            let c = classify_with(libc::EPERM, host(disabled, false, true));
+            assert_eq!(
+                c,
+                RingUnavailable::ForbiddenByPolicy {
+                    seccomp_active: true
+                }
+            );
+            assert_eq!(c.code(), "seccomp");
+        }
+        // `=1` does not stop root or a member of io_uring_group.
+        let c = classify_with(libc::EPERM, host(Some(1), true, false));
+        assert_eq!(
+            c,
+            RingUnavailable::ForbiddenByPolicy {
+                seccomp_active: false
+            }
+        );
+        assert!(c.to_string().contains("LSM"), "{c}");
+    }
+
+    #[test]
+    fn enosys_blames_a_filter_only_on_a_kernel_with_io_uring() {
+        let likely =
+            |disabled, seccomp| match classify_with(libc::ENOSYS, host(disabled, false, seccomp)) {
+                RingUnavailable::NoSyscall { seccomp_likely } => seccomp_likely,
+                other => panic!("{other:?}"),
+            };
+        assert!(likely(Some(0), true));
+        assert!(
+            !likely(None, true),
+            "pre-6.6: could be a kernel without io_uring"
+        );
+        assert!(!likely(Some(0), false));
+    }
+
+    /// ENOMEM came from RLIMIT_MEMLOCK before 5.12; 6.x kernels do not
+    /// charge rings to it, so only the classification is tested.
+    #[test]
+    fn enomem_is_the_memlock_limit_and_other_errnos_are_kept() {
+        let c = classify_with(libc::ENOMEM, host(Some(0), true, false));
+        assert_eq!(c, RingUnavailable::MemlockLimit);
+        assert_eq!((c.code(), c.errno()), ("memlock", Some(libc::ENOMEM)));
+        assert!(c.to_string().contains("ulimit -l"), "{c}");
+
+        let c = classify_with(libc::EINVAL, host(Some(0), true, false));
+        assert_eq!(
+            c,
+            RingUnavailable::Other {
+                errno: libc::EINVAL
+            }
+        );
+        assert_eq!(c.errno(), Some(libc::EINVAL));
+    }
+
+    /// Each cause reaches `auto`'s reason and makes forcing uring an error.
+    #[test]
+    fn every_cause_falls_back_to_epoll_and_says_why() {
+        use crate::backend::{Backend, BackendChoice, Selection};
+        for (errno, facts, needle) in [
+            (
+                libc::EPERM,
+                host(Some(2), true, false),
+                "io_uring_disabled=2",
+            ),
+            (libc::ENOMEM, host(None, true, false), "RLIMIT_MEMLOCK"),
+            (libc::ENOSYS, host(None, true, false), "no io_uring"),
+        ] {
+            let ring = RingSupport::Unavailable(classify_with(errno, facts));
+            let s = Selection::choose_with(BackendChoice::Auto, &ring).unwrap();
+            assert_eq!(s.backend, Backend::Epoll);
+            assert!(s.reason.contains(needle), "{}", s.reason);
+            let forced = Selection::choose_with(BackendChoice::Force(Backend::Uring), &ring);
+            assert!(forced.unwrap_err().to_string().contains(needle));
+        }
+    }
 }

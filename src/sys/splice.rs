@@ -1,10 +1,9 @@
 //! `splice(2)` and `sendfile(2)`: moving bytes without a trip through user
-//! space.
+//! space. Thin over nix, which holds the `unsafe`; these keep the crate's
+//! `io::Result` and argument order.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-
-use super::cvt;
+use std::os::fd::BorrowedFd;
 
 /// `splice(fd_in, NULL, fd_out, off_out, len, flags)`: moves up to `len`
 /// bytes from `fd_in` to `fd_out`, one of which must be a pipe. With
@@ -20,23 +19,12 @@ pub(crate) fn splice(
     len: usize,
     flags: u32,
 ) -> io::Result<usize> {
-    let off_ptr = match off_out {
-        Some(off) => off as *mut i64,
-        None => std::ptr::null_mut(),
-    };
-    // SAFETY: both fds are borrowed, so open for the call; `off_ptr` is
-    // null or points to an i64 that outlives the call; no buffer is passed.
-    let n = cvt(unsafe {
-        libc::splice(
-            fd_in.as_raw_fd(),
-            std::ptr::null_mut(),
-            fd_out.as_raw_fd(),
-            off_ptr,
-            len,
-            flags,
-        )
-    })?;
-    Ok(n as usize)
+    use nix::fcntl::SpliceFFlags;
+    // Unknown bits are passed through, as the raw call did.
+    let flags = SpliceFFlags::from_bits_retain(flags);
+    Ok(nix::fcntl::splice(
+        fd_in, None, fd_out, off_out, len, flags,
+    )?)
 }
 
 /// `sendfile(out_fd, in_fd, NULL, count)`: sends up to `count` bytes of
@@ -49,15 +37,5 @@ pub(crate) fn sendfile(
     in_fd: BorrowedFd<'_>,
     count: usize,
 ) -> io::Result<usize> {
-    // SAFETY: both fds are borrowed, so open for the call; a null offset
-    // pointer means "use and advance the file position".
-    let n = cvt(unsafe {
-        libc::sendfile(
-            out_fd.as_raw_fd(),
-            in_fd.as_raw_fd(),
-            std::ptr::null_mut(),
-            count,
-        )
-    })?;
-    Ok(n as usize)
+    Ok(nix::sys::sendfile::sendfile(out_fd, in_fd, None, count)?)
 }

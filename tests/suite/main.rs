@@ -9,6 +9,10 @@ macro_rules! for_each_backend {
     (auto; $($test:ident),* $(,)?) => {
         for_each_backend!($($test),*);
         for_each_backend!(@mod auto, None, $($test),*);
+        // And `mod auto_seccomp`: each test as `auto` in a child process
+        // whose seccomp filter denies io_uring (so on the fallback).
+        #[cfg(target_os = "linux")]
+        for_each_backend!(@seccomp $($test),*);
     };
     ($($test:ident),* $(,)?) => {
         #[cfg(target_os = "linux")]
@@ -23,6 +27,20 @@ macro_rules! for_each_backend {
                 #[test]
                 fn $test() {
                     super::$test($backend);
+                }
+            )*
+        }
+    };
+    (@seccomp $($test:ident),*) => {
+        mod auto_seccomp {
+            $(
+                #[test]
+                fn $test() {
+                    crate::seccomp::run_where_io_uring_is_denied(
+                        module_path!(),
+                        stringify!($test),
+                        || super::$test(None),
+                    );
                 }
             )*
         }

@@ -54,10 +54,9 @@ fn io_uring_filter(errno: i32) -> Vec<libc::sock_filter> {
     ]
 }
 
-/// Installs the io_uring-denying filter in the current thread.
-/// Called in a freshly forked child (`pre_exec`) or in a child process.
-pub fn install_io_uring_filter(errno: i32) -> std::io::Result<()> {
-    let filter = io_uring_filter(errno);
+/// Installs `filter` on the calling thread (and the threads it starts).
+/// Allocates nothing, so it is safe between fork and exec.
+fn install(filter: &[libc::sock_filter]) -> std::io::Result<()> {
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut libc::sock_filter,
@@ -82,7 +81,121 @@ pub fn install_io_uring_filter(errno: i32) -> std::io::Result<()> {
 
 /// Makes `cmd`'s child fail io_uring syscalls with `errno`.
 pub fn deny_io_uring(cmd: &mut Command, errno: i32) -> &mut Command {
-    // SAFETY: the closure runs between fork and exec; it only builds a small
-    // Vec (the child is single-threaded then) and calls prctl.
-    unsafe { cmd.pre_exec(move || install_io_uring_filter(errno)) }
+    // Built here, in the parent: the child only makes two prctl calls.
+    let filter = io_uring_filter(errno);
+    // SAFETY: the closure runs between fork and exec and allocates nothing
+    // (a multi-threaded parent may have held the allocator's lock at fork).
+    unsafe { cmd.pre_exec(move || install(&filter)) }
+}
+
+/// Set in a child that `run_where_io_uring_is_denied` started: the errno
+/// name its filter answers io_uring with.
+const DENIED_ENV: &str = "RINGMOVER_TEST_IO_URING_DENIED";
+
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOSYS => "ENOSYS",
+        _ => panic!("no filter test uses errno {errno}"),
+    }
+}
+
+/// In a child under the filter: checks that io_uring really is denied with
+/// the errno the parent asked for and that `auto` selects epoll for that
+/// reason, so the suite test that follows runs on the fallback.
+fn assert_auto_falls_back(errno_name_: &str) {
+    use ringmover::{Backend, BackendChoice, RingSupport, Selection};
+    let (errno, cause) = match errno_name_ {
+        "EPERM" => (libc::EPERM, "seccomp"),
+        "ENOSYS" => (libc::ENOSYS, "enosys"),
+        other => panic!("{DENIED_ENV}={other}: expected EPERM or ENOSYS"),
+    };
+    let RingSupport::Unavailable(why) = RingSupport::detect() else {
+        panic!("{DENIED_ENV}={errno_name_} but io_uring works: no filter is installed");
+    };
+    assert_eq!(why.errno(), Some(errno), "{why}");
+    assert_eq!(why.code(), cause, "{why}");
+    let s = Selection::choose(BackendChoice::Auto).unwrap();
+    assert_eq!(s.backend, Backend::Epoll, "{}", s.reason);
+    assert!(!s.forced);
+    assert_eq!(s.uring_unavailable.as_ref(), Some(why));
+}
+
+/// The body of each `auto_seccomp` test (see `for_each_backend!`): in the
+/// test process, re-runs this one test in a child whose seccomp filter makes
+/// io_uring fail with EPERM (Docker's default profile), and requires that it
+/// ran and passed; in that child, checks the fallback and runs `body`.
+pub fn run_where_io_uring_is_denied(module: &str, test: &str, body: impl FnOnce()) {
+    if let Ok(name) = std::env::var(DENIED_ENV) {
+        assert_auto_falls_back(&name);
+        body();
+        return;
+    }
+    // libtest names tests by their path below the crate.
+    let module = module.split_once("::").map_or(module, |(_, rest)| rest);
+    let name = format!("{module}::{test}");
+    let out = rerun(&[&name, "--exact"], libc::EPERM);
+    let listed = listed(&[&name, "--exact"]);
+    assert_eq!(listed, 1, "{name} is not one test");
+    assert_passed(&out, 1, &name);
+}
+
+/// Runs this test binary with `args` in a child whose filter answers
+/// io_uring with `errno`, bounded generously (a hang, not a speed, bound).
+fn rerun(args: &[&str], errno: i32) -> std::process::Output {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(args)
+        .arg("--test-threads=2")
+        .env(DENIED_ENV, errno_name(errno))
+        .env_remove("RINGMOVER_BACKEND");
+    deny_io_uring(&mut cmd, errno);
+    crate::util::output_within(
+        &mut cmd,
+        std::time::Duration::from_secs(300),
+        &format!(
+            "{args:?} under a filter answering io_uring with {}",
+            errno_name(errno)
+        ),
+    )
+}
+
+/// How many tests this binary has for `args` (filters).
+fn listed(args: &[&str]) -> usize {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .arg("--list")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": test"))
+        .count()
+}
+
+/// `out` is a passing libtest run of exactly `n` tests: none filtered away
+/// or ignored unnoticed.
+fn assert_passed(out: &std::process::Output, n: usize, what: &str) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("test result: ok. {n} passed; 0 failed; 0 ignored")),
+        "{what}: expected {n} tests to pass\n{text}"
+    );
+}
+
+/// The library suites' `auto` tests again under a filter answering ENOSYS
+/// (what some container profiles and pre-5.1 kernels give): `auto` must
+/// select epoll, classify the cause as `enosys`, and pass every test.
+#[test]
+fn library_suites_pass_on_epoll_when_io_uring_is_enosys() {
+    let filters = ["send::auto_seccomp::", "zerocopy::auto_seccomp::"];
+    let n = listed(&filters);
+    assert!(n >= 10, "only {n} auto_seccomp tests in {filters:?}");
+    let out = rerun(&filters, libc::ENOSYS);
+    assert_passed(&out, n, &format!("{filters:?} under ENOSYS"));
 }

@@ -25,3 +25,58 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Runs `cmd` to completion, its output captured, killing it and failing
+/// the test if it takes longer than `limit` (a hang bound, not a speed
+/// check): `what` names what was waited for.
+pub fn output_within(cmd: &mut Command, limit: std::time::Duration, what: &str) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    wait_within(child, limit, what)
+}
+
+/// Waits for `child`, collecting what is left of its piped stdout and
+/// stderr, killing it and failing the test after `limit` (see
+/// [`output_within`]).
+pub fn wait_within(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> Output {
+    use std::io::Read;
+    // Drained on threads so a chatty child never blocks on a full pipe.
+    fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&err.join().unwrap()).into_owned();
+            panic!("{what}: still running after {limit:?}, killed\n{stderr}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
