@@ -657,3 +657,87 @@ pub fn raise_nofile_limit() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ringmover-recv-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Taken names (final or .part) get `-1`, `-2`, ...
+    #[test]
+    fn colliding_names_get_suffixes() {
+        let dir = scratch("collide");
+        let base = dir.join("stamp_127.0.0.1_9");
+        std::fs::write(&base, b"taken").unwrap();
+        std::fs::write(part_path(&suffixed(&base, 1)), b"in use").unwrap();
+        let (output, _file) = unique_output(&base).unwrap();
+        assert_eq!(output.path, suffixed(&base, 2));
+        assert_eq!(output.part, part_path(&suffixed(&base, 2)));
+        assert!(output.part.exists());
+        assert_eq!(std::fs::read(&base).unwrap(), b"taken");
+        assert_eq!(
+            std::fs::read(part_path(&suffixed(&base, 1))).unwrap(),
+            b"in use"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Directory mode never replaces: a name taken after the .part was
+    /// made moves the rename to `-1`; without a fallback it fails.
+    #[test]
+    fn rename_never_overwrites() {
+        let dir = scratch("rename");
+        let path = dir.join("name");
+        let part = part_path(&path);
+        std::fs::write(&part, b"new").unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        let e = rename_into_place(&part, &path, false, false).unwrap_err();
+        assert!(format!("{e:#}").contains("File exists"), "{e:#}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        std::fs::write(suffixed(&path, 1), b"also taken").unwrap();
+        let got = rename_into_place(&part, &path, false, true).unwrap();
+        assert_eq!(got, suffixed(&path, 2));
+        assert_eq!(std::fs::read(&got).unwrap(), b"new");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        assert_eq!(std::fs::read(suffixed(&path, 1)).unwrap(), b"also taken");
+        assert!(!part.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--overwrite` replaces a regular file but never a symlink or FIFO.
+    #[test]
+    fn replace_only_regular_files() {
+        let dir = scratch("replace");
+        let path = dir.join("name");
+        let part = part_path(&path);
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        std::fs::write(&part, b"new").unwrap();
+        let e = rename_into_place(&part, &path, true, false).unwrap_err();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"old").unwrap();
+        assert_eq!(rename_into_place(&part, &path, true, false).unwrap(), path);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        let e = create_part(&part, true).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_file(&part).unwrap();
+        std::fs::write(&part, b"stale").unwrap();
+        let e = create_part(&part, false).unwrap_err();
+        assert!(e.to_string().contains("--overwrite"), "{e}");
+        create_part(&part, true).unwrap();
+        assert_eq!(std::fs::read(&part).unwrap(), b"");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
