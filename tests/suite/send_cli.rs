@@ -6,8 +6,8 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -38,6 +38,15 @@ fn send_command(backend: Option<ringmover::Backend>) -> Command {
         .arg("send")
         .stdin(Stdio::null());
     cmd
+}
+
+/// A fresh scratch directory holding `src.bin` of `len` pattern bytes.
+fn source(name: &str, len: usize, seed: u64) -> (PathBuf, PathBuf, Vec<u8>) {
+    let dir = scratch(name);
+    let data = pattern(len, seed);
+    let path = dir.join("src.bin");
+    fs::write(&path, &data).unwrap();
+    (dir, path, data)
 }
 
 fn listen() -> (TcpListener, SocketAddr) {
@@ -150,6 +159,16 @@ fn deframe(bytes: &[u8]) -> Decoded {
     out
 }
 
+/// Waits for `child` (see [`wait_child`]) and reads its piped stderr.
+fn exit_and_stderr(child: &mut std::process::Child, what: &str) -> (ExitStatus, String) {
+    let status = wait_child(child, what);
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    (status, err)
+}
+
 fn json_of(o: &std::process::Output) -> Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("send --json printed no JSON ({e}): {o:?}"))
@@ -235,10 +254,7 @@ fn framed_output_decodes_to_the_input(backend: Option<ringmover::Backend>) {
 
 /// `--raw`: the bytes alone, no magic, no frames.
 fn raw_output_is_the_input(backend: Option<ringmover::Backend>) {
-    let dir = scratch("raw");
-    let data = pattern(3 << 20, 73);
-    let path = dir.join("src.bin");
-    fs::write(&path, &data).unwrap();
+    let (dir, path, data) = source("raw", 3 << 20, 73);
     let (addr, _, t) = reader();
     let o = output_within(
         send_command(backend)
@@ -258,10 +274,7 @@ fn raw_output_is_the_input(backend: Option<ringmover::Backend>) {
 /// cleanly: against `recv --max-bytes 64K`, a peer that reads 64 KiB and
 /// closes, and a peer that reads everything and then resets.
 fn send_fails_unless_everything_was_accepted(backend: Option<ringmover::Backend>) {
-    let dir = scratch("refused");
-    let data = pattern(1 << 20, 74);
-    let path = dir.join("src.bin");
-    fs::write(&path, &data).unwrap();
+    let (dir, path, _) = source("refused", 1 << 20, 74);
     let send = |addr: SocketAddr, what: &str| {
         output_within(
             send_command(backend)
@@ -376,14 +389,7 @@ fn signals_reset_the_connection(backend: Option<ringmover::Backend>) {
     });
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = wait_child(&mut child, "ringmover send after SIGINT");
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = exit_and_stderr(&mut child, "ringmover send after SIGINT");
     drop(stdin);
     let (got, end) = t.join().unwrap();
     assert_eq!(status.code(), Some(130), "{status}: {err}");
@@ -436,9 +442,7 @@ fn signals_reset_the_connection(backend: Option<ringmover::Backend>) {
 /// A file that shrinks after its frame was declared: the receiver gets a
 /// reset in the middle of the frame, and send says why.
 fn a_shrinking_file_resets_the_connection(backend: Option<ringmover::Backend>) {
-    let dir = scratch("shrink");
-    let path = dir.join("src.bin");
-    fs::write(&path, pattern(32 << 20, 76)).unwrap();
+    let (dir, path, _) = source("shrink", 32 << 20, 76);
     let (l, addr) = listen();
     // A small window, so sending stalls well inside the first frame.
     nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
@@ -462,14 +466,7 @@ fn a_shrinking_file_resets_the_connection(backend: Option<ringmover::Backend>) {
         .set_len(0)
         .unwrap();
     let (_, end) = read_all(&mut s, &AtomicU64::new(0));
-    let status = wait_child(&mut child, "ringmover send of a shrinking file");
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = exit_and_stderr(&mut child, "ringmover send of a shrinking file");
     assert_eq!(status.code(), Some(1), "{status}: {err}");
     assert!(err.contains("shrank"), "{err}");
     assert!(is_reset(&end), "a reset, not a clean end: {end:?}");
