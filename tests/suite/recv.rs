@@ -987,10 +987,9 @@ fn interrupted_connections_are_reported(backend: Option<ringmover::Backend>) {
     use nix::sys::signal::Signal;
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         let (dir, out, server) = serve_into_dir(backend, "interrupt", &["--max-conns", "3"]);
-        let addr = server.addr;
         let mut live = Vec::new();
         for (i, len) in [1000usize, 70_000].into_iter().enumerate() {
-            let mut s = connect(addr);
+            let mut s = connect(server.addr);
             let peer = s.local_addr().unwrap();
             let data = pattern(len, 40 + i as u64);
             s.write_all(&data).expect("sending to recv");
@@ -1020,10 +1019,8 @@ fn interrupted_connections_are_reported(backend: Option<ringmover::Backend>) {
             let line = format!("ringmover: {peer}: interrupted by {}", sig.as_str());
             assert!(done.stderr.contains(&line), "{sig}: {}", done.stderr);
         }
-        assert!(
-            TcpStream::connect(addr).is_err(),
-            "{sig}: no longer accepting"
-        );
+        // It exited (no longer accepting); a connect() to its old port
+        // proves nothing, since another test may have bound it since.
         fs::remove_dir_all(&dir).unwrap();
     }
 }

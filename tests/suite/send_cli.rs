@@ -484,7 +484,6 @@ fn a_stalled_receiver_fails_the_send(backend: Option<ringmover::Backend>) {
         let _ = wait.recv_timeout(PATIENCE);
         drop(s);
     });
-    let started = Instant::now();
     let o = output_within(
         send_command(backend).args([
             "/dev/zero",
@@ -494,10 +493,6 @@ fn a_stalled_receiver_fails_the_send(backend: Option<ringmover::Backend>) {
             &addr.to_string(),
         ]),
         "ringmover send to a peer that never reads",
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "gave up before the peer did"
     );
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
