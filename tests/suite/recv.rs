@@ -41,6 +41,7 @@ for_each_backend!(
     bad_options_exit_2,
     non_utf8_output_path_with_json,
     fsync_is_called_only_with_the_flag,
+    interrupted_senders_never_yield_a_complete_file,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -391,7 +392,7 @@ fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
     let started = Instant::now();
     let send = output_within(
         Command::new(BIN)
-            .args(["send", src.to_str().unwrap(), "--raw", "--json", "--to"])
+            .args(["send", src.to_str().unwrap(), "--json", "--to"])
             .arg(server.addr.to_string()),
         "ringmover send of 1 GiB",
     );
@@ -817,7 +818,7 @@ fn send_from_stdin_with_progress(backend: Option<ringmover::Backend>) {
     let server = Server::start(backend, &["--out", out.to_str().unwrap(), "--progress"]);
     let send = output_within(
         Command::new(BIN)
-            .args(["send", "-", "--raw", "--json", "--to"])
+            .args(["send", "-", "--json", "--to"])
             .arg(server.addr.to_string())
             .stdin(fs::File::open(&src).unwrap()),
         "ringmover send - of 3 MiB",
@@ -1303,5 +1304,115 @@ fn fsync_is_called_only_with_the_flag(backend: Option<ringmover::Backend>) {
         "file and directory fsync'd with --fsync: {counts:?}"
     );
     assert_eq!(counts[1], 0, "no fsync without --fsync: {counts:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// End to end, ringmover send → ringmover recv on defaults: a sender
+/// killed (SIGKILL), interrupted (SIGINT after 1 of 2 MiB) or timed out
+/// (`timeout 0.05 ringmover send /dev/zero`) mid-transfer never leaves a
+/// file under its final name; the .part holds exactly the payload received.
+fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Backend>) {
+    use nix::sys::signal::Signal;
+    let name = backend.map_or("auto", |b| b.name());
+    for sig in [Signal::SIGKILL, Signal::SIGINT] {
+        let (dir, out, server) = serve_into_dir(backend, "killed", &["--once"]);
+        let mut child = Command::new(BIN)
+            .env("RINGMOVER_BACKEND", name)
+            .args(["send", "-", "--to", &server.addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let first = pattern(1 << 20, 80);
+        stdin.write_all(&first).expect("feeding send's stdin");
+        let only = || files_in(&out).into_iter().next();
+        wait_until("recv to write the first MiB", || {
+            only().is_some_and(|p| size_of(&p) == first.len() as u64)
+        });
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+        wait_child(&mut child, "ringmover send after a signal");
+        drop(stdin);
+        let done = server.finish();
+        assert!(!done.status.success(), "{sig}: {done:?}");
+        let r = &done.records[0];
+        assert_ne!(r["outcome"], "complete", "{sig}: {r}");
+        let part = path_of(r);
+        assert!(part.to_string_lossy().ends_with(".part"), "{sig}: {r}");
+        assert_eq!(
+            files_in(&out),
+            std::slice::from_ref(&part),
+            "{sig}: only the .part"
+        );
+        assert!(
+            fs::read(&part).unwrap() == first,
+            "{sig}: exactly the payload"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // `timeout 0.05`; longer if this busy machine kills send before it
+    // connects (then recv, still waiting, is stopped with SIGTERM).
+    for secs in ["0.05", "0.5", "5"] {
+        let (dir, out, mut server) = serve_into_dir(backend, "timeout", &["--once"]);
+        let o = output_within(
+            Command::new("timeout")
+                .args([
+                    secs,
+                    BIN,
+                    "send",
+                    "/dev/zero",
+                    "--to",
+                    &server.addr.to_string(),
+                ])
+                .env("RINGMOVER_BACKEND", name),
+            "timeout ringmover send /dev/zero",
+        );
+        assert_eq!(o.status.code(), Some(124), "{o:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let connected = server.child.try_wait().unwrap().is_some();
+        if !connected {
+            server.signal(Signal::SIGTERM);
+        }
+        let done = server.finish();
+        assert!(!done.status.success(), "{done:?}");
+        for r in &done.records {
+            assert_ne!(r["outcome"], "complete", "{r}");
+        }
+        assert!(
+            files_in(&out)
+                .iter()
+                .all(|p| p.to_string_lossy().ends_with(".part")),
+            "nothing under a final name"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+        if connected {
+            break;
+        }
+        assert_ne!(secs, "5", "ringmover send never connected within 5 s");
+    }
+
+    // A missing input never connects: recv sees nothing at all.
+    let (dir, out, server) = serve_into_dir(backend, "noinput", &["--once"]);
+    let o = output_within(
+        Command::new(BIN).args([
+            "send",
+            "/nonexistent/input",
+            "--to",
+            &server.addr.to_string(),
+        ]),
+        "ringmover send of a missing file",
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let peer = send_bytes(server.addr, b"the only connection");
+    let done = server.finish();
+    assert_eq!(done.records.len(), 1, "{done:?}");
+    assert_eq!(record_for(&done, peer)["outcome"], "complete");
+    assert_eq!(files_in(&out).len(), 1);
     fs::remove_dir_all(&dir).unwrap();
 }
