@@ -19,8 +19,8 @@ use crate::Outcome;
 /// Send FILE (or stdin, given `-`) to a TCP address, then wait for the
 /// receiver to close.
 ///
-/// By default the bytes are framed for `ringmover recv` (a magic, length-
-/// prefixed frames, an end marker; see docs/recv.md), so a transfer cut
+/// By default the bytes are framed for `ringmover recv` (a magic,
+/// length-prefixed frames, an end marker; see docs/recv.md), so a transfer cut
 /// short at any point, even by SIGKILL, never looks complete to it. --raw
 /// sends the bytes alone, for any other receiver.
 ///
