@@ -1,19 +1,22 @@
 //! `ringmover recv`: accept TCP connections and write each into a file.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use ringmover::recv::{self, ConnId, Event, Finished, Receiver, RecvOptions};
-use ringmover::{Backend, Selection};
-use serde_json::json;
+use ringmover::Backend;
+use ringmover::Selection;
+use serde_json::{json, Value};
 
-use crate::units::{gbps, human_bytes, parse_duration, parse_size, utc_stamp};
+use crate::signals::Interrupt;
+use crate::units::{gbps, human_bytes, parse_count, parse_size, parse_timeout, utc_stamp};
 use crate::Outcome;
 
 /// Receive TCP connections into files.
@@ -22,12 +25,18 @@ use crate::Outcome;
 /// time and the peer (never colliding with an existing name). With --out
 /// FILE, one connection goes to FILE and ringmover exits.
 ///
-/// Bytes go to NAME.part, renamed to NAME only after a clean end of stream
-/// (and fsync with --fsync). On reset, idle timeout or quota, NAME.part
-/// keeps exactly the bytes received and stderr names the peer and reason.
+/// Bytes go to NAME.part, renamed to NAME only after a complete transfer
+/// (and fsync with --fsync). On reset, idle timeout, quota or interruption,
+/// NAME.part keeps exactly the bytes received and stderr names the peer and
+/// reason. Nothing is created before a connection arrives.
+///
+/// SIGINT/SIGTERM stop accepting and report every live connection as
+/// `interrupted` (its .part kept). A closed stdout or stderr never stops
+/// the transfers.
 ///
 /// The first line on stderr is `listening on ADDR:PORT` (the real port when
-/// :0 was given). Exit status 0 iff every connection completed.
+/// :0 was given). Exit status 0 iff every connection completed; 2 for a bad
+/// option; 128 + the signal number when interrupted.
 #[derive(Debug, clap::Args)]
 #[command(long_about)]
 pub struct Args {
@@ -48,19 +57,22 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     max_bytes: Option<u64>,
 
-    /// Accept this many connections, then exit once they have finished.
-    #[arg(long, value_name = "N")]
+    /// Accept this many connections (at least 1), then exit once they have
+    /// finished.
+    #[arg(long, value_name = "N", value_parser = parse_count)]
     max_conns: Option<u64>,
 
-    /// Fail a connection that sends nothing for this long (e.g. 30s, 500ms).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// Fail a connection that sends nothing for this long (e.g. 30s, 500ms;
+    /// more than 0, at most a year).
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     idle_timeout: Option<Duration>,
 
     /// fsync each file before renaming it into place, and its directory after.
     #[arg(long)]
     fsync: bool,
 
-    /// Replace an existing output file (and a stale .part).
+    /// Replace an existing output file (and a stale .part). Only regular
+    /// files are replaced, never followed through a symbolic link.
     #[arg(long)]
     overwrite: bool,
 
@@ -78,8 +90,8 @@ pub struct Args {
 enum Destination {
     /// One file per connection in this directory.
     Dir(PathBuf),
-    /// This file; its .part is already created.
-    File { path: PathBuf, part: Option<File> },
+    /// This one file; `taken` once its connection arrived.
+    File { path: PathBuf, taken: bool },
 }
 
 /// A connection's output: the final name and the .part being written.
@@ -89,7 +101,12 @@ struct Output {
     part: PathBuf,
 }
 
+/// How often the loop looks at the signal flag while nothing happens.
+const TICK: Duration = Duration::from_millis(100);
+
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
+    // Before any other thread starts (they inherit the blocked signals).
+    let interrupt = Interrupt::watch().context("watching SIGINT and SIGTERM")?;
     recv::ignore_sigxfsz().context("ignoring SIGXFSZ")?;
     raise_nofile_limit();
     let selection = Selection::from_env().context("selecting a backend")?;
@@ -100,18 +117,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     } else if args.out.as_os_str().to_string_lossy().ends_with('/') {
         bail!("output directory {} does not exist", args.out.display());
     } else {
-        let part = part_path(&args.out);
-        if !args.overwrite && args.out.symlink_metadata().is_ok() {
-            bail!(
-                "refusing to overwrite existing file {} (pass --overwrite to replace it)",
-                args.out.display()
-            );
-        }
-        let file = create_part(&part, args.overwrite)
-            .with_context(|| format!("creating {}", part.display()))?;
+        // Checked now, created only when the connection arrives.
+        check_output_file(&args.out, args.overwrite)?;
         Destination::File {
             path: args.out.clone(),
-            part: Some(file),
+            taken: false,
         }
     };
     let limit = match &dest {
@@ -125,22 +135,23 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let local = listener
         .local_addr()
         .with_context(|| format!("reading the address bound for {addr}"))?;
-    let mut err = io::stderr();
-    writeln!(err, "listening on {local}").context("writing to stderr")?;
+    let mut console = Console::new(args.json);
+    console.say(format_args!("listening on {local}"));
 
     let progress = args.progress.enabled();
     if progress {
-        writeln!(err, "backend: {backend} ({})", selection.reason)?;
+        console.say(format_args!("backend: {backend} ({})", selection.reason));
     }
     let options = RecvOptions {
         max_bytes: args.max_bytes,
         idle_timeout: args.idle_timeout,
-        pipe_size: None,
+        // The rest (pipe size, and whatever later versions add) as defaults.
+        ..RecvOptions::default()
     };
     let mut receiver = Receiver::new(backend, options)
         .with_context(|| format!("starting the {backend} backend"))?;
     for f in receiver.fallbacks() {
-        writeln!(err, "fallback: {}: {}", f.op, f.instead)?;
+        console.say(format_args!("fallback: {}: {}", f.op, f.instead));
     }
     receiver
         .listen(listener, limit)
@@ -151,17 +162,25 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let mut failed = 0u64;
     let mut events = Vec::new();
     let mut last_tick = Instant::now();
-    let stdout = io::stdout();
     let tick = Duration::from_secs(1);
 
     while receiver.is_listening() || receiver.active() > 0 {
+        if let Some(sig) = interrupt.received() {
+            return Ok(interrupted(
+                sig,
+                receiver,
+                &mut outputs,
+                backend,
+                &mut console,
+            ));
+        }
         receiver
-            .wait(Some(tick), &mut events)
+            .wait(Some(TICK), &mut events)
             .context("waiting for connections")?;
         for event in events.drain(..) {
             match event {
                 Event::Incoming { socket, peer } => {
-                    let attached = open_output(&mut dest, peer)
+                    let attached = open_output(&mut dest, peer, args.overwrite)
                         .map_err(|(path, e)| {
                             let why = format!("creating {}: {e}", path.display());
                             (path, "file-error", why)
@@ -183,15 +202,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         Err((path, outcome, e)) => {
                             // Only this connection fails; the server goes on.
                             failed += 1;
-                            writeln!(err, "ringmover: {peer}: {e}")?;
-                            if args.json {
-                                let v = json!({
-                                    "peer": peer.to_string(), "path": path, "bytes": 0,
-                                    "seconds": 0.0, "gbps": 0.0, "backend": backend.name(),
-                                    "outcome": outcome, "error": e,
-                                });
-                                writeln!(stdout.lock(), "{v}").context("writing to stdout")?;
-                            }
+                            console.say(format_args!("ringmover: {peer}: {e}"));
+                            console.record(&json!({
+                                "peer": peer.to_string(), "path": path.to_string_lossy(),
+                                "bytes": 0, "seconds": 0.0, "gbps": 0.0,
+                                "backend": backend.name(), "outcome": outcome, "error": e,
+                            }));
                         }
                     }
                 }
@@ -200,14 +216,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         continue;
                     };
                     rates.remove(&done.id);
-                    let ok = finish(done, &output, args, backend, progress, &mut err, &stdout)?;
+                    let dir_mode = matches!(dest, Destination::Dir(_));
+                    let ok = finish(done, &output, args, dir_mode, backend, &mut console);
                     if !ok {
                         failed += 1;
                     }
                 }
                 Event::AcceptFailed(e) => {
                     failed += 1;
-                    writeln!(err, "ringmover: accepting on {local}: {e}")?;
+                    console.say(format_args!("ringmover: accepting on {local}: {e}"));
                 }
             }
         }
@@ -216,14 +233,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             last_tick = Instant::now();
             for p in receiver.progress() {
                 let before = rates.insert(p.id, p.bytes).unwrap_or(0);
-                let rate = (p.bytes - before) as f64 / secs;
-                writeln!(
-                    err,
+                let rate = p.bytes.saturating_sub(before) as f64 / secs;
+                console.say(format_args!(
                     "{}: {} ({}/s)",
                     p.peer,
                     human_bytes(p.bytes),
                     human_bytes(rate as u64)
-                )?;
+                ));
             }
         }
     }
@@ -234,20 +250,100 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     })
 }
 
+/// Stops everything on a signal: every live connection is reported as
+/// `interrupted`, its .part kept with what reached it.
+fn interrupted(
+    sig: nix::sys::signal::Signal,
+    receiver: Receiver,
+    outputs: &mut HashMap<ConnId, Output>,
+    backend: Backend,
+    console: &mut Console,
+) -> Outcome {
+    let live = receiver.progress();
+    // Closes the listener and every connection; after this no byte moves,
+    // so the .part sizes below are final.
+    drop(receiver);
+    let why = format!("interrupted by {}", sig.as_str());
+    for p in live {
+        let Some(output) = outputs.remove(&p.id) else {
+            continue;
+        };
+        let bytes = std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len());
+        let secs = p.elapsed.as_secs_f64();
+        console.say(format_args!(
+            "ringmover: {}: {why}; kept {bytes} bytes in {}",
+            p.peer,
+            output.part.display()
+        ));
+        console.record(&json!({
+            "peer": p.peer.to_string(),
+            "path": output.part.to_string_lossy(),
+            "bytes": bytes,
+            "seconds": secs,
+            "gbps": gbps(bytes, secs),
+            "backend": backend.name(),
+            "outcome": "interrupted",
+            "error": why,
+        }));
+    }
+    Outcome::Signal(sig)
+}
+
+/// stdout (JSON records) and stderr (messages) that may be closed under
+/// us (`recv --json | head -1`): a failed write is never fatal, since the
+/// transfers matter more than their reports. The first failure on stdout
+/// is said once on stderr, if that is still open.
+#[derive(Debug)]
+struct Console {
+    json: bool,
+    stdout_open: bool,
+    stderr_open: bool,
+}
+
+impl Console {
+    fn new(json: bool) -> Console {
+        Console {
+            json,
+            stdout_open: true,
+            stderr_open: true,
+        }
+    }
+
+    /// A line on stderr.
+    fn say(&mut self, line: fmt::Arguments<'_>) {
+        if self.stderr_open && writeln!(io::stderr(), "{line}").is_err() {
+            self.stderr_open = false;
+        }
+    }
+
+    /// A JSON record on stdout (with --json).
+    fn record(&mut self, v: &Value) {
+        if !self.json || !self.stdout_open {
+            return;
+        }
+        if let Err(e) = writeln!(io::stdout().lock(), "{v}") {
+            self.stdout_open = false;
+            self.say(format_args!(
+                "ringmover: writing to stdout: {e}; still receiving, \
+                 further records are not printed"
+            ));
+        }
+    }
+}
+
 /// Settles one finished connection: rename on success, report either way.
 /// Returns whether it completed.
 fn finish(
     done: Finished,
     output: &Output,
     args: &Args,
+    dir_mode: bool,
     backend: Backend,
-    progress: bool,
-    err: &mut io::Stderr,
-    stdout: &io::Stdout,
-) -> anyhow::Result<bool> {
+    console: &mut Console,
+) -> bool {
     let secs = done.elapsed.as_secs_f64();
     let (path, outcome, error) = match done.result {
-        Ok(()) => match persist(&done.file, output, args) {
+        Ok(()) => match persist(&done.file, output, args, dir_mode) {
             Ok(path) => (path, "complete", None),
             Err(e) => (output.part.clone(), "write-error", Some(format!("{e:#}"))),
         },
@@ -255,70 +351,44 @@ fn finish(
     };
     drop(done.file);
     if let Some(e) = &error {
-        writeln!(
-            err,
+        console.say(format_args!(
             "ringmover: {}: {e}; kept {} bytes in {}",
             done.peer,
             done.bytes,
             path.display()
-        )?;
-    } else if progress {
-        writeln!(
-            err,
+        ));
+    } else if args.progress.enabled() {
+        console.say(format_args!(
             "{}: done, {} in {secs:.2} s ({:.2} Gbit/s) -> {}",
             done.peer,
             human_bytes(done.bytes),
             gbps(done.bytes, secs),
             path.display()
-        )?;
+        ));
     }
-    if args.json {
-        let v = json!({
-            "peer": done.peer.to_string(),
-            "path": path,
-            "bytes": done.bytes,
-            "seconds": secs,
-            "gbps": gbps(done.bytes, secs),
-            "backend": backend.name(),
-            "outcome": outcome,
-            "error": error,
-        });
-        writeln!(stdout.lock(), "{v}").context("writing to stdout")?;
-    }
-    Ok(error.is_none())
+    console.record(&json!({
+        "peer": done.peer.to_string(),
+        // Lossy: JSON strings are Unicode, file names need not be.
+        "path": path.to_string_lossy(),
+        "bytes": done.bytes,
+        "seconds": secs,
+        "gbps": gbps(done.bytes, secs),
+        "backend": backend.name(),
+        "outcome": outcome,
+        "error": error,
+    }));
+    error.is_none()
 }
 
 /// fsync (when asked) and rename NAME.part to NAME; returns the final path.
-fn persist(file: &File, output: &Output, args: &Args) -> anyhow::Result<PathBuf> {
+fn persist(file: &File, output: &Output, args: &Args, dir_mode: bool) -> anyhow::Result<PathBuf> {
     if args.fsync {
         file.sync_all()
             .with_context(|| format!("fsync {}", output.part.display()))?;
     }
     // Only a named output file may be replaced; directory mode never clobbers.
-    let dir_mode = args.out.is_dir();
     let replace = args.overwrite && !dir_mode;
-    let mut target = output.path.clone();
-    let mut n = 0;
-    loop {
-        let renamed = if replace {
-            std::fs::rename(&output.part, &target)
-        } else {
-            rename_noreplace(&output.part, &target)
-        };
-        match renamed {
-            Ok(()) => break,
-            // Directory mode: someone took the name meanwhile; pick another.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir_mode && n < 1000 => {
-                n += 1;
-                target = suffixed(&output.path, n);
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("renaming {} to {}", output.part.display(), target.display())
-                })
-            }
-        }
-    }
+    let target = rename_into_place(&output.part, &output.path, replace, dir_mode)?;
     if args.fsync {
         let dir = target
             .parent()
@@ -329,6 +399,47 @@ fn persist(file: &File, output: &Output, args: &Args) -> anyhow::Result<PathBuf>
             .with_context(|| format!("fsync {}", dir.display()))?;
     }
     Ok(target)
+}
+
+/// Renames `part` to `path`. `replace`: an existing regular file at `path`
+/// is replaced (anything else is refused). Otherwise the rename never
+/// replaces anything; with `pick_another`, a taken name becomes `path-1`,
+/// `path-2`, ...
+fn rename_into_place(
+    part: &Path,
+    path: &Path,
+    replace: bool,
+    pick_another: bool,
+) -> anyhow::Result<PathBuf> {
+    let mut target = path.to_owned();
+    let mut n = 0;
+    loop {
+        let renamed = if replace {
+            refuse_special(&target)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| std::fs::rename(part, &target).map_err(anyhow::Error::from))
+        } else {
+            rename_noreplace(part, &target).map_err(anyhow::Error::from)
+        };
+        match renamed {
+            Ok(()) => return Ok(target),
+            // Someone took the name meanwhile; pick another.
+            Err(e)
+                if pick_another
+                    && n < 1000
+                    && e.downcast_ref::<io::Error>()
+                        .is_some_and(|e| e.kind() == io::ErrorKind::AlreadyExists) =>
+            {
+                n += 1;
+                target = suffixed(path, n);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("renaming {} to {}", part.display(), target.display())
+                })
+            }
+        }
+    }
 }
 
 /// `renameat2(from, to, RENAME_NOREPLACE)`: never replaces `to`.
@@ -355,26 +466,98 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     })
 }
 
+/// Start-up checks for `--out FILE`, touching nothing: FILE and FILE.part
+/// must not exist, or (with `overwrite`) be regular files.
+fn check_output_file(out: &Path, overwrite: bool) -> anyhow::Result<()> {
+    let part = part_path(out);
+    for (path, is_part) in [(out, false), (part.as_path(), true)] {
+        match path.symlink_metadata() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => bail!("checking {}: {e}", path.display()),
+            Ok(_) if !overwrite && is_part => bail!("{}", stale_part(path)),
+            Ok(_) if !overwrite => bail!(
+                "refusing to overwrite existing file {} (pass --overwrite to replace it)",
+                path.display()
+            ),
+            Ok(_) => refuse_special(path)?,
+        }
+    }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match dir.metadata() {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("{} is not a directory", dir.display()),
+        Err(e) => bail!("output directory {}: {e}", dir.display()),
+    }
+}
+
+/// What to say about a .part that is in the way.
+fn stale_part(part: &Path) -> String {
+    format!(
+        "{} exists (left by an interrupted run?): remove it, or pass --overwrite to replace it",
+        part.display()
+    )
+}
+
+/// Fails unless `path` is absent or a regular file: `--overwrite` never
+/// replaces a symbolic link, FIFO, socket, device or directory.
+fn refuse_special(path: &Path) -> io::Result<()> {
+    let kind = match path.symlink_metadata() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) => m.file_type(),
+    };
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "refusing to replace {}: it is {what} (--overwrite replaces only regular files)",
+            path.display()
+        ),
+    ))
+}
+
 /// Opens the output for a new connection from `peer`.
 fn open_output(
     dest: &mut Destination,
     peer: SocketAddr,
+    overwrite: bool,
 ) -> Result<(Output, File), (PathBuf, io::Error)> {
     match dest {
-        Destination::File { path, part } => {
-            let part_name = part_path(path);
-            match part.take() {
-                Some(file) => Ok((
+        Destination::File { path, taken } => {
+            let part = part_path(path);
+            if *taken {
+                return Err((
+                    path.clone(),
+                    io::Error::new(io::ErrorKind::AlreadyExists, "only one connection per file"),
+                ));
+            }
+            *taken = true;
+            match create_part(&part, overwrite) {
+                Ok(file) => Ok((
                     Output {
                         path: path.clone(),
-                        part: part_name,
+                        part,
                     },
                     file,
                 )),
-                None => Err((
-                    path.clone(),
-                    io::Error::new(io::ErrorKind::AlreadyExists, "only one connection per file"),
-                )),
+                Err(e) => Err((part, e)),
             }
         }
         Destination::Dir(dir) => {
@@ -385,38 +568,64 @@ fn open_output(
                 }
             };
             let base = dir.join(format!("{}_{peer_name}", utc_stamp(SystemTime::now())));
-            let mut n = 0;
-            loop {
-                let path = if n == 0 {
-                    base.clone()
-                } else {
-                    suffixed(&base, n)
-                };
-                let part = part_path(&path);
-                if path.symlink_metadata().is_ok() {
-                    n += 1;
-                    continue;
-                }
-                match create_part(&part, false) {
-                    Ok(file) => return Ok((Output { path, part }, file)),
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
-                    Err(e) => return Err((part, e)),
-                }
-            }
+            unique_output(&base)
         }
     }
 }
 
-/// Creates `part` for writing: O_EXCL unless `replace`.
+/// Creates BASE.part, or BASE-1.part, BASE-2.part, ...: the first whose
+/// final name and .part are both free.
+fn unique_output(base: &Path) -> Result<(Output, File), (PathBuf, io::Error)> {
+    let mut n = 0;
+    loop {
+        let path = if n == 0 {
+            base.to_owned()
+        } else {
+            suffixed(base, n)
+        };
+        let part = part_path(&path);
+        if path.symlink_metadata().is_ok() {
+            n += 1;
+            continue;
+        }
+        match create_part(&part, false) {
+            Ok(file) => return Ok((Output { path, part }, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err((part, e)),
+        }
+    }
+}
+
+/// Creates `part` for writing with `O_CREAT | O_EXCL | O_NOFOLLOW`, so
+/// nothing planted there is ever written through. With `replace`, an
+/// existing regular file is unlinked first (a symbolic link, FIFO or
+/// device is refused).
 fn create_part(part: &Path, replace: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
-    o.write(true).mode(0o644).custom_flags(libc::O_CLOEXEC);
-    if replace {
-        o.create(true).truncate(true);
-    } else {
-        o.create_new(true);
+    o.write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
+    for _ in 0..3 {
+        match o.open(part) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && replace => {
+                refuse_special(part)?;
+                match std::fs::remove_file(part) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(io::Error::new(e.kind(), stale_part(part)))
+            }
+            other => return other,
+        }
     }
-    o.open(part)
+    // Someone keeps putting it back between our unlink and open.
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{} keeps reappearing", part.display()),
+    ))
 }
 
 fn part_path(path: &Path) -> PathBuf {
@@ -446,5 +655,89 @@ pub fn raise_nofile_limit() {
         if soft < hard {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ringmover-recv-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Taken names (final or .part) get `-1`, `-2`, ...
+    #[test]
+    fn colliding_names_get_suffixes() {
+        let dir = scratch("collide");
+        let base = dir.join("stamp_127.0.0.1_9");
+        std::fs::write(&base, b"taken").unwrap();
+        std::fs::write(part_path(&suffixed(&base, 1)), b"in use").unwrap();
+        let (output, _file) = unique_output(&base).unwrap();
+        assert_eq!(output.path, suffixed(&base, 2));
+        assert_eq!(output.part, part_path(&suffixed(&base, 2)));
+        assert!(output.part.exists());
+        assert_eq!(std::fs::read(&base).unwrap(), b"taken");
+        assert_eq!(
+            std::fs::read(part_path(&suffixed(&base, 1))).unwrap(),
+            b"in use"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Directory mode never replaces: a name taken after the .part was
+    /// made moves the rename to `-1`; without a fallback it fails.
+    #[test]
+    fn rename_never_overwrites() {
+        let dir = scratch("rename");
+        let path = dir.join("name");
+        let part = part_path(&path);
+        std::fs::write(&part, b"new").unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        let e = rename_into_place(&part, &path, false, false).unwrap_err();
+        assert!(format!("{e:#}").contains("File exists"), "{e:#}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        std::fs::write(suffixed(&path, 1), b"also taken").unwrap();
+        let got = rename_into_place(&part, &path, false, true).unwrap();
+        assert_eq!(got, suffixed(&path, 2));
+        assert_eq!(std::fs::read(&got).unwrap(), b"new");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        assert_eq!(std::fs::read(suffixed(&path, 1)).unwrap(), b"also taken");
+        assert!(!part.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `--overwrite` replaces a regular file but never a symlink or FIFO.
+    #[test]
+    fn replace_only_regular_files() {
+        let dir = scratch("replace");
+        let path = dir.join("name");
+        let part = part_path(&path);
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        std::fs::write(&part, b"new").unwrap();
+        let e = rename_into_place(&part, &path, true, false).unwrap_err();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"old").unwrap();
+        assert_eq!(rename_into_place(&part, &path, true, false).unwrap(), path);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        let e = create_part(&part, true).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_file(&part).unwrap();
+        std::fs::write(&part, b"stale").unwrap();
+        let e = create_part(&part, false).unwrap_err();
+        assert!(e.to_string().contains("--overwrite"), "{e}");
+        create_part(&part, true).unwrap();
+        assert_eq!(std::fs::read(&part).unwrap(), b"");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@ mod bench;
 mod probe;
 mod recv;
 mod send;
+mod signals;
 mod units;
 
 use std::io::Write;
@@ -43,6 +44,9 @@ pub enum Outcome {
     Failed,
     /// A usage error (exit status 2), already reported.
     Usage,
+    /// Stopped by this signal (exit status 128 + its number), already
+    /// reported.
+    Signal(nix::sys::signal::Signal),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failed) => ExitCode::from(1),
         Ok(Outcome::Usage) => ExitCode::from(2),
+        Ok(Outcome::Signal(sig)) => ExitCode::from(signals::exit_status(sig)),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "ringmover: {e:#}");
@@ -66,7 +71,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// A closed stdout (`ringmover probe | head`) is not a failure.
+/// A closed stdout (`ringmover probe | head`) is not a failure. (`send`
+/// reports its own errors, so a socket's EPIPE never arrives here.)
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()

@@ -46,7 +46,46 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "invalid duration {s:?}: must be a non-negative number"
         ));
     }
-    Ok(Duration::from_secs_f64(v * scale))
+    // `from_secs_f64` panics past u64 seconds: say so instead.
+    Duration::try_from_secs_f64(v * scale).map_err(|_| format!("duration {s:?} is too long"))
+}
+
+/// The longest timeout accepted: a year. Deadlines are `Instant + timeout`,
+/// which overflows (and panics) long before `Duration::MAX`.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 86_400);
+
+/// Parses a timeout: a duration greater than zero and at most a year.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("timeout {s:?} must be greater than 0"));
+    }
+    if d > MAX_TIMEOUT {
+        return Err(format!("timeout {s:?} is longer than a year"));
+    }
+    Ok(d)
+}
+
+/// A timeout that may be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<Duration>);
+
+/// Parses a timeout as [`parse_timeout`] does, or `off` for none.
+pub fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        Ok(Limit(None))
+    } else {
+        parse_timeout(s).map(|d| Limit(Some(d)))
+    }
+}
+
+/// Parses a count of at least 1.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("invalid count {s:?}: expected a whole number")),
+    }
 }
 
 /// Parses a byte count: `1000`, `64K`/`64KiB`, `10M`, `2G` (binary units).
@@ -139,6 +178,20 @@ mod tests {
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1e30").is_err(), "too long, not a panic");
+    }
+
+    #[test]
+    fn timeouts_and_counts() {
+        assert_eq!(parse_timeout("300ms"), Ok(Duration::from_millis(300)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("1e19").is_err());
+        assert!(parse_timeout("1e30").is_err());
+        assert_eq!(parse_limit("off"), Ok(Limit(None)));
+        assert_eq!(parse_limit("5m"), Ok(Limit(Some(Duration::from_secs(300)))));
+        assert_eq!(parse_count("3"), Ok(3));
+        assert!(parse_count("0").is_err());
+        assert!(parse_count("-1").is_err());
     }
 
     #[test]

@@ -52,5 +52,6 @@ mod recv;
 #[cfg(target_os = "linux")]
 mod seccomp;
 mod send;
+mod send_cli;
 mod util;
 mod zerocopy;

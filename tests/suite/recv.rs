@@ -32,6 +32,16 @@ for_each_backend!(
     nc_and_socat_clients,
     send_from_stdin_with_progress,
     failures_stay_with_their_connection,
+    quota_reached_exactly_then_more_or_end,
+    interrupted_connections_are_reported,
+    closed_stdout_costs_no_data,
+    closed_stdout_and_stderr_cost_no_data,
+    overwrite_never_follows_links_or_replaces_special_files,
+    nothing_is_touched_before_a_connection,
+    bad_options_exit_2,
+    non_utf8_output_path_with_json,
+    fsync_is_called_only_with_the_flag,
+    interrupted_senders_never_yield_a_complete_file,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -53,7 +63,7 @@ fn serve_into_dir(
 }
 
 /// A fresh scratch directory.
-fn scratch(name: &str) -> PathBuf {
+pub(crate) fn scratch(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "ringmover-suite-{}-{name}-{}",
@@ -66,7 +76,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
@@ -101,19 +111,19 @@ fn sha256_bytes(data: &[u8], dir: &Path) -> String {
 }
 
 /// A running `ringmover recv`.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     stderr: JoinHandle<String>,
     stdout: JoinHandle<String>,
 }
 
 /// What a server left behind.
 #[derive(Debug)]
-struct Done {
-    status: ExitStatus,
-    stderr: String,
-    records: Vec<Value>,
+pub(crate) struct Done {
+    pub(crate) status: ExitStatus,
+    pub(crate) stderr: String,
+    pub(crate) records: Vec<Value>,
 }
 
 fn recv_command(backend: &str, args: &[&str]) -> Command {
@@ -130,7 +140,7 @@ fn recv_command(backend: &str, args: &[&str]) -> Command {
 impl Server {
     /// Starts `ringmover recv --listen 127.0.0.1:0 --json ARGS` and waits
     /// for its `listening on` line.
-    fn start(backend: &str, args: &[&str]) -> Server {
+    pub(crate) fn start(backend: &str, args: &[&str]) -> Server {
         let mut all = vec!["--listen", "127.0.0.1:0", "--json"];
         all.extend_from_slice(args);
         Server::spawn(recv_command(backend, &all))
@@ -168,8 +178,14 @@ impl Server {
         }
     }
 
+    /// Sends `sig` to the server.
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signalling ringmover recv");
+    }
+
     /// Waits (at most 120 s) for the server to exit.
-    fn finish(mut self) -> Done {
+    pub(crate) fn finish(mut self) -> Done {
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -196,29 +212,110 @@ impl Server {
     }
 }
 
+/// How long any single blocking step of a test may take before the test
+/// fails, naming the step: generous, it only bounds a hang.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Connects to `addr` with read and write timeouts of [`PATIENCE`], so a
+/// stuck server fails the test instead of hanging it.
+pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.set_write_timeout(Some(PATIENCE)).unwrap();
+    s
+}
+
 /// Connects, sends `data`, closes the write side, and waits for the
 /// server's close.
 fn send_bytes(addr: SocketAddr, data: &[u8]) -> SocketAddr {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = connect(addr);
     let local = s.local_addr().unwrap();
-    s.write_all(data).unwrap();
+    s.write_all(data)
+        .unwrap_or_else(|e| panic!("sending {} bytes to recv: {e}", data.len()));
     s.shutdown(Shutdown::Write).unwrap();
-    let _ = s.read(&mut [0u8; 1]);
+    match s.read(&mut [0u8; 1]) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            panic!("recv did not close {local} within {PATIENCE:?}")
+        }
+        Err(_) => {}
+    }
     local
 }
 
-fn record_for(done: &Done, peer: SocketAddr) -> &Value {
+/// Polls `cond` every 10 ms until it holds; fails the test after
+/// [`PATIENCE`], naming `what` it waited for.
+pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The size of `path`, 0 if it does not exist (yet).
+pub(crate) fn size_of(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Runs `cmd` to completion within [`PATIENCE`] (its stdin as set, or
+/// null), capturing stdout and stderr; kills it and fails the test naming
+/// `what` if it takes longer.
+pub(crate) fn output_within(cmd: &mut Command, what: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    let reader = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = reader(Box::new(child.stdout.take().unwrap()));
+    let stderr = reader(Box::new(child.stderr.take().unwrap()));
+    let status = wait_child(&mut child, what);
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// Waits for `child` within [`PATIENCE`]; kills it and fails the test
+/// naming `what` otherwise.
+pub(crate) fn wait_child(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {PATIENCE:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub(crate) fn record_for(done: &Done, peer: SocketAddr) -> &Value {
     done.records
         .iter()
         .find(|r| r["peer"] == peer.to_string())
         .unwrap_or_else(|| panic!("no record for {peer} in {:?}", done.records))
 }
 
-fn path_of(r: &Value) -> PathBuf {
+pub(crate) fn path_of(r: &Value) -> PathBuf {
     PathBuf::from(r["path"].as_str().expect("a path"))
 }
 
-fn files_in(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_in(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -293,11 +390,12 @@ fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
     let out = dir.join("big.bin");
     let server = Server::start(backend, &["--out", out.to_str().unwrap()]);
     let started = Instant::now();
-    let send = Command::new(BIN)
-        .args(["send", src.to_str().unwrap(), "--json", "--to"])
-        .arg(server.addr.to_string())
-        .output()
-        .unwrap();
+    let send = output_within(
+        Command::new(BIN)
+            .args(["send", src.to_str().unwrap(), "--json", "--to"])
+            .arg(server.addr.to_string()),
+        "ringmover send of 1 GiB",
+    );
     assert!(send.status.success(), "{send:?}");
     let sent: Value = serde_json::from_slice(&send.stdout).unwrap();
     assert_eq!(sent["bytes"], BIG_BYTES, "{sent}");
@@ -319,26 +417,35 @@ fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
+/// 200 connections served at once: every connection's bytes reach its
+/// file while all 200 are still open, so a server that took connections
+/// one at a time (to the end of each) would never get past the first.
 fn two_hundred_concurrent_connections(backend: Option<ringmover::Backend>) {
     const N: usize = 200;
     const EACH: usize = 96 * 1024;
     let (dir, out, server) = serve_into_dir(backend, "many", &["--max-conns", &N.to_string()]);
     // All connected before any byte goes; then bytes interleave.
     let mut socks: Vec<(TcpStream, Vec<u8>)> = (0..N)
-        .map(|i| {
-            (
-                TcpStream::connect(server.addr).unwrap(),
-                pattern(EACH + i, i as u64 + 7),
-            )
-        })
+        .map(|i| (connect(server.addr), pattern(EACH + i, i as u64 + 7)))
         .collect();
     for chunk in 0..(EACH / 8192 + 1) {
         for (s, data) in &mut socks {
             let lo = (chunk * 8192).min(data.len());
             let hi = ((chunk + 1) * 8192).min(data.len());
-            s.write_all(&data[lo..hi]).unwrap();
+            s.write_all(&data[lo..hi]).expect("sending to recv");
         }
     }
+    let want: u64 = socks.iter().map(|(_, d)| d.len() as u64).sum();
+    wait_until(
+        "every byte of 200 open connections to reach their .part files",
+        || {
+            let parts: Vec<PathBuf> = files_in(&out)
+                .into_iter()
+                .filter(|p| p.to_string_lossy().ends_with(".part"))
+                .collect();
+            parts.len() == N && parts.iter().map(|p| size_of(p)).sum::<u64>() == want
+        },
+    );
     let peers: Vec<(SocketAddr, Vec<u8>)> = socks
         .into_iter()
         .map(|(s, d)| {
@@ -359,15 +466,19 @@ fn two_hundred_concurrent_connections(backend: Option<ringmover::Backend>) {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
-    let backend = backend.map_or("auto", |b| b.name());
-    let dir = scratch("reset");
-    let out = dir.join("got.bin");
-    let server = Server::start(backend, &["--out", out.to_str().unwrap()]);
-    let data = pattern(300_000, 5);
-    let s = TcpStream::connect(server.addr).unwrap();
+/// Sends `data`, waits until all of it is in `part`, then resets (RST,
+/// not FIN). Returns the peer address.
+fn send_then_reset(
+    addr: SocketAddr,
+    data: &[u8],
+    part: impl Fn() -> Option<PathBuf>,
+) -> SocketAddr {
+    let s = connect(addr);
     let peer = s.local_addr().unwrap();
-    (&s).write_all(&data).unwrap();
+    (&s).write_all(data).expect("sending to recv");
+    wait_until("recv to write every byte sent to the .part", || {
+        part().is_some_and(|p| size_of(&p) == data.len() as u64)
+    });
     // SO_LINGER 0 then close: the kernel sends RST instead of FIN.
     nix::sys::socket::setsockopt(
         &s,
@@ -379,31 +490,67 @@ fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
     )
     .unwrap();
     drop(s);
-    let done = server.finish();
+    peer
+}
+
+/// Checks a reset connection's record: exactly `data` kept in `part`.
+fn assert_reset_kept(done: &Done, peer: SocketAddr, part: &Path, data: &[u8]) {
     assert!(!done.status.success(), "a reset is a failure: {done:?}");
-    let r = record_for(&done, peer);
+    let r = record_for(done, peer);
     assert_eq!(r["outcome"], "reset", "{r}");
-    let part = dir.join("got.bin.part");
-    assert_eq!(path_of(r), part);
-    assert!(!out.exists(), "no final name after a reset");
-    let got = fs::read(&part).unwrap();
-    assert_eq!(got.len() as u64, r["bytes"].as_u64().unwrap());
+    assert_eq!(path_of(r), part, "{r}");
+    assert_eq!(r["bytes"], data.len() as u64, "{r}");
     assert!(
-        data.starts_with(&got),
-        "the .part holds a prefix of what was sent"
+        fs::read(part).unwrap() == data,
+        "the .part holds exactly what was sent"
     );
     assert!(
-        done.stderr.contains(&peer.to_string()) && done.stderr.contains("reset"),
-        "stderr names peer and reason: {}",
+        done.stderr.contains(&peer.to_string())
+            && done.stderr.contains("reset")
+            && done.stderr.contains(&part.display().to_string()),
+        "stderr names peer, reason and file: {}",
         done.stderr
     );
+}
+
+fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
+    let name = backend.map_or("auto", |b| b.name());
+    let data = pattern(300_000, 5);
+
+    // --out FILE
+    let dir = scratch("reset");
+    let out = dir.join("got.bin");
+    let part = dir.join("got.bin.part");
+    let server = Server::start(name, &["--out", out.to_str().unwrap()]);
+    let peer = send_then_reset(server.addr, &data, || Some(part.clone()));
+    let done = server.finish();
+    assert_reset_kept(&done, peer, &part, &data);
+    assert!(!out.exists(), "no final name after a reset");
+    fs::remove_dir_all(&dir).unwrap();
+
+    // --out DIR: the .part is DIR/<time>_<peer ip>_<port>.part
+    let (dir, out, server) = serve_into_dir(backend, "reset-dir", &["--once"]);
+    let only_part = || {
+        let files = files_in(&out);
+        (files.len() == 1 && files[0].to_string_lossy().ends_with(".part"))
+            .then(|| files[0].clone())
+    };
+    let peer = send_then_reset(server.addr, &data, only_part);
+    let done = server.finish();
+    let part = only_part().expect("the .part stays, alone");
+    let name = part.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.ends_with(&format!("_127.0.0.1_{}.part", peer.port())),
+        "{name}"
+    );
+    assert_reset_kept(&done, peer, &part, &data);
     fs::remove_dir_all(&dir).unwrap();
 }
 
 fn idle_timeout_fails_the_connection(backend: Option<ringmover::Backend>) {
     let (dir, _out, server) =
         serve_into_dir(backend, "idle", &["--once", "--idle-timeout", "300ms"]);
-    let mut s = TcpStream::connect(server.addr).unwrap();
+    let mut s = connect(server.addr);
     let peer = s.local_addr().unwrap();
     s.write_all(&pattern(1000, 9)).unwrap();
     let started = Instant::now();
@@ -434,7 +581,7 @@ fn quota_keeps_exactly_max_bytes(backend: Option<ringmover::Backend>) {
     let peer_exact = send_bytes(server.addr, &exact);
     // More than the quota: failed, .part holds exactly the quota.
     let over = pattern(500_000, 12);
-    let mut s = TcpStream::connect(server.addr).unwrap();
+    let mut s = connect(server.addr);
     let peer_over = s.local_addr().unwrap();
     // The server may close before taking everything: write errors are fine.
     let _ = s.write_all(&over);
@@ -457,7 +604,7 @@ fn unwritable_directory_fails_the_connection(backend: Option<ringmover::Backend>
     let backend = backend.map_or("auto", |b| b.name());
     // Tests run as root: chmod would not stop us, /proc does.
     let server = Server::start(backend, &["--out", "/proc", "--once"]);
-    let mut s = TcpStream::connect(server.addr).unwrap();
+    let mut s = connect(server.addr);
     let _ = s.write_all(b"hello");
     let _ = s.shutdown(Shutdown::Write);
     let done = server.finish();
@@ -474,14 +621,14 @@ fn unwritable_directory_fails_the_connection(backend: Option<ringmover::Backend>
     let file = dir.join("plain");
     fs::write(&file, b"x").unwrap();
     let target = file.join("out.bin");
-    let out = recv_command(backend, &["--listen", "127.0.0.1:0", "--out"])
-        .arg(&target)
-        .output()
-        .unwrap();
+    let out = output_within(
+        recv_command(backend, &["--listen", "127.0.0.1:0", "--out"]).arg(&target),
+        "ringmover recv with a file as directory",
+    );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("{}.part", target.display())) && err.contains("Not a directory"),
+        err.contains(&target.display().to_string()) && err.contains("Not a directory"),
         "{err}"
     );
     fs::remove_dir_all(&dir).unwrap();
@@ -492,10 +639,10 @@ fn existing_file_is_refused(backend: Option<ringmover::Backend>) {
     let dir = scratch("exists");
     let out = dir.join("keep.txt");
     fs::write(&out, b"precious").unwrap();
-    let o = recv_command(backend, &["--listen", "127.0.0.1:0", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = output_within(
+        recv_command(backend, &["--listen", "127.0.0.1:0", "--out"]).arg(&out),
+        "ringmover recv onto an existing file",
+    );
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -505,12 +652,32 @@ fn existing_file_is_refused(backend: Option<ringmover::Backend>) {
     assert_eq!(fs::read(&out).unwrap(), b"precious");
     assert!(!dir.join("keep.txt.part").exists());
 
-    // --overwrite replaces it.
+    // A .part left by a killed run: the error says what to do.
+    let part = dir.join("keep.txt.part");
+    fs::write(&part, b"stale").unwrap();
+    fs::remove_file(&out).unwrap();
+    let o = output_within(
+        recv_command(backend, &["--listen", "127.0.0.1:0", "--out"]).arg(&out),
+        "ringmover recv with a stale .part",
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&part.display().to_string())
+            && err.contains("remove it")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&part).unwrap(), b"stale");
+    fs::write(&out, b"precious").unwrap();
+
+    // --overwrite replaces both.
     let server = Server::start(backend, &["--out", out.to_str().unwrap(), "--overwrite"]);
     send_bytes(server.addr, b"replaced");
     let done = server.finish();
     assert!(done.status.success(), "{done:?}");
     assert_eq!(fs::read(&out).unwrap(), b"replaced");
+    assert!(!part.exists(), "the stale .part was replaced, then renamed");
     fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -542,7 +709,7 @@ fn rlimit_fsize_is_a_write_error(backend: Option<ringmover::Backend>) {
     }
     let server = Server::spawn(cmd);
     let data = pattern(3 << 20, 13);
-    let mut s = TcpStream::connect(server.addr).unwrap();
+    let mut s = connect(server.addr);
     let peer = s.local_addr().unwrap();
     let _ = s.write_all(&data);
     let _ = s.shutdown(Shutdown::Write);
@@ -569,10 +736,10 @@ fn address_in_use_is_reported(backend: Option<ringmover::Backend>) {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = scratch("inuse");
-    let o = recv_command(backend, &["--listen", &addr, "--out"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let o = output_within(
+        recv_command(backend, &["--listen", &addr, "--out"]).arg(&dir),
+        "ringmover recv on a taken address",
+    );
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -584,6 +751,11 @@ fn address_in_use_is_reported(backend: Option<ringmover::Backend>) {
 
 /// Finds `tool` in PATH or fails the test, saying how to install it.
 fn require_tool(tool: &str) -> PathBuf {
+    require_tool_from(tool, "netcat-openbsd socat")
+}
+
+/// Finds `tool` in PATH or fails the test, naming the Debian `package`.
+fn require_tool_from(tool: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)
@@ -591,7 +763,7 @@ fn require_tool(tool: &str) -> PathBuf {
                 .find(|p| p.is_file())
         })
         .unwrap_or_else(|| {
-            panic!("`{tool}` is not installed: apt-get install netcat-openbsd socat (this test never skips)")
+            panic!("`{tool}` is not installed: apt-get install {package} (this test never skips)")
         })
 }
 
@@ -609,20 +781,22 @@ fn nc_and_socat_clients(backend: Option<ringmover::Backend>) {
         &["--out", out.to_str().unwrap(), "--max-conns", "2"],
     );
     let port = server.addr.port().to_string();
-    let st = Command::new(&nc)
-        .args(["-N", "127.0.0.1", &port])
-        .stdin(fs::File::open(&src).unwrap())
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "nc: {st}");
-    let st = Command::new(&socat)
-        .arg("-u")
-        .arg(format!("FILE:{}", src.display()))
-        .arg(format!("TCP:127.0.0.1:{port}"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "socat: {st}");
+    let st = output_within(
+        Command::new(&nc)
+            .args(["-N", "127.0.0.1", &port])
+            .stdin(fs::File::open(&src).unwrap()),
+        "nc sending 2 MiB",
+    );
+    assert!(st.status.success(), "nc: {st:?}");
+    let st = output_within(
+        Command::new(&socat)
+            .arg("-u")
+            .arg(format!("FILE:{}", src.display()))
+            .arg(format!("TCP:127.0.0.1:{port}"))
+            .stdin(Stdio::null()),
+        "socat sending 2 MiB",
+    );
+    assert!(st.status.success(), "socat: {st:?}");
     let done = server.finish();
     assert!(done.status.success(), "{done:?}");
     let want = sha256_file(&src);
@@ -642,12 +816,13 @@ fn send_from_stdin_with_progress(backend: Option<ringmover::Backend>) {
     fs::write(&src, &data).unwrap();
     let out = dir.join("got.bin");
     let server = Server::start(backend, &["--out", out.to_str().unwrap(), "--progress"]);
-    let send = Command::new(BIN)
-        .args(["send", "-", "--json", "--to"])
-        .arg(server.addr.to_string())
-        .stdin(fs::File::open(&src).unwrap())
-        .output()
-        .unwrap();
+    let send = output_within(
+        Command::new(BIN)
+            .args(["send", "-", "--json", "--to"])
+            .arg(server.addr.to_string())
+            .stdin(fs::File::open(&src).unwrap()),
+        "ringmover send - of 3 MiB",
+    );
     assert!(send.status.success(), "{send:?}");
     let sent: Value = serde_json::from_slice(&send.stdout).unwrap();
     assert_eq!(sent["method"], "read-write", "{sent}");
@@ -667,10 +842,10 @@ fn send_from_stdin_with_progress(backend: Option<ringmover::Backend>) {
 #[test]
 #[cfg(target_os = "linux")]
 fn idle_connections_hold_no_io_wq_workers() {
-    let out = Command::new(BIN)
-        .args(["bench", "recv", "--idle", "1000", "--json"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(BIN).args(["bench", "recv", "--idle", "1000", "--json"]),
+        "ringmover bench recv --idle 1000",
+    );
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["idle_connections"], 1000, "{v}");
@@ -684,9 +859,9 @@ fn idle_connections_hold_no_io_wq_workers() {
 fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
     let (dir, _out, server) =
         serve_into_dir(backend, "mixed", &["--max-conns", "3", "--max-bytes", "1M"]);
-    let healthy = TcpStream::connect(server.addr).unwrap();
-    let resetting = TcpStream::connect(server.addr).unwrap();
-    let greedy = TcpStream::connect(server.addr).unwrap();
+    let healthy = connect(server.addr);
+    let resetting = connect(server.addr);
+    let greedy = connect(server.addr);
     let (p_ok, p_reset, p_greedy) = (
         healthy.local_addr().unwrap(),
         resetting.local_addr().unwrap(),
@@ -726,17 +901,16 @@ fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
 }
 
 /// The bench runs and reports every method (so it never rots); like
-/// `ringmover bench`, Linux only.
+/// `ringmover bench`, Linux only. Functional checks only: no speed.
 #[test]
 #[cfg(target_os = "linux")]
 fn bench_recv_reports_every_method() {
-    let out = Command::new(BIN)
-        .args([
-            "bench", "recv", "--bytes", "8M", "--conns", "2", "--runs", "1",
-        ])
-        .arg("--json")
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new(BIN).args([
+            "bench", "recv", "--bytes", "8M", "--conns", "2", "--runs", "1", "--json",
+        ]),
+        "ringmover bench recv --bytes 8M",
+    );
     assert!(out.status.success(), "{out:?}");
     let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -753,8 +927,493 @@ fn bench_recv_reports_every_method() {
         ]
     );
     for r in &rows {
-        assert!(r["gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["gb_per_s"].as_f64().is_some(), "{r}");
         assert!(r["cpu_s_per_gib"].as_f64().is_some(), "{r}");
         assert!(r["spread"].as_f64().unwrap() >= 1.0, "{r}");
     }
+}
+
+/// The .part of the connection from `peer` in `dir`, once it exists.
+fn part_of(dir: &Path, peer: SocketAddr) -> Option<PathBuf> {
+    let suffix = format!("_{}.part", peer.port());
+    files_in(dir)
+        .into_iter()
+        .find(|p| p.to_string_lossy().ends_with(&suffix))
+}
+
+/// The quota reached exactly, then a pause: one more byte is over quota,
+/// a FIN is a complete transfer.
+fn quota_reached_exactly_then_more_or_end(backend: Option<ringmover::Backend>) {
+    let (dir, out, server) = serve_into_dir(
+        backend,
+        "quota-pause",
+        &["--max-conns", "2", "--max-bytes", "1000"],
+    );
+    let data = pattern(1000, 31);
+    let mut peers = Vec::new();
+    for one_more in [true, false] {
+        let mut s = connect(server.addr);
+        let peer = s.local_addr().unwrap();
+        s.write_all(&data).expect("sending the quota");
+        wait_until("recv to write the whole quota", || {
+            part_of(&out, peer).is_some_and(|p| size_of(&p) == 1000)
+        });
+        // The pause is the scenario: the quota is met and nothing follows yet.
+        thread::sleep(Duration::from_millis(200));
+        if one_more {
+            // The server may reset us once over quota: errors are fine.
+            let _ = s.write_all(b"!");
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = s.read(&mut [0u8; 1]);
+        peers.push(peer);
+    }
+    let done = server.finish();
+    assert!(!done.status.success(), "{done:?}");
+    let r = record_for(&done, peers[0]);
+    assert_eq!(r["outcome"], "quota", "{r}");
+    assert_eq!(r["bytes"], 1000, "{r}");
+    assert!(path_of(r).to_string_lossy().ends_with(".part"), "{r}");
+    assert_eq!(fs::read(path_of(r)).unwrap(), data);
+    let r = record_for(&done, peers[1]);
+    assert_eq!(r["outcome"], "complete", "{r}");
+    assert!(!path_of(r).to_string_lossy().ends_with(".part"), "{r}");
+    assert_eq!(fs::read(path_of(r)).unwrap(), data);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SIGINT and SIGTERM: every live connection is reported as interrupted
+/// (JSON and stderr), its .part kept exactly; no more accepting; exit
+/// status 128 + the signal.
+fn interrupted_connections_are_reported(backend: Option<ringmover::Backend>) {
+    use nix::sys::signal::Signal;
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let (dir, out, server) = serve_into_dir(backend, "interrupt", &["--max-conns", "3"]);
+        let mut live = Vec::new();
+        for (i, len) in [1000usize, 70_000].into_iter().enumerate() {
+            let mut s = connect(server.addr);
+            let peer = s.local_addr().unwrap();
+            let data = pattern(len, 40 + i as u64);
+            s.write_all(&data).expect("sending to recv");
+            wait_until("recv to write what was sent", || {
+                part_of(&out, peer).is_some_and(|p| size_of(&p) == len as u64)
+            });
+            live.push((s, peer, data));
+        }
+        server.signal(sig);
+        let done = server.finish();
+        assert_eq!(
+            done.status.code(),
+            Some(128 + sig as i32),
+            "{sig}: {done:?}"
+        );
+        assert_eq!(done.records.len(), 2, "{sig}: {done:?}");
+        for (_s, peer, data) in &live {
+            let r = record_for(&done, *peer);
+            assert_eq!(r["outcome"], "interrupted", "{r}");
+            assert_eq!(r["bytes"], data.len() as u64, "{r}");
+            let part = path_of(r);
+            assert_eq!(Some(&part), part_of(&out, *peer).as_ref(), "{r}");
+            assert!(
+                fs::read(&part).unwrap() == *data,
+                "{sig}: .part holds exactly what was sent"
+            );
+            let line = format!("ringmover: {peer}: interrupted by {}", sig.as_str());
+            assert!(done.stderr.contains(&line), "{sig}: {}", done.stderr);
+        }
+        // It exited (no longer accepting); a connect() to its old port
+        // proves nothing, since another test may have bound it since.
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Starts `recv --json --max-conns 3` into a fresh directory with stdout
+/// and stderr as pipes the caller holds. Returns (scratch dir, out dir,
+/// child, address, stdout, stderr after the `listening on` line).
+fn start_with_pipes(
+    backend: Option<ringmover::Backend>,
+    name: &str,
+) -> (
+    PathBuf,
+    PathBuf,
+    Child,
+    SocketAddr,
+    BufReader<std::process::ChildStdout>,
+    BufReader<std::process::ChildStderr>,
+) {
+    let dir = scratch(name);
+    let out = dir.join("out");
+    fs::create_dir(&out).unwrap();
+    let mut child = recv_command(
+        backend.map_or("auto", |b| b.name()),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--max-conns",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .spawn()
+    .expect("spawning ringmover recv");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    let addr: SocketAddr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("expected `listening on ADDR`, got {first:?}"))
+        .parse()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    (dir, out, child, addr, stdout, err)
+}
+
+/// Three transfers; checks each arrived complete under its final name.
+fn assert_three_complete(out: &Path, sent: &[Vec<u8>]) {
+    let files = files_in(out);
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        assert!(!f.to_string_lossy().ends_with(".part"), "{files:?}");
+        let got = fs::read(f).unwrap();
+        assert!(sent.contains(&got), "{}: unexpected content", f.display());
+    }
+}
+
+/// `recv --json | head -1`: the reader of stdout goes away after the first
+/// record; every transfer still completes, stderr says so once, exit 0.
+fn closed_stdout_costs_no_data(backend: Option<ringmover::Backend>) {
+    let (dir, out, mut child, addr, mut stdout, mut stderr) = start_with_pipes(backend, "stdout");
+    let sent: Vec<Vec<u8>> = (0..3).map(|i| pattern(100_000, 50 + i)).collect();
+    send_bytes(addr, &sent[0]);
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"complete\""), "{first}");
+    drop(stdout);
+    send_bytes(addr, &sent[1]);
+    send_bytes(addr, &sent[2]);
+    let status = wait_child(&mut child, "ringmover recv with stdout closed");
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert_eq!(rest.matches("writing to stdout").count(), 1, "{rest}");
+    assert_three_complete(&out, &sent);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Both report pipes closed right after start: transfers go on regardless.
+fn closed_stdout_and_stderr_cost_no_data(backend: Option<ringmover::Backend>) {
+    let (dir, out, mut child, addr, stdout, stderr) = start_with_pipes(backend, "pipes");
+    drop(stdout);
+    drop(stderr);
+    let sent: Vec<Vec<u8>> = (0..3).map(|i| pattern(100_000, 60 + i)).collect();
+    for data in &sent {
+        send_bytes(addr, data);
+    }
+    let status = wait_child(&mut child, "ringmover recv with stdout and stderr closed");
+    assert!(status.success(), "{status}");
+    assert_three_complete(&out, &sent);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--overwrite` never writes through a planted symlink and never replaces
+/// a FIFO, at start-up or when the connection arrives.
+fn overwrite_never_follows_links_or_replaces_special_files(backend: Option<ringmover::Backend>) {
+    let name = backend.map_or("auto", |b| b.name());
+    let dir = scratch("planted");
+    let out = dir.join("out.bin");
+    let part = dir.join("out.bin.part");
+    let victim = dir.join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let refused = |what: &str| {
+        let o = output_within(
+            recv_command(name, &["--listen", "127.0.0.1:0", "--overwrite", "--out"]).arg(&out),
+            &format!("ringmover recv --overwrite onto {what}"),
+        );
+        assert_eq!(o.status.code(), Some(1), "{what}: {o:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+
+    std::os::unix::fs::symlink(&victim, &part).unwrap();
+    let err = refused("a symlinked .part");
+    assert!(
+        err.contains("symbolic link") && err.contains(&part.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    fs::remove_file(&part).unwrap();
+
+    for fifo in [&part, &out] {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let err = refused("a FIFO");
+        assert!(
+            err.contains("FIFO") && err.contains(&fifo.display().to_string()),
+            "{err}"
+        );
+        let kind = fs::symlink_metadata(fifo).unwrap().file_type();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_fifo(&kind),
+            "the FIFO stays"
+        );
+        fs::remove_file(fifo).unwrap();
+    }
+
+    // Planted after start-up, before the connection: that connection fails.
+    let server = Server::start(name, &["--out", out.to_str().unwrap(), "--overwrite"]);
+    std::os::unix::fs::symlink(&victim, &part).unwrap();
+    let mut s = connect(server.addr);
+    let _ = s.write_all(b"attack");
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = s.read(&mut [0u8; 1]);
+    let done = server.finish();
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    assert_eq!(done.records[0]["outcome"], "file-error", "{done:?}");
+    assert!(done.stderr.contains("symbolic link"), "{}", done.stderr);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert!(!out.exists());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Start-up creates, truncates and replaces nothing: files appear only
+/// when a connection arrives.
+fn nothing_is_touched_before_a_connection(backend: Option<ringmover::Backend>) {
+    let name = backend.map_or("auto", |b| b.name());
+    let dir = scratch("untouched");
+    let out = dir.join("out.bin");
+    let part = dir.join("out.bin.part");
+    fs::write(&out, b"older").unwrap();
+    fs::write(&part, b"old").unwrap();
+    let server = Server::start(name, &["--out", out.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(fs::read(&out).unwrap(), b"older");
+    assert_eq!(fs::read(&part).unwrap(), b"old");
+    send_bytes(server.addr, b"new");
+    let done = server.finish();
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(fs::read(&out).unwrap(), b"new");
+    assert!(!part.exists());
+
+    // Without an existing file: no .part until the connection.
+    fs::remove_file(&out).unwrap();
+    let server = Server::start(name, &["--out", out.to_str().unwrap()]);
+    assert!(!part.exists(), "no .part before a connection");
+    send_bytes(server.addr, b"fresh");
+    assert!(server.finish().status.success());
+    assert_eq!(fs::read(&out).unwrap(), b"fresh");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Bad option values: a clear message naming the option, exit status 2,
+/// never a panic, before anything else happens.
+fn bad_options_exit_2(backend: Option<ringmover::Backend>) {
+    let name = backend.map_or("auto", |b| b.name());
+    let dir = scratch("options");
+    for (opt, value) in [
+        ("--idle-timeout", "1e30"),
+        ("--idle-timeout", "1e19"),
+        ("--idle-timeout", "0"),
+        ("--idle-timeout", "soon"),
+        ("--max-conns", "0"),
+    ] {
+        let o = output_within(
+            recv_command(name, &["--listen", "127.0.0.1:0", opt, value, "--out"]).arg(&dir),
+            &format!("ringmover recv {opt} {value}"),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{opt} {value}: {err}");
+        assert!(err.contains(opt) && !err.contains("panicked"), "{err}");
+    }
+    for value in ["1e30", "0", "-1s"] {
+        let o = output_within(
+            Command::new(BIN)
+                .args(["send", "-", "--to", "127.0.0.1:9"])
+                .arg(format!("--idle-timeout={value}")),
+            &format!("ringmover send --idle-timeout {value}"),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "send {value}: {err}");
+        assert!(
+            err.contains("--idle-timeout") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A non-UTF-8 output directory: the JSON record carries the path lossily
+/// and the transfer completes.
+fn non_utf8_output_path_with_json(backend: Option<ringmover::Backend>) {
+    use std::os::unix::ffi::OsStrExt;
+    let name = backend.map_or("auto", |b| b.name());
+    let dir = scratch("latin1");
+    let out = dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    fs::create_dir(&out).unwrap();
+    let mut cmd = recv_command(
+        name,
+        &["--listen", "127.0.0.1:0", "--json", "--once", "--out"],
+    );
+    cmd.arg(&out);
+    let server = Server::spawn(cmd);
+    let peer = send_bytes(server.addr, b"bytes");
+    let done = server.finish();
+    assert!(done.status.success(), "{done:?}");
+    let r = record_for(&done, peer);
+    assert_eq!(r["outcome"], "complete", "{r}");
+    assert!(r["path"].as_str().unwrap().contains("caf\u{fffd}"), "{r}");
+    let files = files_in(&out);
+    assert_eq!(files.len(), 1);
+    assert_eq!(fs::read(&files[0]).unwrap(), b"bytes");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--fsync` really calls fsync (file and directory), and only with the
+/// flag: counted with `strace -f -e trace=fsync,fdatasync`.
+fn fsync_is_called_only_with_the_flag(backend: Option<ringmover::Backend>) {
+    let strace = require_tool_from("strace", "strace");
+    let name = backend.map_or("auto", |b| b.name());
+    let dir = scratch("fsync");
+    let mut counts = Vec::new();
+    for flag in [true, false] {
+        let out = dir.join(format!("out-{flag}.bin"));
+        let log = dir.join(format!("strace-{flag}.log"));
+        let mut cmd = Command::new(&strace);
+        cmd.args(["-f", "-qq", "-e", "trace=fsync,fdatasync", "-o"])
+            .arg(&log)
+            .args([BIN, "recv", "--listen", "127.0.0.1:0", "--json", "--out"])
+            .arg(&out)
+            .args(flag.then_some("--fsync"))
+            .env("RINGMOVER_BACKEND", name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let server = Server::spawn(cmd);
+        send_bytes(server.addr, b"durable");
+        let done = server.finish();
+        assert!(done.status.success(), "{done:?}");
+        assert_eq!(fs::read(&out).unwrap(), b"durable");
+        let trace = fs::read_to_string(&log).unwrap();
+        counts.push(
+            trace
+                .lines()
+                .filter(|l| l.contains("sync(") && l.ends_with("= 0"))
+                .count(),
+        );
+    }
+    assert!(
+        counts[0] >= 2,
+        "file and directory fsync'd with --fsync: {counts:?}"
+    );
+    assert_eq!(counts[1], 0, "no fsync without --fsync: {counts:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// End to end, ringmover send → ringmover recv on defaults: a sender
+/// killed (SIGKILL), interrupted (SIGINT after 1 of 2 MiB) or timed out
+/// (`timeout 0.05 ringmover send /dev/zero`) mid-transfer never leaves a
+/// file under its final name; the .part holds exactly the payload received.
+fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Backend>) {
+    use nix::sys::signal::Signal;
+    let name = backend.map_or("auto", |b| b.name());
+    for sig in [Signal::SIGKILL, Signal::SIGINT] {
+        let (dir, out, server) = serve_into_dir(backend, "killed", &["--once"]);
+        let mut child = Command::new(BIN)
+            .env("RINGMOVER_BACKEND", name)
+            .args(["send", "-", "--to", &server.addr.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let first = pattern(1 << 20, 80);
+        stdin.write_all(&first).expect("feeding send's stdin");
+        let only = || files_in(&out).into_iter().next();
+        wait_until("recv to write the first MiB", || {
+            only().is_some_and(|p| size_of(&p) == first.len() as u64)
+        });
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+        wait_child(&mut child, "ringmover send after a signal");
+        drop(stdin);
+        let done = server.finish();
+        assert!(!done.status.success(), "{sig}: {done:?}");
+        let r = &done.records[0];
+        assert_ne!(r["outcome"], "complete", "{sig}: {r}");
+        let part = path_of(r);
+        assert!(part.to_string_lossy().ends_with(".part"), "{sig}: {r}");
+        assert_eq!(
+            files_in(&out),
+            std::slice::from_ref(&part),
+            "{sig}: only the .part"
+        );
+        assert!(
+            fs::read(&part).unwrap() == first,
+            "{sig}: exactly the payload"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // `timeout 0.05`; longer if this busy machine kills send before it
+    // connects (then recv, still waiting, is stopped with SIGTERM).
+    for secs in ["0.05", "0.5", "5"] {
+        let (dir, out, mut server) = serve_into_dir(backend, "timeout", &["--once"]);
+        let o = output_within(
+            Command::new("timeout")
+                .args([
+                    secs,
+                    BIN,
+                    "send",
+                    "/dev/zero",
+                    "--to",
+                    &server.addr.to_string(),
+                ])
+                .env("RINGMOVER_BACKEND", name),
+            "timeout ringmover send /dev/zero",
+        );
+        assert_eq!(o.status.code(), Some(124), "{o:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let connected = server.child.try_wait().unwrap().is_some();
+        if !connected {
+            server.signal(Signal::SIGTERM);
+        }
+        let done = server.finish();
+        assert!(!done.status.success(), "{done:?}");
+        for r in &done.records {
+            assert_ne!(r["outcome"], "complete", "{r}");
+        }
+        assert!(
+            files_in(&out)
+                .iter()
+                .all(|p| p.to_string_lossy().ends_with(".part")),
+            "nothing under a final name"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+        if connected {
+            break;
+        }
+        assert_ne!(secs, "5", "ringmover send never connected within 5 s");
+    }
+
+    // A missing input never connects: recv sees nothing at all.
+    let (dir, out, server) = serve_into_dir(backend, "noinput", &["--once"]);
+    let o = output_within(
+        Command::new(BIN).args([
+            "send",
+            "/nonexistent/input",
+            "--to",
+            &server.addr.to_string(),
+        ]),
+        "ringmover send of a missing file",
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let peer = send_bytes(server.addr, b"the only connection");
+    let done = server.finish();
+    assert_eq!(done.records.len(), 1, "{done:?}");
+    assert_eq!(record_for(&done, peer)["outcome"], "complete");
+    assert_eq!(files_in(&out).len(), 1);
+    fs::remove_dir_all(&dir).unwrap();
 }
