@@ -52,17 +52,18 @@ demo: build
 	@echo "== fan-out of one registered 1 MiB buffer vs a copy per connection"
 	$(BIN) bench fanout --seconds 0.3 --conns 1,100
 
-# The recv tests drive real clients (nc, socat): install them on a fresh
+# The recv tests drive real clients (nc, socat) and count fsyncs with
+# strace: install them on a fresh
 # Debian machine, fail clearly elsewhere.
 deps:
-	@missing=""; for t in nc socat; do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in nc socat strace; do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing netcat-openbsd socat (missing:$$missing)"; \
+	    echo "installing netcat-openbsd socat strace (missing:$$missing)"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netcat-openbsd socat; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq netcat-openbsd socat strace; \
 	  else \
-	    echo "make test needs:$$missing (Debian: apt-get install netcat-openbsd socat)" >&2; exit 1; \
+	    echo "make test needs:$$missing (Debian: apt-get install netcat-openbsd socat strace)" >&2; exit 1; \
 	  fi; \
 	fi
 
