@@ -602,9 +602,15 @@ impl Mover {
     /// Starts a write for every connection with queued data and none in
     /// flight, and submits them: on io_uring one SQE per connection (for a
     /// datagram socket, a linked chain of one per queued datagram, up to 32,
-    /// kept in order) and one `io_uring_enter` for all; on epoll/poll a
-    /// non-blocking `sendmsg` or `writev` each, finishing immediately what
-    /// the sockets accept. Returns the number of connections started.
+    /// kept in order) and one `io_uring_enter` per full submission queue
+    /// (⌈n / queue_depth⌉); on epoll/poll a non-blocking `sendmsg` or
+    /// `writev` each, finishing immediately what the sockets accept.
+    /// Returns the number of connections started: on io_uring, those beyond
+    /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start
+    /// later, in `wait` or `drain`.
+    ///
+    /// On error (an `io_uring_enter` failure), connections not started stay
+    /// queued and scheduled; a later `flush`, `wait` or `drain` starts them.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
         self.driver.submit()?;
@@ -926,6 +932,7 @@ impl Mover {
     /// Flushes, then waits until every connection's queue is empty or its
     /// connection failed, and every zero-copy notification has arrived (so
     /// every buffer sent is released), moving all completions into `out`.
+    /// It returns an error rather than spin when the kernel refuses work.
     pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.flush()?;
         while self.in_flight > 0

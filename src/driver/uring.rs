@@ -111,10 +111,10 @@ impl UringDriver {
         let cq = depth.saturating_mul(CQ_PER_SQ).min(65536);
         // DEFER_TASKRUN (6.1, with SINGLE_ISSUER) runs retries of partial
         // sends only when we wait, and wakes us only once enough completions
-        // are ready: far fewer wake-ups for many connections. R_DISABLED lets
-        // the thread that first submits (not the one that built the ring)
-        // become its issuer. Older kernels reject the flags: try the
-        // next-best set.
+        // are ready: far fewer wake-ups for many connections. R_DISABLED
+        // makes the thread that first submits the issuer (the engine is
+        // `!Send`, so that is the thread that built it). Older kernels reject
+        // the flags: try the next-best set.
         let deferred = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
