@@ -927,6 +927,52 @@ fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
     );
 }
 
+/// Twenty connections on an 8-entry SQ ring, with the enter the flush
+/// makes when the ring fills failing (`count` times, with `errno`): `check`
+/// sees the flush's error; then the kernel accepts again, and a drain must
+/// deliver every byte (no connection stranded, no spin).
+#[cfg(target_os = "linux")]
+fn faulty_flush_then_drain(
+    what: &str,
+    errno: i32,
+    count: usize,
+    check: fn(&std::io::Error, &enter_faults::EnterFaults, &Mover),
+) {
+    const CONNS: usize = 20;
+    let got = on_own_thread(what, Duration::from_secs(30), move || {
+        let faults = enter_faults::install();
+        let mut m = builder(Some(Backend::Uring))
+            .queue_depth(8)
+            .build()
+            .unwrap();
+        let (ours, peers) = tcp_pairs(CONNS);
+        let readers: Vec<_> = peers.into_iter().map(reader).collect();
+        let conns: Vec<_> = ours.into_iter().map(|a| m.attach(a).unwrap()).collect();
+        for (i, &c) in conns.iter().enumerate() {
+            m.send(c, [Bytes::from(pattern(i as u64, 1000))]).unwrap();
+        }
+        faults.fail_next(errno, count, enter_faults::Enter::submits_only);
+        let err = m.flush().unwrap_err();
+        check(&err, &faults, &m);
+        faults.clear();
+        let mut done = Vec::new();
+        m.drain(&mut done).unwrap();
+        assert_eq!(errors(&done), Vec::<String>::new());
+        assert_eq!(m.in_flight(), 0);
+        for &c in &conns {
+            assert_eq!(m.queued(c), Some(0));
+            drop(m.detach(c).unwrap());
+        }
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (i, g) in got.iter().enumerate() {
+        assert!(g[..] == pattern(i as u64, 1000)[..], "connection {i}");
+    }
+}
+
 /// io_uring's single issuer, with the enter failing mid-flush (EEXIST, what
 /// the kernel answers another task): the flush reports the error, counts in
 /// flight only what it pushed, keeps the rest scheduled, and the next drain
@@ -934,46 +980,17 @@ fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
 #[test]
 #[cfg(target_os = "linux")]
 fn uring_enter_failure_mid_flush_strands_nothing() {
-    use enter_faults::Enter;
-    const CONNS: usize = 20;
-    let got = on_own_thread(
+    // The 9th connection finds the 8-entry SQ full: that enter fails.
+    faulty_flush_then_drain(
         "drain after a failed enter",
-        Duration::from_secs(30),
-        || {
-            let faults = enter_faults::install();
-            let mut m = builder(Some(Backend::Uring))
-                .queue_depth(8)
-                .build()
-                .unwrap();
-            let (ours, peers) = tcp_pairs(CONNS);
-            let readers: Vec<_> = peers.into_iter().map(reader).collect();
-            let conns: Vec<_> = ours.into_iter().map(|a| m.attach(a).unwrap()).collect();
-            for (i, &c) in conns.iter().enumerate() {
-                m.send(c, [Bytes::from(pattern(i as u64, 1000))]).unwrap();
-            }
-            // The 9th connection finds the 8-entry SQ full: that enter fails.
-            faults.fail_next(libc::EEXIST, 1, Enter::submits_only);
-            let err = m.flush().unwrap_err();
+        libc::EEXIST,
+        1,
+        |err, faults, m| {
             assert_eq!(faults.failed(), 1);
             assert!(err.to_string().contains("single issuer"), "{err}");
             assert_eq!(m.in_flight(), 8, "in flight: what was pushed, no more");
-            let mut done = Vec::new();
-            m.drain(&mut done).unwrap();
-            assert_eq!(errors(&done), Vec::<String>::new());
-            assert_eq!(m.in_flight(), 0);
-            for &c in &conns {
-                assert_eq!(m.queued(c), Some(0));
-                drop(m.detach(c).unwrap());
-            }
-            readers
-                .into_iter()
-                .map(|r| r.join().unwrap())
-                .collect::<Vec<_>>()
         },
     );
-    for (i, g) in got.iter().enumerate() {
-        assert!(g[..] == pattern(i as u64, 1000)[..], "connection {i}");
-    }
 }
 
 /// A transient enter (EINTR) while making room for a datagram chain must
@@ -1091,45 +1108,15 @@ fn uring_in_flight_stays_within_the_completion_queue() {
 #[test]
 #[cfg(target_os = "linux")]
 fn uring_persistent_ebusy_is_an_error_not_a_spin() {
-    use enter_faults::Enter;
-    const CONNS: usize = 20;
-    on_own_thread(
+    faulty_flush_then_drain(
         "a flush while every enter gets EBUSY",
-        Duration::from_secs(30),
-        || {
-            let faults = enter_faults::install();
-            let mut m = builder(Some(Backend::Uring))
-                .queue_depth(8)
-                .build()
-                .unwrap();
-            let (ours, peers) = tcp_pairs(CONNS);
-            let readers: Vec<_> = peers.into_iter().map(reader).collect();
-            let conns: Vec<_> = ours.into_iter().map(|a| m.attach(a).unwrap()).collect();
-            for (i, &c) in conns.iter().enumerate() {
-                m.send(c, [Bytes::from(pattern(i as u64, 500))]).unwrap();
-            }
-            faults.fail_next(libc::EBUSY, usize::MAX, Enter::submits_only);
-            let err = m.flush().unwrap_err();
-            assert_eq!(err.raw_os_error().or(Some(libc::EBUSY)), Some(libc::EBUSY));
+        libc::EBUSY,
+        usize::MAX,
+        |err, faults, _| {
+            assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy, "{err}");
             assert!(err.to_string().contains("refusing"), "{err}");
-            assert!(
-                faults.failed() > 1 && faults.failed() < 100,
-                "{}",
-                faults.failed()
-            );
-            faults.clear();
-            let mut done = Vec::new();
-            m.drain(&mut done).unwrap();
-            assert_eq!(errors(&done), Vec::<String>::new());
-            for c in conns {
-                drop(m.detach(c).unwrap());
-            }
-            for (i, r) in readers.into_iter().enumerate() {
-                assert!(
-                    r.join().unwrap() == pattern(i as u64, 500)[..],
-                    "connection {i}"
-                );
-            }
+            let tries = faults.failed();
+            assert!(tries > 1 && tries < 100, "{tries} enters refused");
         },
     );
 }
