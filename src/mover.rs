@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::io;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -151,6 +152,12 @@ pub struct Detached {
     pub fd: OwnedFd,
     /// Exactly the queued bytes that were not written.
     pub unsent: Vec<Bytes>,
+    /// Bytes written by writes whose completions were not yet handed out:
+    /// chiefly the write in flight, cancelled part-way through. No
+    /// completion for the connection follows, so the bytes reported in
+    /// its completions, plus these, plus `unsent`, are exactly what was
+    /// queued.
+    pub written: usize,
 }
 
 /// Counters since the engine was built.
@@ -169,6 +176,9 @@ pub struct Stats {
     pub syscalls: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Writes that moved fewer bytes than they were given (the rest went
+    /// out in later writes, from the exact byte).
+    pub short_writes: u64,
     /// Zero-copy sends submitted.
     pub zc_sends: u64,
     /// Zero-copy sends whose notification said the kernel copied anyway.
@@ -237,8 +247,13 @@ impl MoverBuilder {
         self
     }
 
-    /// io_uring submission queue size (default 1024): a flush of more
-    /// connections than this enters the kernel once per full queue.
+    /// io_uring submission queue size (default 1024, at least 8): a flush
+    /// of `n` connections enters the kernel ⌈n / depth⌉ times, once per
+    /// full queue. The completion queue holds 8 × depth entries, and what
+    /// is in flight stays within it: at most 7 × depth writes (a zero-copy
+    /// send counts twice until its notification; one queue's worth is kept
+    /// for cancellations). Connections beyond that start as completions
+    /// come in, in `wait` or `drain`.
     pub fn queue_depth(mut self, depth: u32) -> Self {
         self.depth = depth;
         self
@@ -304,6 +319,8 @@ impl MoverBuilder {
             submissions: 0,
             writes: 0,
             bytes: 0,
+            short_writes: 0,
+            one_thread: PhantomData,
         })
     }
 }
@@ -372,6 +389,21 @@ fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
 
 /// The batched-send engine.
 ///
+/// # Threading
+///
+/// One ring per thread: a `Mover` is neither `Send` nor `Sync`. Its
+/// io_uring ring is set up for a single issuer (`IORING_SETUP_SINGLE_ISSUER`
+/// and `DEFER_TASKRUN`, 6.1), whose kernel refuses any other thread (EEXIST)
+/// and runs completions only for it; so the type keeps every call, `Drop`
+/// included, on the thread that built it. To use several threads, send the
+/// [`MoverBuilder`] (which is `Send`) and build one `Mover` on each. (After
+/// `fork(2)` the child must build its own as well.)
+///
+/// ```compile_fail
+/// let mover = ringmover::Mover::builder().build().unwrap();
+/// std::thread::spawn(move || drop(mover)); // error: `Mover` is not `Send`
+/// ```
+///
 /// ```no_run
 /// use bytes::Bytes;
 /// use ringmover::Mover;
@@ -407,6 +439,20 @@ pub struct Mover {
     submissions: u64,
     writes: u64,
     bytes: u64,
+    short_writes: u64,
+    /// Not `Send`/`Sync`: see "Threading".
+    one_thread: PhantomData<*const ()>,
+}
+
+/// What `Mover::start` did for one connection.
+enum Started {
+    /// Writes started.
+    Yes,
+    /// Nothing to start (empty, failed, or a write already in flight).
+    Nothing,
+    /// The driver has no room now (io_uring: its completion queue is
+    /// spoken for): the connection stays scheduled.
+    NoRoom,
 }
 
 impl Mover {
@@ -426,7 +472,13 @@ impl Mover {
     }
 
     /// Attaches an fd: a TCP, UDP or Unix socket, a regular file (written
-    /// at its file position), a pipe. The engine owns it until `detach`.
+    /// from its file position on, which `detach` leaves after the last byte
+    /// written), a pipe. The engine owns it until `detach`.
+    ///
+    /// On epoll/poll a pipe, FIFO, tty or other non-socket, non-regular fd
+    /// is switched to `O_NONBLOCK`, or one full pipe would stall every
+    /// connection. The flag lives in the open file description, so every
+    /// dup of the fd (in this process or another) sees it too.
     pub fn attach(&mut self, fd: impl Into<OwnedFd>) -> io::Result<Conn> {
         let fd: OwnedFd = fd.into();
         let kind = net::classify(std::os::fd::AsFd::as_fd(&fd))?;
@@ -550,9 +602,15 @@ impl Mover {
     /// Starts a write for every connection with queued data and none in
     /// flight, and submits them: on io_uring one SQE per connection (for a
     /// datagram socket, a linked chain of one per queued datagram, up to 32,
-    /// kept in order) and one `io_uring_enter` for all; on epoll/poll a
-    /// non-blocking `sendmsg` or `writev` each, finishing immediately what
-    /// the sockets accept. Returns the number of connections started.
+    /// kept in order) and one `io_uring_enter` per full submission queue
+    /// (⌈n / queue_depth⌉); on epoll/poll a non-blocking `sendmsg` or
+    /// `writev` each, finishing immediately what the sockets accept.
+    /// Returns the number of connections started: on io_uring, those beyond
+    /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start
+    /// later, in `wait` or `drain`.
+    ///
+    /// On error (an `io_uring_enter` failure), connections not started stay
+    /// queued and scheduled; a later `flush`, `wait` or `drain` starts them.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
         self.driver.submit()?;
@@ -564,29 +622,52 @@ impl Mover {
 
     /// Starts every scheduled connection; readiness backends finish writes
     /// inline, so their events are processed (and resumptions started) here.
+    /// Connections not started (no room, or an error) stay scheduled, first
+    /// in line, so an error strands nothing: the next flush, wait or drain
+    /// starts them.
     fn start_dirty(&mut self) -> io::Result<usize> {
         let mut started = 0;
         while !self.dirty.is_empty() {
-            let dirty = std::mem::take(&mut self.dirty);
-            for conn in dirty {
-                if self.start(conn)? {
-                    started += 1;
+            let mut dirty = std::mem::take(&mut self.dirty);
+            let mut next = 0;
+            let outcome = loop {
+                let Some(&conn) = dirty.get(next) else {
+                    break Ok(true);
+                };
+                match self.start(conn) {
+                    Ok(Started::Yes) => started += 1,
+                    Ok(Started::Nothing) => {}
+                    Ok(Started::NoRoom) => break Ok(false),
+                    Err(e) => break Err(e),
                 }
+                next += 1;
+            };
+            if next < dirty.len() {
+                let mut rest = dirty.split_off(next);
+                rest.append(&mut self.dirty);
+                self.dirty = rest;
             }
             self.process_events();
+            match outcome {
+                Ok(true) => {}
+                // Completions (in `wait`) make room; don't spin here.
+                Ok(false) => break,
+                Err(e) => return Err(e),
+            }
         }
         Ok(started)
     }
 
     /// Starts `conn`'s next write, or for a datagram socket a chain of them.
-    /// `Ok(false)` if there was nothing to do.
-    fn start(&mut self, conn: Conn) -> io::Result<bool> {
+    /// Counts in flight only what the driver started; otherwise leaves the
+    /// connection scheduled (`NoRoom`, or the error).
+    fn start(&mut self, conn: Conn) -> io::Result<Started> {
         let Some(st) = live_mut(&mut self.slots, conn) else {
-            return Ok(false);
+            return Ok(Started::Nothing);
         };
         st.scheduled = false;
         if st.failed || st.in_flight > 0 || st.outbox.is_empty() {
-            return Ok(false);
+            return Ok(Started::Nothing);
         }
         let datagram = st.kind == FdKind::DatagramSocket;
         if datagram && st.outbox.front_pieces() > IOV_MAX {
@@ -597,13 +678,23 @@ impl Mover {
                 st,
                 io::Error::new(io::ErrorKind::InvalidInput, msg),
             );
-            return Ok(false);
+            return Ok(Started::Nothing);
         }
-        let chain = if datagram {
-            self.driver.chain(st.outbox.queued_messages())?
+        let want = if datagram {
+            st.outbox.queued_messages()
         } else {
             1
         };
+        // A zero-copy send owes two completions (its notification).
+        let may_zero_copy =
+            st.kind.is_socket() && !st.copy_only && self.zero_copy != ZeroCopy::Never;
+        let chain = self
+            .driver
+            .room(want, 1 + usize::from(may_zero_copy), &mut self.events);
+        if chain == 0 {
+            st.scheduled = true;
+            return Ok(Started::NoRoom);
+        }
         // How many ops to fill: a chain stops before a datagram too big to
         // send in one call (it fails the connection once it is the front).
         let mut n = 0;
@@ -624,12 +715,15 @@ impl Mover {
             }
             n += 1;
         }
+        if n == 0 {
+            return Ok(Started::Nothing);
+        }
         st.done = 0;
         st.broken = false;
+        let probe_before = st.zc_probe;
         for i in 0..n {
             let batch_bytes = st.ops[i].batch.bytes;
-            let zero_copy = st.kind.is_socket()
-                && !st.copy_only
+            let zero_copy = may_zero_copy
                 && match self.zero_copy {
                     ZeroCopy::Never => false,
                     ZeroCopy::Always => true,
@@ -648,38 +742,44 @@ impl Mover {
             let op = &mut st.ops[i];
             op.zero_copy = zero_copy;
             op.fixed = None;
-            op.link = i + 1 < n;
-            let mut hold = Vec::new();
+            op.hold.clear();
             if zero_copy {
                 if datagram {
-                    hold.extend(st.outbox.datagram_bufs(i).cloned());
+                    op.hold.extend(st.outbox.datagram_bufs(i).cloned());
                 } else {
-                    hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
+                    op.hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
                 }
                 if let ([iov], Some(pool)) = (op.iovecs(), &self.pool) {
                     op.fixed = pool.index_of(iov.iov_base as *const u8, iov.iov_len);
                 }
             }
-            st.in_flight += 1;
-            self.in_flight += 1;
-            self.writes += 1;
-            // SAFETY: `st.ops[i]` is boxed and is not touched again until
-            // every `Done` of this chain has been seen (`in_flight` back to
-            // 0); the `Bytes` its iovecs point at stay in `st.outbox`, which
-            // only advances on this write's `Done`; `Drop` and `detach` wait
-            // for every in-flight write before freeing either.
-            unsafe {
-                self.driver.start(
-                    conn.token(),
-                    st.fd.as_raw_fd(),
-                    st.kind,
-                    &st.ops[i],
-                    hold,
-                    &mut self.events,
-                )?;
-            }
         }
-        Ok(n > 0)
+        // SAFETY: `st.ops[..n]` are boxed and none is touched again until
+        // every `Done` of this chain has been seen (`in_flight` back to 0);
+        // the `Bytes` their iovecs point at stay in `st.outbox`, which only
+        // advances on these writes' `Done`s; `Drop` and `detach` wait for
+        // every in-flight write before freeing either. On error nothing was
+        // started.
+        let res = unsafe {
+            self.driver.start(
+                conn.token(),
+                st.fd.as_raw_fd(),
+                st.kind,
+                &mut st.ops[..n],
+                &mut self.events,
+            )
+        };
+        if let Err(e) = res {
+            // Not started: no holds kept, no probe under way, still queued.
+            st.ops[..n].iter_mut().for_each(|op| op.hold.clear());
+            st.zc_probe = probe_before;
+            st.scheduled = true;
+            return Err(e);
+        }
+        st.in_flight += n;
+        self.in_flight += n;
+        self.writes += n as u64;
+        Ok(Started::Yes)
     }
 
     fn fail(completions: &mut Vec<Completion>, conn: Conn, st: &mut ConnState, error: io::Error) {
@@ -707,7 +807,10 @@ impl Mover {
                     }
                     st.in_flight -= 1;
                     self.in_flight -= 1;
-                    let zero_copy = st.ops.get(st.done).is_some_and(|op| op.zero_copy);
+                    let (zero_copy, asked) = st
+                        .ops
+                        .get(st.done)
+                        .map_or((false, 0), |op| (op.zero_copy, op.batch.bytes));
                     st.done += 1;
                     let chain_over = st.in_flight == 0;
                     if st.failed {
@@ -718,6 +821,7 @@ impl Mover {
                             Ok(n) => {
                                 st.outbox.advance(n);
                                 self.bytes += n as u64;
+                                self.short_writes += u64::from(n < asked);
                                 self.completions.push(Completion {
                                     conn,
                                     written: n,
@@ -828,6 +932,7 @@ impl Mover {
     /// Flushes, then waits until every connection's queue is empty or its
     /// connection failed, and every zero-copy notification has arrived (so
     /// every buffer sent is released), moving all completions into `out`.
+    /// It returns an error rather than spin when the kernel refuses work.
     pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.flush()?;
         while self.in_flight > 0
@@ -869,10 +974,14 @@ impl Mover {
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(conn.slot);
         self.dirty.retain(|&c| c != conn);
-        // A cancelled write fails the connection and moves its queue into
-        // that completion; hand those bytes back with the fd instead.
+        // The connection's completions not yet handed out go with it: what
+        // they wrote (a cancelled write may have moved part of its batch)
+        // and, if the cancel failed the connection, the queue it moved
+        // into its error.
         let mut unsent = Vec::new();
+        let mut written = 0;
         for c in self.completions.iter_mut().filter(|c| c.conn == conn) {
+            written += c.written;
             if let Some(e) = c.error.as_mut() {
                 unsent.append(&mut e.unsent);
             }
@@ -880,7 +989,11 @@ impl Mover {
         self.completions.retain(|c| c.conn != conn);
         unsent.append(&mut st.outbox.take_unsent());
         self.driver.deregister(conn.token(), st.fd.as_raw_fd());
-        Ok(Detached { unsent, fd: st.fd })
+        Ok(Detached {
+            unsent,
+            fd: st.fd,
+            written,
+        })
     }
 
     /// Counters since the engine was built.
@@ -893,6 +1006,7 @@ impl Mover {
             enters: d.enters,
             syscalls: d.syscalls,
             bytes: self.bytes,
+            short_writes: self.short_writes,
             zc_sends: d.zc_sends,
             zc_copied: self.zc_copied,
             zc_notified: self.zc_notified,

@@ -80,9 +80,9 @@ pub(crate) struct WriteOp {
     pub(crate) zero_copy: bool,
     /// The whole batch lies in this registered buffer (`buf_index`).
     pub(crate) fixed: Option<u16>,
-    /// The next write started belongs to the same chain (see
-    /// `Driver::chain`): it must not begin before this one succeeded.
-    pub(crate) link: bool,
+    /// A zero-copy write's clones of the `Bytes` its iovecs point at: the
+    /// driver takes them at `start` and keeps them until the notification.
+    pub(crate) hold: Vec<bytes::Bytes>,
 }
 
 // SAFETY: the raw pointers inside point only at this op's own `iovecs` and
@@ -100,7 +100,7 @@ impl WriteOp {
             batch: Batch::default(),
             zero_copy: false,
             fixed: None,
-            link: false,
+            hold: Vec::new(),
         })
     }
 
@@ -223,39 +223,44 @@ impl Driver {
         each!(self, d => d.deregister(token, fd))
     }
 
-    /// Starts `op` on `fd`. io_uring queues an SQE (submitted by `submit`
-    /// or `wait`); readiness backends try the syscall now and report `Done`
-    /// into `events`, or arm writability on `EAGAIN`.
+    /// Starts `ops`, one ordered chain of writes on `fd`, all or none: on
+    /// error nothing was started. io_uring queues an SQE each, linked
+    /// (`IOSQE_IO_LINK`) so each begins only once the one before it
+    /// succeeded, all in one submission (made by `submit` or `wait`);
+    /// readiness backends (whose chains are one write) try the syscall now
+    /// and report `Done` into `events`, or arm writability on `EAGAIN`.
     ///
-    /// A zero-copy write (`op.zero_copy`, io_uring) keeps `hold`, clones of
-    /// the `Bytes` its iovecs point at, until its notification; other
-    /// writes drop it.
+    /// A zero-copy write (`op.zero_copy`, io_uring) takes `op.hold`,
+    /// clones of the `Bytes` its iovecs point at, and keeps them until its
+    /// notification; other writes leave it.
     ///
     /// # Safety
-    /// `op` must stay at its address, unmodified, with the memory its
-    /// iovecs point at alive, until `Event::Done` for `token` is reported
-    /// (the [`WriteOp`] invariant); for a zero-copy write `hold` must cover
-    /// every buffer its iovecs point at.
+    /// Every op must stay at its address, unmodified, with the memory its
+    /// iovecs point at alive, until `Event::Done` for it is reported (the
+    /// [`WriteOp`] invariant); a zero-copy op's `hold` must cover every
+    /// buffer its iovecs point at.
     pub(crate) unsafe fn start(
         &mut self,
         token: Token,
         fd: RawFd,
         kind: FdKind,
-        op: &WriteOp,
-        hold: Vec<bytes::Bytes>,
+        ops: &mut [Box<WriteOp>],
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
         // SAFETY: forwarded contract.
-        each!(self, d => unsafe { d.start(token, fd, kind, op, hold, events) })
+        each!(self, d => unsafe { d.start(token, fd, kind, ops, events) })
     }
 
-    /// How many of `want` queued datagrams may go out as one ordered chain
-    /// of writes (at least 1), making room for them in one submission.
-    /// io_uring links them (IOSQE_IO_LINK), so a flush sends many datagrams
-    /// per socket in one `io_uring_enter`, in order; readiness backends
-    /// finish each write inline anyway and answer 1.
-    pub(crate) fn chain(&mut self, want: usize) -> io::Result<usize> {
-        each!(self, d => d.chain(want))
+    /// How many of `want` writes (`want` queued datagrams, or 1 for a
+    /// stream) may start now as one chain, each owing `cost` completions
+    /// (2 for a zero-copy send: the send and its notification). 0: none
+    /// until completions are reaped (io_uring keeps what it owes within its
+    /// completion queue). io_uring chains up to 32 datagrams, so a flush
+    /// sends many per socket in one `io_uring_enter`, in order; readiness
+    /// backends finish each write inline anyway and answer 1. Completions
+    /// reaped to make room go to `events`.
+    pub(crate) fn room(&mut self, want: usize, cost: usize, events: &mut Vec<Event>) -> usize {
+        each!(self, d => d.room(want, cost, events))
     }
 
     /// Zero-copy sends whose notification has not arrived.

@@ -48,6 +48,13 @@ impl<S: Selector> Readiness<S> {
     }
 
     pub(crate) fn register(&mut self, token: Token, fd: RawFd, kind: FdKind) -> io::Result<()> {
+        if kind == FdKind::Other {
+            // A blocking pipe or tty would hold every connection inside one
+            // writev: make it non-blocking. (Sockets need not be: each
+            // sendmsg passes MSG_DONTWAIT; regular files never block.)
+            self.stats.syscalls += 1;
+            net::set_nonblocking(fd)?;
+        }
         if kind != FdKind::File {
             self.stats.syscalls += 1;
             self.selector.register(token, fd)?;
@@ -61,16 +68,21 @@ impl<S: Selector> Readiness<S> {
     }
 
     /// # Safety
-    /// `op`'s iovecs point at memory valid for the duration of this call.
+    /// `ops`' iovecs point at memory valid for the duration of this call.
     pub(crate) unsafe fn start(
         &mut self,
         token: Token,
         fd: RawFd,
         kind: FdKind,
-        op: &WriteOp,
-        _hold: Vec<bytes::Bytes>,
+        ops: &mut [Box<WriteOp>],
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
+        // `room` answers 1: a chain here is one write.
+        let [op] = ops else {
+            return Err(io::Error::other(
+                "readiness backends start one write at a time",
+            ));
+        };
         // Readiness backends always copy: the syscall is done when it returns.
         self.stats.syscalls += 1;
         let res = if kind.is_socket() {
@@ -88,9 +100,10 @@ impl<S: Selector> Readiness<S> {
         Ok(())
     }
 
-    /// Each write finishes inline, so there is nothing to chain: one at a time.
-    pub(crate) fn chain(&mut self, _want: usize) -> io::Result<usize> {
-        Ok(1)
+    /// Each write finishes inline, so there is nothing to chain: one at a
+    /// time, and never more in flight than connections.
+    pub(crate) fn room(&mut self, _want: usize, _cost: usize, _events: &mut Vec<Event>) -> usize {
+        1
     }
 
     pub(crate) fn submit(&mut self) -> io::Result<()> {

@@ -1,5 +1,10 @@
 //! io_uring leaf: one SQE per connection write (`SENDMSG` for sockets,
 //! `WRITEV` for everything else) and one `io_uring_enter` per submit.
+//!
+//! Two capacities bound what it accepts: the SQ ring (a datagram chain is
+//! pushed whole or not at all, so it never spans two submissions) and the
+//! CQ ring (every completion the kernel owes us has a slot, so none can be
+//! dropped or backed up, whatever the kernel's overflow handling).
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -9,6 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::unistd::{lseek, Whence};
 
 use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
 use crate::sys::is_transient_enter_error;
@@ -28,6 +36,14 @@ const MAX_CHAIN: usize = 32;
 const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
 /// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's `res`.
 const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
+/// CQ ring size per SQ entry: room for this many times the queue depth of
+/// completions owed, so a flush of more connections than the SQ holds still
+/// starts them all (one enter per full SQ).
+const CQ_PER_SQ: u32 = 8;
+/// Enters tried to make room in the SQ ring while the kernel keeps refusing
+/// transiently (EINTR, EBUSY, EAGAIN), reaping between tries, before the
+/// refusal is returned as an error rather than retried forever.
+const ROOM_TRIES: usize = 16;
 
 /// A zero-copy send from submission until its notification.
 #[derive(Debug)]
@@ -44,10 +60,23 @@ struct ZcSend {
 pub(crate) struct UringDriver {
     ring: IoUring,
     stats: DriverStats,
-    /// SQEs pushed since the last `io_uring_enter`.
+    /// SQEs pushed and not yet taken by the kernel.
     unsubmitted: usize,
     /// Writes whose completion has not been reaped.
     in_flight: usize,
+    /// Completions the kernel will post and we have not reaped: one per
+    /// write and per cancel, two per zero-copy send (its notification).
+    /// Kept at most `cq_entries`, so the CQ ring can never overflow.
+    cq_owed: usize,
+    cq_entries: usize,
+    sq_entries: usize,
+    /// Completions reaped outside `wait` (to make room), reported by it.
+    reaped: Vec<Event>,
+    /// Seekable files (and devices): the position the next write starts
+    /// at. Explicit offsets work on every kernel with io_uring; offset -1
+    /// (the file position) needs 5.6 (`IORING_FEAT_RW_CUR_POS`). Restored
+    /// into the fd's own position when it is detached.
+    positions: HashMap<Token, u64>,
     /// Set up with `IORING_SETUP_R_DISABLED`: enabled by the first enter,
     /// which makes the calling thread the ring's single issuer.
     disabled: bool,
@@ -79,13 +108,13 @@ impl UringDriver {
         pool: Option<&crate::fixed::FixedBufPool>,
     ) -> io::Result<UringDriver> {
         let depth = depth.clamp(8, 32768);
-        let cq = depth.saturating_mul(2);
+        let cq = depth.saturating_mul(CQ_PER_SQ).min(65536);
         // DEFER_TASKRUN (6.1, with SINGLE_ISSUER) runs retries of partial
         // sends only when we wait, and wakes us only once enough completions
-        // are ready: far fewer wake-ups for many connections. R_DISABLED lets
-        // the thread that first submits (not the one that built the ring)
-        // become its issuer. Older kernels reject the flags: try the
-        // next-best set.
+        // are ready: far fewer wake-ups for many connections. R_DISABLED
+        // makes the thread that first submits the issuer (the engine is
+        // `!Send`, so that is the thread that built it). Older kernels reject
+        // the flags: try the next-best set.
         let deferred = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
@@ -107,11 +136,20 @@ impl UringDriver {
         if let Some(pool) = pool {
             register(&ring, pool)?;
         }
+        let (sq_entries, cq_entries) = (
+            ring.params().sq_entries() as usize,
+            ring.params().cq_entries() as usize,
+        );
         Ok(UringDriver {
             ring,
             stats: DriverStats::default(),
             unsubmitted: 0,
             in_flight: 0,
+            cq_owed: 0,
+            cq_entries,
+            sq_entries,
+            reaped: Vec::new(),
+            positions: HashMap::new(),
             disabled,
             deferred: disabled,
             zc: HashMap::new(),
@@ -123,25 +161,65 @@ impl UringDriver {
         })
     }
 
-    pub(crate) fn register(&mut self, _: Token, _: RawFd, _: FdKind) -> io::Result<()> {
+    pub(crate) fn register(&mut self, token: Token, fd: RawFd, kind: FdKind) -> io::Result<()> {
+        if kind.is_socket() {
+            return Ok(());
+        }
+        let append = fcntl(fd, FcntlArg::F_GETFL)
+            .is_ok_and(|fl| OFlag::from_bits_truncate(fl).contains(OFlag::O_APPEND));
+        // Pipes, FIFOs and ttys cannot seek (ESPIPE) and ignore the offset;
+        // O_APPEND files append wherever we aim.
+        if !append {
+            if let Ok(pos) = lseek(fd, 0, Whence::SeekCur) {
+                self.positions.insert(token, pos as u64);
+            }
+        }
         Ok(())
     }
 
-    pub(crate) fn deregister(&mut self, _: Token, _: RawFd) {}
+    /// Leaves the fd's position after the last byte written, as sequential
+    /// writes at the position would have.
+    pub(crate) fn deregister(&mut self, token: Token, fd: RawFd) {
+        if let Some(pos) = self.positions.remove(&token) {
+            // Cannot fail for a seekable fd and a position it reached.
+            let _ = lseek(fd, pos as i64, Whence::SeekSet);
+        }
+    }
+
+    /// See `Driver::room`: how many of `want` writes costing `cost`
+    /// completions each may start now as one submission.
+    pub(crate) fn room(&mut self, want: usize, cost: usize, events: &mut Vec<Event>) -> usize {
+        let n = want.clamp(1, MAX_CHAIN).min(self.sq_entries);
+        // One SQ's worth of the CQ is kept for cancellations.
+        let budget = self.cq_entries - self.sq_entries;
+        if self.cq_owed + n * cost > budget {
+            // Completions already posted free their slots once reaped.
+            self.reap();
+            events.append(&mut self.reaped);
+        }
+        n.min(budget.saturating_sub(self.cq_owed) / cost)
+    }
 
     /// # Safety
-    /// The [`WriteOp`] invariant: `op` and the memory its iovecs point at
-    /// stay valid and unmodified until `Done` for `token` is reported; for a
-    /// zero-copy op, `hold` covers every buffer its iovecs point at.
+    /// The [`WriteOp`] invariant for every op: it and the memory its
+    /// iovecs point at stay valid and unmodified until `Done` for `token`
+    /// is reported; for a zero-copy op, its `hold` covers every buffer its
+    /// iovecs point at.
     pub(crate) unsafe fn start(
         &mut self,
         token: Token,
         fd: RawFd,
         kind: FdKind,
-        op: &WriteOp,
-        hold: Vec<Bytes>,
-        _events: &mut Vec<Event>,
+        ops: &mut [Box<WriteOp>],
+        events: &mut Vec<Event>,
     ) -> io::Result<()> {
+        // Room first, for the whole chain: pushed together, it reaches the
+        // kernel in one submission (two would be two chains, free to
+        // overtake each other), and no SQE is left linking to whatever is
+        // pushed next.
+        let room = self.make_room(ops.len());
+        events.append(&mut self.reaped);
+        room?;
         let fd = types::Fd(fd);
         // MSG_WAITALL on a stream socket: the kernel finishes a partial send
         // itself instead of completing short (io_net_retry).
@@ -149,112 +227,136 @@ impl UringDriver {
             FdKind::StreamSocket => SEND_FLAGS | libc::MSG_WAITALL,
             _ => SEND_FLAGS,
         };
-        let mut user_data = token;
-        let entry = if op.zero_copy && kind.is_socket() {
-            let zc_flags = if self.report_usage {
-                SEND_ZC_REPORT_USAGE
-            } else {
-                0
-            };
-            let entry = match (op.fixed, op.iovecs()) {
-                // One registered buffer: SEND_ZC from it (no page pinning).
-                (Some(index), [iov]) => {
-                    let mut e =
-                        opcode::SendZc::new(fd, iov.iov_base as *const u8, iov.iov_len as u32)
-                            .buf_index(Some(index))
-                            .flags(msg_flags)
-                            .zc_flags(zc_flags);
-                    if let Some((addr, len)) = op.dest() {
-                        e = e.dest_addr(addr).dest_addr_len(len);
+        let zc_flags = if self.report_usage {
+            SEND_ZC_REPORT_USAGE
+        } else {
+            0
+        };
+        let last = ops.len().saturating_sub(1);
+        let mut entries = Vec::with_capacity(ops.len());
+        let mut zc_ids = Vec::new();
+        let mut cost = 0;
+        let mut offset = self.positions.get(&token).copied();
+        for (i, op) in ops.iter().enumerate() {
+            let mut user_data = token;
+            let entry = if op.zero_copy && kind.is_socket() {
+                let entry = match (op.fixed, op.iovecs()) {
+                    // One registered buffer: SEND_ZC from it (no page pinning).
+                    (Some(index), [iov]) => {
+                        let mut e =
+                            opcode::SendZc::new(fd, iov.iov_base as *const u8, iov.iov_len as u32)
+                                .buf_index(Some(index))
+                                .flags(msg_flags)
+                                .zc_flags(zc_flags);
+                        if let Some((addr, len)) = op.dest() {
+                            e = e.dest_addr(addr).dest_addr_len(len);
+                        }
+                        e.build()
                     }
-                    e.build()
+                    _ => opcode::SendMsgZc::new(fd, op.msghdr())
+                        .flags(msg_flags as u32)
+                        .ioprio(zc_flags)
+                        .build(),
+                };
+                user_data = ZC_BIT | (self.next_zc + 1 + zc_ids.len() as u64);
+                zc_ids.push(user_data);
+                cost += 2;
+                entry
+            } else {
+                cost += 1;
+                match kind {
+                    FdKind::StreamSocket | FdKind::DatagramSocket => {
+                        opcode::SendMsg::new(fd, op.msghdr())
+                            .flags(msg_flags as u32)
+                            .build()
+                    }
+                    // An explicit offset: where this connection's writes
+                    // have reached (0, ignored, for pipes and O_APPEND).
+                    FdKind::File | FdKind::Other => {
+                        let at = offset.unwrap_or(0);
+                        offset = offset.map(|o| o + op.batch.bytes as u64);
+                        opcode::Writev::new(fd, op.iovecs().as_ptr(), op.iovecs().len() as u32)
+                            .offset(at)
+                            .build()
+                    }
                 }
-                _ => opcode::SendMsgZc::new(fd, op.msghdr())
-                    .flags(msg_flags as u32)
-                    .ioprio(zc_flags)
-                    .build(),
-            };
-            self.next_zc += 1;
-            user_data = ZC_BIT | self.next_zc;
+            }
+            .user_data(user_data);
+            // A link orders this write before the next in the chain: the
+            // next starts only once this one succeeded, and fails
+            // (ECANCELED) if not. The last one links to nothing.
+            entries.push(if i < last {
+                entry.flags(squeue::Flags::IO_LINK)
+            } else {
+                entry
+            });
+        }
+        // SAFETY: the caller upholds the WriteOp invariant for every
+        // entry's msghdr/iovecs and the Bytes behind them until its
+        // completion; for zero-copy, `self.zc` holds the Bytes until the
+        // notification (inserted below, before anything can be reaped).
+        unsafe { self.ring.submission().push_multiple(&entries) }
+            .map_err(|_| io::Error::other("io_uring submission queue full after making room"))?;
+        let zc_ops = ops.iter_mut().filter(|op| op.zero_copy && kind.is_socket());
+        for (op, &id) in zc_ops.zip(&zc_ids) {
+            let hold = std::mem::take(&mut op.hold);
             self.zc.insert(
-                user_data,
+                id,
                 ZcSend {
                     token,
                     _hold: hold,
                     done: false,
                 },
             );
-            self.stats.zc_sends += 1;
-            entry
-        } else {
-            match kind {
-                FdKind::StreamSocket | FdKind::DatagramSocket => {
-                    opcode::SendMsg::new(fd, op.msghdr())
-                        .flags(msg_flags as u32)
-                        .build()
-                }
-                // Offset -1: write at (and advance) the file position (5.6, RW_CUR_POS).
-                FdKind::File | FdKind::Other => {
-                    opcode::Writev::new(fd, op.iovecs().as_ptr(), op.iovecs().len() as u32)
-                        .offset(u64::MAX)
-                        .build()
-                }
-            }
         }
-        .user_data(user_data);
-        // A link orders this write before the next in the chain: the next
-        // starts only once this one succeeded, and fails (ECANCELED) if not.
-        let entry = if op.link {
-            entry.flags(squeue::Flags::IO_LINK)
-        } else {
-            entry
-        };
-        // SAFETY: the caller upholds the WriteOp invariant for this entry's
-        // msghdr/iovecs and the Bytes behind them until its completion, and
-        // for zero-copy `self.zc` holds the Bytes until the notification.
-        if let Err(e) = unsafe { self.push(&entry) } {
-            self.zc.remove(&user_data);
-            return Err(e);
-        }
-        self.in_flight += 1;
+        self.next_zc += zc_ids.len() as u64;
+        self.stats.zc_sends += zc_ids.len() as u64;
+        self.unsubmitted += entries.len();
+        self.stats.sqes += entries.len() as u64;
+        self.in_flight += entries.len();
+        self.cq_owed += cost;
         Ok(())
     }
 
-    /// See `Driver::chain`. A chain must reach the kernel in one
-    /// submission (a chain split across two would be two chains, free to
-    /// overtake each other), so submit first if the SQ ring lacks room.
-    pub(crate) fn chain(&mut self, want: usize) -> io::Result<usize> {
-        let n = want.clamp(1, MAX_CHAIN);
-        let n = n.min(self.ring.params().sq_entries() as usize);
-        let free = {
-            let sq = self.ring.submission();
-            sq.capacity() - sq.len()
-        };
-        if free < n {
-            self.enter(0, None)?;
+    /// Makes room for `n` SQEs (at most the ring's size), submitting what
+    /// is queued. A kernel that refuses transiently (EBUSY while the CQ is
+    /// backed up, EAGAIN, EINTR) gets its completions reaped, which is what
+    /// frees it, and a few more tries; then the refusal is the error.
+    fn make_room(&mut self, n: usize) -> io::Result<()> {
+        let mut refused = None;
+        for _ in 0..ROOM_TRIES {
+            if self.sq_free() >= n {
+                return Ok(());
+            }
+            self.reap();
+            match self.enter_raw(0, None) {
+                Ok(()) => {}
+                Err(e) if is_transient_enter_error(&e) => refused = Some(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(n)
+        if self.sq_free() >= n {
+            return Ok(());
+        }
+        let e = refused.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY));
+        Err(io::Error::new(
+            e.kind(),
+            format!(
+                "io_uring_enter kept refusing submissions ({e}) after {ROOM_TRIES} tries \
+                 with completions reaped; {} writes stay queued",
+                self.unsubmitted
+            ),
+        ))
+    }
+
+    fn sq_free(&mut self) -> usize {
+        let sq = self.ring.submission();
+        sq.capacity() - sq.len()
     }
 
     /// Zero-copy sends whose notification has not arrived.
     pub(crate) fn notifs_pending(&self) -> usize {
         self.zc.len()
-    }
-
-    /// Pushes an entry, entering the kernel first if the SQ ring is full.
-    ///
-    /// # Safety
-    /// Every buffer the entry points at stays valid until its completion.
-    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: forwarded from the caller.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                self.unsubmitted += 1;
-                self.stats.sqes += 1;
-                return Ok(());
-            }
-            self.enter(0, None)?;
-        }
     }
 
     pub(crate) fn submit(&mut self) -> io::Result<()> {
@@ -267,6 +369,16 @@ impl UringDriver {
     /// One `io_uring_enter`: submits what is queued, waits for `want`
     /// completions (up to `timeout`). A timeout or signal is not an error.
     fn enter(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
+        match self.enter_raw(want, timeout) {
+            // Timed out, interrupted, or the CQ is backed up and must be
+            // reaped first: the caller reaps and comes back.
+            Err(e) if is_transient_enter_error(&e) => Ok(()),
+            res => res,
+        }
+    }
+
+    /// `enter`, reporting every error.
+    fn enter_raw(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<()> {
         if self.disabled {
             self.stats.syscalls += 1;
             self.ring.submitter().register_enable_rings()?;
@@ -282,22 +394,16 @@ impl UringDriver {
             }
             _ => self.ring.submitter().submit_and_wait(want),
         };
+        // Failed or not, the kernel has taken SQEs from the head or not.
+        self.unsubmitted = self.ring.submission().len();
         match res {
-            Ok(_) => {
-                self.unsubmitted = 0;
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Err(io::Error::new(
                 e.kind(),
-                "io_uring ring used from a second thread: a Mover's ring has a single \
-                 issuer (IORING_SETUP_SINGLE_ISSUER), the thread that first flushed it",
+                "io_uring ring used from another task: a Mover's ring has a single \
+                 issuer (IORING_SETUP_SINGLE_ISSUER), the thread that built it \
+                 (after fork(2) the child must build its own)",
             )),
-            // Timed out, interrupted, or the CQ is backed up and must be
-            // reaped first: the caller reaps and comes back.
-            Err(e) if is_transient_enter_error(&e) => {
-                self.unsubmitted = self.ring.submission().len();
-                Ok(())
-            }
             Err(e) => Err(e),
         }
     }
@@ -328,13 +434,15 @@ impl UringDriver {
         timeout: Option<Duration>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
+        // Completions reaped earlier (making room) count as ready.
+        let need = min.max(1).saturating_sub(self.reaped.len());
         let ready = self.ring.completion().len();
         // Notifications count too: Drop waits for them.
         let outstanding = self.in_flight + self.zc_done;
-        let want = if ready >= min.max(1) {
+        let want = if need == 0 || ready >= need {
             0
         } else {
-            min.max(1).min(outstanding)
+            need.min(outstanding)
         };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
@@ -345,13 +453,23 @@ impl UringDriver {
             // waiting would starve it.
             self.run_deferred()?;
         }
+        self.reap();
+        events.append(&mut self.reaped);
+        Ok(())
+    }
+
+    /// Takes every posted completion off the CQ ring into `self.reaped`,
+    /// freeing its slot.
+    fn reap(&mut self) {
         for cqe in self.ring.completion() {
             let user_data = cqe.user_data();
             if user_data == IGNORED {
+                self.cq_owed = self.cq_owed.saturating_sub(1);
                 continue;
             }
             let token = if user_data & ZC_BIT != 0 {
                 let Some(zc) = self.zc.get_mut(&user_data) else {
+                    self.cq_owed = self.cq_owed.saturating_sub(1);
                     continue;
                 };
                 let token = zc.token;
@@ -361,30 +479,37 @@ impl UringDriver {
                         self.zc_done -= 1;
                     }
                     self.zc.remove(&user_data);
+                    self.cq_owed = self.cq_owed.saturating_sub(1);
                     let copied = (cqe.result() as u32) & NOTIF_USAGE_ZC_COPIED != 0;
-                    events.push(Event::Notified { token, copied });
+                    self.reaped.push(Event::Notified { token, copied });
                     continue;
                 }
                 if cqueue::more(cqe.flags()) {
                     zc.done = true;
                     self.zc_done += 1;
+                    self.cq_owed = self.cq_owed.saturating_sub(1);
                 } else {
                     // No notification follows (the send failed early).
                     self.zc.remove(&user_data);
+                    self.cq_owed = self.cq_owed.saturating_sub(2);
                 }
                 token
             } else {
+                self.cq_owed = self.cq_owed.saturating_sub(1);
                 user_data
             };
             self.in_flight -= 1;
             let res = if cqe.result() < 0 {
                 Err(io::Error::from_raw_os_error(-cqe.result()))
             } else {
-                Ok(cqe.result() as usize)
+                let n = cqe.result() as usize;
+                if let Some(pos) = self.positions.get_mut(&token) {
+                    *pos += n as u64;
+                }
+                Ok(n)
             };
-            events.push(Event::Done { token, res });
+            self.reaped.push(Event::Done { token, res });
         }
-        Ok(())
     }
 
     pub(crate) fn cancel(&mut self, token: Token) -> io::Result<()> {
@@ -401,11 +526,35 @@ impl UringDriver {
             .collect();
         targets.push(token);
         for target in targets {
+            self.cq_room_for_cancel()?;
+            self.make_room(1)?;
             let entry = opcode::AsyncCancel::new(target).build().user_data(IGNORED);
             // SAFETY: ASYNC_CANCEL points at no buffer.
-            unsafe { self.push(&entry) }?;
+            unsafe { self.ring.submission().push(&entry) }.map_err(|_| {
+                io::Error::other("io_uring submission queue full after making room")
+            })?;
+            self.unsubmitted += 1;
+            self.stats.sqes += 1;
+            self.cq_owed += 1;
         }
         Ok(())
+    }
+
+    /// Writes never use the last SQ's worth of the CQ, so the first cancel
+    /// always has a slot; later ones wait for earlier cancels (which
+    /// complete at once, with their targets) to free theirs.
+    fn cq_room_for_cancel(&mut self) -> io::Result<()> {
+        for _ in 0..100 {
+            self.reap();
+            if self.cq_owed < self.cq_entries {
+                return Ok(());
+            }
+            self.enter(1, Some(Duration::from_millis(50)))?;
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "io_uring completion queue stays full: cannot queue a cancellation",
+        ))
     }
 
     pub(crate) fn stats(&self) -> DriverStats {

@@ -96,6 +96,17 @@ pub(crate) fn write_iovecs(
     unsafe { sendmsg(fd, &msg, libc::MSG_NOSIGNAL) }
 }
 
+/// Sets `O_NONBLOCK` on `fd`'s open file description (shared with every
+/// dup of it and every process holding it), if not set already.
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
 /// Blocks in poll(2) until `fd` is writable (or has an error to report).
 pub(crate) fn wait_writable(fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut pfd = libc::pollfd {

@@ -5,9 +5,13 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
 
 use bytes::Bytes;
-use ringmover::{Backend, BackendChoice, Completion, Mover, SendErrorKind};
+use ringmover::{Backend, BackendChoice, Completion, Mover, MoverBuilder, SendErrorKind};
+
+#[cfg(target_os = "linux")]
+mod enter_faults;
 
 /// A connected loopback TCP pair: (our sending end, the peer's reading end).
 pub fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -74,19 +78,75 @@ fn reader(mut s: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
+/// A builder for the backend a suite instance runs on; `None` is `Auto`.
+pub fn builder(backend: Option<Backend>) -> MoverBuilder {
+    Mover::builder().backend(backend.map_or(BackendChoice::Auto, BackendChoice::Force))
+}
+
 /// Which backend a suite instance runs on; `None` is `Auto`.
 pub fn mover(backend: Option<Backend>) -> Mover {
-    let choice = backend.map_or(BackendChoice::Auto, BackendChoice::Force);
-    let m = Mover::builder()
-        .backend(choice)
-        .build()
-        .expect("building the mover");
+    let m = builder(backend).build().expect("building the mover");
     if let Some(b) = backend {
         assert_eq!(m.backend(), b);
     } else if let Ok(expected) = std::env::var("RINGMOVER_EXPECT_BACKEND") {
         assert_eq!(m.backend().name(), expected, "{}", m.selection().reason);
     }
     m
+}
+
+/// Runs `f` on a thread of its own (a `Mover` is built and used there;
+/// a fault filter dies with it) and fails, naming `what`, if it has not
+/// finished within `bound`: a hang becomes a failure, not a stuck suite.
+pub fn on_own_thread<T: Send + 'static>(
+    what: &str,
+    bound: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let out = f();
+        let _ = tx.send(());
+        out
+    });
+    match rx.recv_timeout(bound) {
+        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Ok(out) => out,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: still running after {bound:?} (hung or spinning)")
+        }
+    }
+}
+
+/// `n` connected loopback TCP pairs: (our ends, the peers' ends).
+pub fn tcp_pairs(n: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    (0..n)
+        .map(|_| {
+            let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            (a, l.accept().unwrap().0)
+        })
+        .unzip()
+}
+
+/// Checks every completion's `queued` against the bytes queued so far on
+/// its connection, in order, and returns what each connection wrote.
+fn check_queued(
+    done: &[Completion],
+    queued_total: impl Fn(ringmover::Conn) -> usize,
+) -> std::collections::HashMap<ringmover::Conn, usize> {
+    let mut written = std::collections::HashMap::new();
+    for c in done.iter().filter(|c| c.error.is_none()) {
+        let w = written.entry(c.conn).or_insert(0);
+        *w += c.written;
+        assert_eq!(
+            c.queued,
+            queued_total(c.conn) - *w,
+            "Completion::queued is what was queued less what was written"
+        );
+    }
+    written
 }
 
 fn errors(done: &[Completion]) -> Vec<String> {
@@ -114,6 +174,11 @@ pub fn more_than_iov_max_pieces_arrive_byte_exact(b: Option<Backend>) {
     assert_eq!(errors(&done), Vec::<String>::new());
     assert!(done.last().unwrap().is_drained());
     assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), data.len());
+    assert!(
+        done.len() > 1,
+        "more than IOV_MAX pieces take several writes"
+    );
+    check_queued(&done, |_| data.len());
     drop(m.detach(conn).unwrap());
     assert!(rx.join().unwrap() == data[..]);
 }
@@ -133,6 +198,44 @@ pub fn partial_writes_resume_at_the_exact_byte(b: Option<Backend>) {
     let mut done = Vec::new();
     m.drain(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
+    check_queued(&done, |_| data.len());
+    if m.backend() != Backend::Uring {
+        // The 4 KiB buffer takes part of each write: writes were short and
+        // resumed. (io_uring's MSG_WAITALL finishes stream writes in the
+        // kernel; its short writes are tested on a pipe, below.)
+        assert!(m.stats().short_writes > 0, "{:?}", m.stats());
+    }
+    drop(m.detach(conn).unwrap());
+    assert!(rx.join().unwrap() == data[..]);
+}
+
+/// A pipe with a slow reader takes part of each write on every backend
+/// (io_uring too: WRITEV to a pipe completes short): each resumes at the
+/// exact byte, and the counts add up.
+pub fn partial_writes_to_a_pipe_resume_at_the_exact_byte(b: Option<Backend>) {
+    let mut m = mover(b);
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let mut rd = std::fs::File::from(rd);
+    let rx = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 5000];
+        loop {
+            let n = rd.read(&mut buf).unwrap();
+            if n == 0 {
+                return got;
+            }
+            got.extend_from_slice(&buf[..n]);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    let conn = m.attach(wr).unwrap();
+    let data = Bytes::from(pattern(21, 1 << 20));
+    m.send(conn, pieces(&data, 22)).unwrap();
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    check_queued(&done, |_| data.len());
+    assert!(m.stats().short_writes > 0, "{:?}", m.stats());
     drop(m.detach(conn).unwrap());
     assert!(rx.join().unwrap() == data[..]);
 }
@@ -172,7 +275,8 @@ pub fn thousand_connections_each_get_their_own_stream(b: Option<Backend>) {
     }
     let after = m.stats();
     if m.backend() == Backend::Uring {
-        // One io_uring_enter per flush of 1000 connections (SQ holds 1024).
+        // One io_uring_enter per flush of 1000 connections (SQ holds 1024),
+        // plus the waits.
         assert!(
             after.enters - before.enters <= 3 + 3,
             "{before:?} {after:?}"
@@ -190,6 +294,37 @@ pub fn thousand_connections_each_get_their_own_stream(b: Option<Backend>) {
             want.extend_from_slice(&payloads[i]);
         }
         assert!(got == want, "connection {i} got {} bytes", got.len());
+    }
+}
+
+/// More connections than the SQ ring holds: a flush enters the kernel
+/// once per full queue, ⌈connections / depth⌉ times, as documented.
+pub fn a_flush_beyond_the_queue_depth_enters_once_per_full_queue(b: Option<Backend>) {
+    const DEPTH: usize = 64;
+    const CONNS: usize = 200;
+    let mut m = builder(b).queue_depth(DEPTH as u32).build().unwrap();
+    let (ours, peers) = tcp_pairs(CONNS);
+    let conns: Vec<_> = ours.into_iter().map(|a| m.attach(a).unwrap()).collect();
+    for (i, &c) in conns.iter().enumerate() {
+        m.send(c, [Bytes::from(format!("<{i}>"))]).unwrap();
+    }
+    let before = m.stats();
+    assert_eq!(m.flush().unwrap(), CONNS);
+    if m.backend() == Backend::Uring {
+        assert_eq!(
+            m.stats().enters - before.enters,
+            CONNS.div_ceil(DEPTH) as u64,
+            "one io_uring_enter per full queue"
+        );
+    }
+    let mut done = Vec::new();
+    m.drain(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    for (i, (c, mut peer)) in conns.into_iter().zip(peers).enumerate() {
+        drop(m.detach(c).unwrap());
+        let mut got = String::new();
+        peer.read_to_string(&mut got).unwrap();
+        assert_eq!(got, format!("<{i}>"));
     }
 }
 
@@ -216,7 +351,9 @@ pub fn a_dead_peer_fails_only_its_own_connection(b: Option<Backend>) {
     for chunk in data.chunks(64 << 10) {
         let chunk = data.slice_ref(chunk);
         // The dead one refuses sends once its failure is known.
-        let _ = m.send(dead, [chunk.clone()]);
+        if let Err(e) = m.send(dead, [chunk.clone()]) {
+            assert_eq!(e.kind, SendErrorKind::Failed, "{e}");
+        }
         m.send(live, [chunk]).unwrap();
         m.flush().unwrap();
         m.wait(&mut done, Some(std::time::Duration::from_millis(1)))
@@ -295,13 +432,18 @@ pub fn udp_datagrams_keep_their_boundaries(b: Option<Backend>) {
     m.drain(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     let mut buf = [0u8; 4096];
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     for i in 0..20u8 {
-        let (n, _) = rx.recv_from(&mut buf).unwrap();
+        let (n, _) = rx
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
         assert_eq!(n, 2 + 1000 + usize::from(i));
         assert_eq!(&buf[..2], &[b'H', i]);
         assert!(buf[2..n].iter().all(|&x| x == i));
     }
-    let (n, _) = rx.recv_from(&mut buf).unwrap();
+    let (n, _) = rx
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("waiting for the empty datagram: {e}"));
     assert_eq!(n, 0, "the empty datagram arrives empty");
     // A stream refuses destination addresses.
     let (a, _peer) = tcp_pair();
@@ -357,8 +499,11 @@ pub fn udp_bursts_leave_in_order_in_few_enters(b: Option<Backend>) {
         );
     }
     let mut buf = [0u8; 2048];
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     for i in 0..n {
-        let got = rx.recv(&mut buf).unwrap();
+        let got = rx
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
         assert_eq!(got, 4 + 64 + i, "datagram {i}");
         assert_eq!(
             &buf[..4],
@@ -402,7 +547,9 @@ pub fn a_refused_datagram_returns_it_and_the_rest(b: Option<Backend>) {
         .unwrap();
     let mut buf = [0u8; 2048];
     for i in 0..5u8 {
-        let n = rx.recv(&mut buf).unwrap();
+        let n = rx
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
         assert!(n == 100 && buf[..n].iter().all(|&x| x == i), "datagram {i}");
     }
     assert!(rx.recv(&mut buf).is_err(), "nothing after the refused one");
@@ -429,13 +576,16 @@ pub fn stalled_datagram_bursts_resume_in_order(b: Option<Backend>) {
         )
         .unwrap();
     }
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         for i in 0..n {
             if i % 25 == 0 {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
-            let got = rx.recv(&mut buf).unwrap();
+            let got = rx
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
             assert_eq!(got, 2004, "datagram {i}");
             assert_eq!(
                 &buf[..4],
@@ -497,13 +647,20 @@ pub fn files_are_written_at_their_position(b: Option<Backend>) {
     let mut done = Vec::new();
     m.drain(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
-    drop(m.detach(conn).unwrap());
+    let mut d = m.detach(conn).unwrap();
+    // The fd's position is after the last byte written: the caller (or a
+    // dup of the fd) carries on where the engine stopped.
+    let mut back = std::fs::File::from(d.fd);
+    back.write_all(b":suffix").unwrap();
+    assert_eq!(d.written + d.unsent.len(), 0, "nothing left over");
+    d.unsent.clear();
     let mut got = Vec::new();
     use std::io::Seek;
     f.seek(std::io::SeekFrom::Start(0)).unwrap();
     f.read_to_end(&mut got).unwrap();
     assert_eq!(&got[..7], b"prefix:");
-    assert!(got[7..] == data[..]);
+    assert!(got[7..7 + data.len()] == data[..]);
+    assert_eq!(&got[7 + data.len()..], b":suffix");
 }
 
 pub fn detach_returns_fd_and_unsent_bytes(b: Option<Backend>) {
@@ -512,26 +669,39 @@ pub fn detach_returns_fd_and_unsent_bytes(b: Option<Backend>) {
     set_sndbuf(&a, 4096);
     let raw = a.as_raw_fd();
     let conn = m.attach(a).unwrap();
+    // A slow reader: the one big write is in flight, part-way, at detach.
+    let rx = slow_reader(peer, 1500);
     let data = Bytes::from(pattern(9, 8 << 20));
     m.send(conn, [data.clone()]).unwrap();
     m.flush().unwrap();
     let mut done = Vec::new();
     m.wait(&mut done, Some(std::time::Duration::from_millis(20)))
         .unwrap();
-    // Nobody reads: most of the 8 MiB is still queued or in flight.
+    let before = m.stats();
     let detached = m.detach(conn).unwrap();
     assert_eq!(detached.fd.as_raw_fd(), raw);
-    let unsent: usize = detached.unsent.iter().map(Bytes::len).sum();
-    let written: usize = done.iter().map(|c| c.written).sum();
-    assert!(unsent > 0);
-    // Every byte is either reported written or handed back. (A cancelled
-    // in-flight send may have moved bytes it could not report; the kernel
-    // reports what it moved in the cancelled completion.)
-    assert!(written + unsent <= data.len());
+    let unsent: Vec<u8> = detached.unsent.iter().flat_map(|b| b.to_vec()).collect();
+    let written = done.iter().map(|c| c.written).sum::<usize>() + detached.written;
+    assert!(
+        !unsent.is_empty(),
+        "8 MiB cannot pass a slow reader in 20 ms"
+    );
+    // Exactly: every byte is reported written or handed back, once.
+    assert_eq!(written + unsent.len(), data.len());
+    assert!(unsent == data[written..], "unsent starts at the exact byte");
+    if m.backend() == Backend::Uring {
+        // The cancelled send completed short (its partial count), which is
+        // what `detached.written` reports.
+        assert!(detached.written > 0, "the cancelled write moved bytes");
+        assert!(m.stats().short_writes > before.short_writes);
+    }
+    drop(detached);
+    let got = rx.join().unwrap();
+    assert_eq!(got.len(), written, "the peer got exactly what was reported");
+    assert!(got == data[..written]);
     let stale = m.send(conn, [Bytes::from_static(b"x")]).unwrap_err();
     assert_eq!(stale.kind, SendErrorKind::UnknownConn);
     assert!(m.detach(conn).is_err());
-    drop(peer);
 }
 
 pub fn blocking_write_to_finishes_partial_writes(_b: Option<Backend>) {
@@ -585,25 +755,101 @@ pub fn blocking_write_to_writes_files_and_pipes(_b: Option<Backend>) {
     assert!(rx.join().unwrap() == data[..]);
 }
 
-pub fn built_on_one_thread_used_on_another(b: Option<Backend>) {
-    let mut m = mover(b);
-    let (a, peer) = tcp_pair();
-    let rx = reader(peer);
+/// One ring per thread: the builder goes to each thread, which builds its
+/// own `Mover` (the `Mover` itself cannot move: see its compile_fail doc).
+pub fn each_thread_builds_its_own_mover(b: Option<Backend>) {
+    fn is_send<T: Send>(t: T) -> T {
+        t
+    }
     let data = Bytes::from(pattern(13, 100_000));
-    let sent = data.clone();
-    let m = std::thread::spawn(move || {
-        let conn = m.attach(a).unwrap();
-        m.send(conn, [sent]).unwrap();
-        let mut done = Vec::new();
-        m.drain(&mut done).unwrap();
-        assert_eq!(errors(&done), Vec::<String>::new());
-        drop(m.detach(conn).unwrap());
-        m
-    })
-    .join()
-    .unwrap();
-    assert!(rx.join().unwrap() == data[..]);
-    drop(m);
+    let shards: Vec<_> = (0..2)
+        .map(|_| {
+            let (a, peer) = tcp_pair();
+            let rx = reader(peer);
+            let builder = is_send(builder(b));
+            let sent = data.clone();
+            let shard = std::thread::spawn(move || {
+                let mut m = builder.build().unwrap();
+                let conn = m.attach(a).unwrap();
+                m.send(conn, [sent]).unwrap();
+                let mut done = Vec::new();
+                m.drain(&mut done).unwrap();
+                assert_eq!(errors(&done), Vec::<String>::new());
+                drop(m.detach(conn).unwrap());
+            });
+            (shard, rx)
+        })
+        .collect();
+    for (shard, rx) in shards {
+        shard.join().unwrap();
+        assert!(rx.join().unwrap() == data[..]);
+    }
+}
+
+/// A blocking pipe nobody reads must not hold up the other connections on
+/// any backend (epoll/poll make it non-blocking at attach; regular files
+/// are left alone).
+pub fn a_blocking_pipe_does_not_stall_other_connections(b: Option<Backend>) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let file = tempfile();
+    let file_flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).unwrap();
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let wr_raw = wr.as_raw_fd();
+    let data = Bytes::from(pattern(31, 1 << 20));
+    let (pipe_written, pipe_unsent, arrived, file_flags_after) = on_own_thread(
+        "a flush with a full blocking pipe",
+        Duration::from_secs(30),
+        {
+            let data = data.clone();
+            move || {
+                let mut m = mover(b);
+                let (a, peer) = tcp_pair();
+                let rx = reader(peer);
+                let pipe = m.attach(wr).unwrap();
+                let sock = m.attach(a).unwrap();
+                let f = m.attach(file).unwrap();
+                let flags = fcntl(wr_raw, FcntlArg::F_GETFL).unwrap();
+                if m.backend() != Backend::Uring {
+                    assert!(OFlag::from_bits_truncate(flags).contains(OFlag::O_NONBLOCK));
+                }
+                // 1 MiB into a 64 KiB pipe that nobody reads: it fills.
+                m.send(pipe, [data.clone()]).unwrap();
+                m.send(sock, [data.clone()]).unwrap();
+                m.send(f, [data.slice(..1000)]).unwrap();
+                m.flush().unwrap();
+                let mut done = Vec::new();
+                while m.queued(sock) != Some(0) || m.queued(f) != Some(0) {
+                    m.wait(&mut done, Some(Duration::from_millis(100))).unwrap();
+                }
+                assert_eq!(errors(&done), Vec::<String>::new());
+                let file_back = m.detach(f).unwrap().fd;
+                let flags_after = fcntl(file_back.as_raw_fd(), FcntlArg::F_GETFL).unwrap();
+                drop(m.detach(sock).unwrap());
+                let d = m.detach(pipe).unwrap();
+                let written = done
+                    .iter()
+                    .filter(|c| c.conn == pipe)
+                    .map(|c| c.written)
+                    .sum::<usize>()
+                    + d.written;
+                let unsent: Vec<u8> = d.unsent.iter().flat_map(|b| b.to_vec()).collect();
+                (written, unsent, rx.join().unwrap(), flags_after)
+            }
+        },
+    );
+    assert!(arrived == data[..], "the socket got everything");
+    assert_eq!(
+        file_flags_after, file_flags,
+        "a regular file's flags are untouched"
+    );
+    assert!(!pipe_unsent.is_empty(), "the pipe is full");
+    assert_eq!(pipe_written + pipe_unsent.len(), data.len());
+    let mut got = Vec::new();
+    std::fs::File::from(rd).read_to_end(&mut got).unwrap();
+    assert!(
+        got == data[..pipe_written],
+        "the pipe got exactly what was reported"
+    );
 }
 
 fn tempfile() -> std::fs::File {
@@ -642,64 +888,202 @@ for_each_backend!(
     detach_returns_fd_and_unsent_bytes,
     blocking_write_to_finishes_partial_writes,
     blocking_write_to_writes_files_and_pipes,
-    built_on_one_thread_used_on_another,
+    each_thread_builds_its_own_mover,
+    partial_writes_to_a_pipe_resume_at_the_exact_byte,
+    a_flush_beyond_the_queue_depth_enters_once_per_full_queue,
+    a_blocking_pipe_does_not_stall_other_connections,
 );
 
-/// The whole suite again, as `auto`, in a child whose seccomp filter makes
-/// io_uring fail with EPERM (Docker's default): it must run on epoll.
+/// Twenty connections on an 8-entry SQ ring, with the enter the flush
+/// makes when the ring fills failing (`count` times, with `errno`): `check`
+/// sees the flush's error; then the kernel accepts again, and a drain must
+/// deliver every byte (no connection stranded, no spin).
+#[cfg(target_os = "linux")]
+fn faulty_flush_then_drain(
+    what: &str,
+    errno: i32,
+    count: usize,
+    check: fn(&std::io::Error, &enter_faults::EnterFaults, &Mover),
+) {
+    const CONNS: usize = 20;
+    let got = on_own_thread(what, Duration::from_secs(30), move || {
+        let faults = enter_faults::install();
+        let mut m = builder(Some(Backend::Uring))
+            .queue_depth(8)
+            .build()
+            .unwrap();
+        let (ours, peers) = tcp_pairs(CONNS);
+        let readers: Vec<_> = peers.into_iter().map(reader).collect();
+        let conns: Vec<_> = ours.into_iter().map(|a| m.attach(a).unwrap()).collect();
+        for (i, &c) in conns.iter().enumerate() {
+            m.send(c, [Bytes::from(pattern(i as u64, 1000))]).unwrap();
+        }
+        faults.fail_next(errno, count, enter_faults::Enter::submits_only);
+        let err = m.flush().unwrap_err();
+        check(&err, &faults, &m);
+        faults.clear();
+        let mut done = Vec::new();
+        m.drain(&mut done).unwrap();
+        assert_eq!(errors(&done), Vec::<String>::new());
+        assert_eq!(m.in_flight(), 0);
+        for &c in &conns {
+            assert_eq!(m.queued(c), Some(0));
+            drop(m.detach(c).unwrap());
+        }
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (i, g) in got.iter().enumerate() {
+        assert!(g[..] == pattern(i as u64, 1000)[..], "connection {i}");
+    }
+}
+
+/// io_uring's single issuer, with the enter failing mid-flush (EEXIST, what
+/// the kernel answers another task): the flush reports the error, counts in
+/// flight only what it pushed, keeps the rest scheduled, and the next drain
+/// finishes every connection instead of spinning.
 #[test]
 #[cfg(target_os = "linux")]
-fn suite_passes_on_the_fallback_when_io_uring_is_forbidden() {
-    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(["send::auto::", "--test-threads=2"])
-        .env("RINGMOVER_EXPECT_BACKEND", "epoll")
-        .env_remove("RINGMOVER_BACKEND");
-    crate::seccomp::deny_io_uring(&mut cmd, libc::EPERM);
-    let out = cmd.output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Every auto test ran, not just some.
-    let list = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["send::auto::", "--list"])
-        .output()
-        .unwrap();
-    let tests = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter(|l| l.ends_with(": test"))
-        .count();
-    assert!(tests >= 10, "only {tests} auto tests listed");
-    assert!(
-        text.contains(&format!("test result: ok. {tests} passed")),
-        "{text}"
+fn uring_enter_failure_mid_flush_strands_nothing() {
+    // The 9th connection finds the 8-entry SQ full: that enter fails.
+    faulty_flush_then_drain(
+        "drain after a failed enter",
+        libc::EEXIST,
+        1,
+        |err, faults, m| {
+            assert_eq!(faults.failed(), 1);
+            assert!(err.to_string().contains("single issuer"), "{err}");
+            assert_eq!(m.in_flight(), 8, "in flight: what was pushed, no more");
+        },
     );
 }
 
-/// io_uring's single issuer: once one thread has flushed, another gets a
-/// clear error rather than silent misbehaviour.
+/// A transient enter (EINTR) while making room for a datagram chain must
+/// not split it across two submissions: a split would be two chains, and
+/// the datagrams after a refused one would go out anyway (and be reported
+/// unsent too).
 #[test]
 #[cfg(target_os = "linux")]
-fn uring_ring_used_from_a_second_thread_is_a_clear_error() {
-    let mut m = mover(Some(Backend::Uring));
-    let (a, peer) = tcp_pair();
-    let (a2, _peer2) = tcp_pair();
-    let rx = reader(peer);
-    let conn = m.attach(a).unwrap();
-    m.send(conn, [Bytes::from_static(b"first")]).unwrap();
+fn uring_transient_enter_never_splits_a_datagram_chain() {
+    on_own_thread(
+        "a burst after an interrupted enter",
+        Duration::from_secs(30),
+        || {
+            let faults = enter_faults::install();
+            let mut m = builder(Some(Backend::Uring))
+                .queue_depth(8)
+                .build()
+                .unwrap();
+            // Five streams take five of the eight SQ slots first.
+            let (ours, _peers) = tcp_pairs(5);
+            for a in ours {
+                let c = m.attach(a).unwrap();
+                m.send(c, [Bytes::from_static(b"fill")]).unwrap();
+            }
+            let (conn, rx) = connected_udp(&mut m);
+            for i in 0..10u8 {
+                let len = if i == 2 { 70_000 } else { 100 };
+                m.send(conn, [Bytes::from(vec![i; len])]).unwrap();
+            }
+            faults.fail_next(libc::EINTR, 1, |_| true);
+            let mut done = Vec::new();
+            m.drain(&mut done).unwrap();
+            assert_eq!(faults.failed(), 1, "the enter was interrupted");
+            let failed: Vec<_> = done
+                .iter()
+                .filter(|c| c.conn == conn)
+                .filter_map(|c| c.error.as_ref())
+                .collect();
+            assert_eq!(failed.len(), 1);
+            assert_eq!(failed[0].error.raw_os_error(), Some(libc::EMSGSIZE));
+            let unsent: Vec<u8> = failed[0].unsent.iter().flat_map(|b| b.to_vec()).collect();
+            let want: Vec<u8> = (2..10u8)
+                .flat_map(|i| vec![i; if i == 2 { 70_000 } else { 100 }])
+                .collect();
+            assert!(
+                unsent == want,
+                "unsent: the refused datagram and all after it"
+            );
+            rx.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut buf = [0u8; 2048];
+            for i in 0..2u8 {
+                let n = rx
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
+                assert!(n == 100 && buf[..n].iter().all(|&x| x == i), "datagram {i}");
+            }
+            match rx.recv(&mut buf) {
+                Ok(n) => panic!("datagram {} arrived after the refused one", buf[..n][0]),
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+            }
+        },
+    );
+}
+
+/// Writes in flight never outnumber the completion queue (documented: at
+/// most 7 × queue_depth), however many connections flush at once; the
+/// rest start as completions come in.
+#[test]
+#[cfg(target_os = "linux")]
+fn uring_in_flight_stays_within_the_completion_queue() {
+    const DEPTH: usize = 8;
+    const CONNS: usize = 100;
+    let mut m = builder(Some(Backend::Uring))
+        .queue_depth(DEPTH as u32)
+        .build()
+        .unwrap();
+    let (ours, peers) = tcp_pairs(CONNS);
+    let data = Bytes::from(pattern(41, 64 << 10));
+    let conns: Vec<_> = ours
+        .into_iter()
+        .map(|a| {
+            // Tiny buffers and nobody reading yet: every write stays in flight.
+            set_sndbuf(&a, 4096);
+            m.attach(a).unwrap()
+        })
+        .collect();
+    for &c in &conns {
+        m.send(c, [data.clone()]).unwrap();
+    }
+    m.flush().unwrap();
     let mut done = Vec::new();
+    m.wait(&mut done, Some(Duration::from_millis(20))).unwrap();
+    assert!(
+        m.in_flight() <= 7 * DEPTH,
+        "{} writes in flight with a CQ of {}: {:?}",
+        m.in_flight(),
+        8 * DEPTH,
+        m.stats()
+    );
+    let readers: Vec<_> = peers.into_iter().map(reader).collect();
     m.drain(&mut done).unwrap();
-    let mut m = std::thread::spawn(move || {
-        let c2 = m.attach(a2).unwrap();
-        m.send(c2, [Bytes::from_static(b"second")]).unwrap();
-        let err = m.flush().unwrap_err();
-        assert!(err.to_string().contains("single issuer"), "{err}");
-        m
-    })
-    .join()
-    .unwrap();
-    drop(m.detach(conn).unwrap());
-    assert_eq!(rx.join().unwrap(), b"first");
+    assert_eq!(errors(&done), Vec::<String>::new());
+    for c in conns {
+        drop(m.detach(c).unwrap());
+    }
+    for (i, r) in readers.into_iter().enumerate() {
+        assert!(r.join().unwrap() == data[..], "connection {i}");
+    }
+}
+
+/// A kernel that keeps answering EBUSY (its CQ backed up) while the SQ
+/// ring is full: the flush reaps and retries a bounded number of times,
+/// then reports the error; once the kernel accepts again, nothing is lost.
+#[test]
+#[cfg(target_os = "linux")]
+fn uring_persistent_ebusy_is_an_error_not_a_spin() {
+    faulty_flush_then_drain(
+        "a flush while every enter gets EBUSY",
+        libc::EBUSY,
+        usize::MAX,
+        |err, faults, _| {
+            assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy, "{err}");
+            assert!(err.to_string().contains("refusing"), "{err}");
+            let tries = faults.failed();
+            assert!(tries > 1 && tries < 100, "{tries} enters refused");
+        },
+    );
 }
