@@ -136,6 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         max_bytes: args.max_bytes,
         idle_timeout: args.idle_timeout,
         pipe_size: None,
+        ..RecvOptions::default()
     };
     let mut receiver = Receiver::new(backend, options)
         .with_context(|| format!("starting the {backend} backend"))?;

@@ -43,6 +43,7 @@ impl PipePool {
                 created: 0,
                 wanted,
                 got: 0,
+                ..PipeReport::default()
             },
         }
     }
