@@ -23,6 +23,10 @@ for_each_backend!(
     accept_out_of_fds_backs_off_and_resumes,
     a_stopped_receiver_keeps_a_live_sender,
     a_failing_file_ends_only_its_connection,
+    framed_streams_arrive_byte_exact,
+    framed_streams_cut_short_are_never_complete,
+    raw_streams_are_unchanged,
+    the_quota_counts_framed_payload,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -444,4 +448,301 @@ fn a_failing_file_ends_only_its_connection(backend: Option<Backend>) {
     assert_eq!(fs::read(&good_path).unwrap(), good_data);
     assert_eq!(r.active(), 0);
     fs::remove_dir_all(&dir).unwrap();
+}
+
+// ------------------------------------------ issue 12 item 10: wire format
+
+/// `frames` as a framed stream: magic, each frame, the end marker.
+fn framed(frames: &[&[u8]]) -> Vec<u8> {
+    let mut v = ringmover::wire::MAGIC.to_vec();
+    for f in frames {
+        v.extend_from_slice(&ringmover::wire::frame_header(f.len() as u64));
+        v.extend_from_slice(f);
+    }
+    v.extend_from_slice(&ringmover::wire::END);
+    v
+}
+
+/// Writes `wire` in pieces of the sizes in `pieces` (cycled), the first
+/// `dribble` bytes one at a time with a pause, so the receiver sees
+/// partial magic and headers; then closes the write side, or resets if
+/// `reset`. Returns the client's address.
+fn write_stream(
+    addr: SocketAddr,
+    wire: Vec<u8>,
+    pieces: &'static [usize],
+    dribble: usize,
+    reset: bool,
+) -> (SocketAddr, thread::JoinHandle<()>) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let peer = s.local_addr().unwrap();
+    let t = thread::spawn(move || {
+        let mut s = s;
+        let dribble = dribble.min(wire.len());
+        for b in wire[..dribble].chunks(1) {
+            s.write_all(b).expect("writing to the receiver");
+            thread::sleep(Duration::from_millis(2));
+        }
+        let mut rest = &wire[dribble..];
+        for &p in pieces.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let n = p.min(rest.len());
+            s.write_all(&rest[..n]).expect("writing to the receiver");
+            rest = &rest[n..];
+        }
+        if reset {
+            nix::sys::socket::setsockopt(
+                &s,
+                nix::sys::socket::sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            )
+            .unwrap();
+        } else {
+            s.shutdown(Shutdown::Write).unwrap();
+            let _ = s.read(&mut [0u8; 1]);
+        }
+    });
+    (peer, t)
+}
+
+/// One stream to receive: what is sent, how, and what must come of it.
+struct Case {
+    name: &'static str,
+    wire: Vec<u8>,
+    dribble: usize,
+    reset: bool,
+    /// What the file must hold.
+    want: Vec<u8>,
+    framed: bool,
+    /// `None`: complete; else the failure's kind name.
+    outcome: Option<&'static str>,
+}
+
+/// Receives every case at once on one receiver; checks each outcome and
+/// file, byte for byte.
+fn receive_cases(backend: Option<Backend>, options: RecvOptions, cases: Vec<Case>) {
+    let (mut r, addr) = receiver(backend, options, cases.len() as u64);
+    let dir = scratch("wire");
+    let mut writers = Vec::new();
+    let mut by_peer = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        const PIECES: &[usize] = &[1, 3, 7, 8, 9, 13, 4093, 65_537, 5];
+        let (peer, t) = write_stream(addr, c.wire.clone(), PIECES, c.dribble, c.reset);
+        writers.push(t);
+        by_peer.push((peer, i));
+    }
+    let paths: Vec<PathBuf> = (0..cases.len()).map(|i| dir.join(i.to_string())).collect();
+    let created = paths.clone();
+    let done = serve(&mut r, cases.len(), |i| {
+        let mut f = File::options();
+        f.read(true).write(true).create_new(true);
+        f.open(&created[i]).unwrap()
+    });
+    for t in writers {
+        t.join().unwrap();
+    }
+    for f in &done {
+        let &(_, i) = by_peer.iter().find(|(p, _)| *p == f.peer).unwrap();
+        let c = &cases[i];
+        let got = match &f.result {
+            Ok(()) => None,
+            Err(e) => Some(e.kind_name()),
+        };
+        assert_eq!(got, c.outcome, "{}: {:?}", c.name, f.result);
+        assert_eq!(f.framed, c.framed, "{}: framed", c.name);
+        assert_eq!(f.bytes, c.want.len() as u64, "{}: bytes", c.name);
+        let mut content = Vec::new();
+        let mut file = f.file.try_clone().unwrap();
+        use std::io::Seek;
+        file.rewind().unwrap();
+        file.read_to_end(&mut content).unwrap();
+        assert!(
+            content == c.want,
+            "{}: file holds {} bytes, want {}",
+            c.name,
+            content.len(),
+            c.want.len()
+        );
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Framed transfers of every shape, byte-exact, in odd write sizes.
+fn framed_streams_arrive_byte_exact(backend: Option<Backend>) {
+    let big = pattern(3 << 20, 11);
+    let small = pattern(5000, 12);
+    let mut cases = vec![
+        Case {
+            name: "frames larger than a pipe, and of 1 byte",
+            wire: framed(&[
+                &big[..2 << 20],
+                &big[2 << 20..(2 << 20) + 1],
+                &big[(2 << 20) + 1..],
+            ]),
+            dribble: 0,
+            reset: false,
+            want: big.clone(),
+            framed: true,
+            outcome: None,
+        },
+        Case {
+            name: "magic and headers a byte at a time",
+            wire: framed(&[&small[..10], &small[10..]]),
+            dribble: 40,
+            reset: false,
+            want: small.clone(),
+            framed: true,
+            outcome: None,
+        },
+        Case {
+            name: "no frames at all",
+            wire: framed(&[]),
+            dribble: 16,
+            reset: false,
+            want: Vec::new(),
+            framed: true,
+            outcome: None,
+        },
+    ];
+    let many: Vec<&[u8]> = small.chunks(7).collect();
+    cases.push(Case {
+        name: "715 frames of 7 bytes",
+        wire: framed(&many),
+        dribble: 0,
+        reset: false,
+        want: small.clone(),
+        framed: true,
+        outcome: None,
+    });
+    receive_cases(backend, RecvOptions::default(), cases);
+}
+
+/// A framed stream cut at any kind of point is never complete; the file
+/// keeps the payload that arrived.
+fn framed_streams_cut_short_are_never_complete(backend: Option<Backend>) {
+    let a = pattern(70_000, 21);
+    let b = pattern(300, 22);
+    let wire = framed(&[&a, &b]);
+    let head = 8; // the magic
+    let frame_a = head + 8 + a.len();
+    let cut = |name: &'static str, at: usize, want: Vec<u8>, dribble: usize| Case {
+        name,
+        wire: wire[..at].to_vec(),
+        dribble,
+        reset: false,
+        want,
+        framed: true,
+        outcome: Some("truncated"),
+    };
+    let mut after_end = wire.clone();
+    after_end.extend_from_slice(b"more");
+    let cases = vec![
+        cut("inside the magic", 3, Vec::new(), 3),
+        cut("right after the magic", head, Vec::new(), 8),
+        cut("inside a header", head + 5, Vec::new(), 13),
+        cut("after a header", head + 8, Vec::new(), 0),
+        cut("inside a payload", head + 8 + 1000, a[..1000].to_vec(), 0),
+        cut("after a frame", frame_a, a.clone(), 0),
+        cut("inside the second header", frame_a + 2, a.clone(), 0),
+        cut(
+            "inside the end marker",
+            wire.len() - 3,
+            [&a[..], &b[..]].concat(),
+            0,
+        ),
+        Case {
+            name: "bytes after the end marker",
+            wire: after_end,
+            dribble: 0,
+            reset: false,
+            want: [&a[..], &b[..]].concat(),
+            framed: true,
+            outcome: Some("protocol-error"),
+        },
+        Case {
+            name: "a reset inside a payload",
+            wire: wire[..head + 8 + 500].to_vec(),
+            dribble: 0,
+            reset: true,
+            want: a[..500].to_vec(),
+            framed: true,
+            outcome: Some("reset"),
+        },
+    ];
+    receive_cases(backend, RecvOptions::default(), cases);
+}
+
+/// Raw streams (nc, socat) are received as they come, including ones that
+/// begin like the magic; with `raw: true` even a framed stream is.
+fn raw_streams_are_unchanged(backend: Option<Backend>) {
+    let data = pattern(400_000, 31);
+    let mut like_magic = ringmover::wire::MAGIC[..5].to_vec();
+    like_magic.extend_from_slice(b"...then not the magic");
+    let raw = |name, wire: Vec<u8>, dribble| Case {
+        name,
+        want: wire.clone(),
+        wire,
+        dribble,
+        reset: false,
+        framed: false,
+        outcome: None,
+    };
+    let cases = vec![
+        raw("plain bytes", data.clone(), 0),
+        raw("an empty stream", Vec::new(), 0),
+        raw("the magic's first bytes, then not", like_magic.clone(), 9),
+        raw("one byte", vec![0x89 ^ 1], 0),
+    ];
+    receive_cases(backend, RecvOptions::default(), cases);
+
+    let options = RecvOptions {
+        raw: true,
+        ..RecvOptions::default()
+    };
+    let wire = framed(&[&data[..1000]]);
+    let cases = vec![
+        raw("framed, taken as raw", wire.clone(), 0),
+        raw("a cut framed stream, taken as raw", wire[..20].to_vec(), 0),
+    ];
+    receive_cases(backend, options, cases);
+}
+
+/// `max_bytes` counts payload bytes of a framed stream.
+fn the_quota_counts_framed_payload(backend: Option<Backend>) {
+    let data = pattern(3000, 41);
+    let options = RecvOptions {
+        max_bytes: Some(2000),
+        ..RecvOptions::default()
+    };
+    let case = |name, frames: &[&[u8]], want: &[u8], outcome| Case {
+        name,
+        wire: framed(frames),
+        dribble: 0,
+        reset: false,
+        want: want.to_vec(),
+        framed: true,
+        outcome,
+    };
+    let cases = vec![
+        case(
+            "exactly the quota",
+            &[&data[..1500], &data[1500..2000]],
+            &data[..2000],
+            None,
+        ),
+        case(
+            "over it",
+            &[&data[..1500], &data[1500..]],
+            &data[..2000],
+            Some("quota"),
+        ),
+    ];
+    receive_cases(backend, options, cases);
 }
