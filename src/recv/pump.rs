@@ -305,7 +305,7 @@ pub(crate) fn pump(
     for _ in 0..TURN {
         let next = match conn.step(max_bytes) {
             Step::Detect => detect(conn, socket, max_bytes),
-            Step::Header(n) => header(conn, socket, n),
+            Step::Header(n) => read_into(conn, socket, n, Conn::header),
             Step::Payload(len) => match mover.payload(conn, socket, len) {
                 Moved::Bytes(n) => {
                     conn.wrote(n as u64, Instant::now());
@@ -375,28 +375,23 @@ fn detect(conn: &mut Conn, socket: &OwnedFd, max_bytes: Option<u64>) -> Next {
                 }
             }
         }
-        Detected::Consume(k) => {
-            let mut got = [0u8; wire::MAGIC.len()];
-            match read(socket, &mut got[..k]) {
-                Ok(0) => Next::End(conn.at_eof()),
-                Ok(m) => {
-                    conn.hold(&got[..m], Instant::now());
-                    Next::Go
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Next::Wait,
-                Err(e) => Next::End(Err(Failure::from_read(e))),
-            }
-        }
+        Detected::Consume(k) => read_into(conn, socket, k, Conn::hold),
     }
 }
 
-/// Reads up to `n` bytes of a frame header.
-fn header(conn: &mut Conn, socket: &OwnedFd, n: usize) -> Next {
+/// Reads up to `n` (at most 8) bytes of the magic or a frame header and
+/// hands them to `feed`.
+fn read_into(
+    conn: &mut Conn,
+    socket: &OwnedFd,
+    n: usize,
+    feed: fn(&mut Conn, &[u8], Instant),
+) -> Next {
     let mut buf = [0u8; wire::HEADER_LEN];
     match read(socket, &mut buf[..n.min(wire::HEADER_LEN)]) {
         Ok(0) => Next::End(conn.at_eof()),
         Ok(k) => {
-            conn.header(&buf[..k], Instant::now());
+            feed(conn, &buf[..k], Instant::now());
             Next::Go
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Next::Wait,
