@@ -422,3 +422,69 @@ fn peek(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 fn peek_more(fd: &OwnedFd) -> io::Result<bool> {
     peek(fd, &mut [0u8; 1]).map(|n| n > 0)
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use crate::recv::ConnId;
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// Pumps `data` (then the end of stream) from a socket pair into a
+    /// temporary file with `mover`; returns the outcome and the file.
+    fn pump_all(mover: &mut Mover, data: &[u8]) -> (Result<(), Failure>, Vec<u8>) {
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let path = std::env::temp_dir().join(format!("ringmover-pump-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut conn = Conn::new(ConnId(1), "127.0.0.1:1".parse().unwrap(), file, false);
+        let socket = OwnedFd::from(rx);
+        let writer = {
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                tx.write_all(&data).unwrap();
+            })
+        };
+        let result = loop {
+            match pump(&mut conn, &socket, mover, None) {
+                Pump::Done(r) => break r,
+                Pump::Drained => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Pump::Yielded => {}
+            }
+        };
+        writer.join().unwrap();
+        let mut got = Vec::new();
+        conn.file.rewind().unwrap();
+        conn.file.read_to_end(&mut got).unwrap();
+        (result, got)
+    }
+
+    #[test]
+    fn no_pipe_means_a_copy_not_a_failure() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut mover = Mover::splice(None);
+        if let Some(pool) = &mut mover.pool {
+            pool.exhausted = true;
+        }
+        let (result, got) = pump_all(&mut mover, &data);
+        assert!(result.is_ok(), "{result:?}");
+        assert!(got == data, "{} bytes of {}", got.len(), data.len());
+        let report = mover.report();
+        assert!(report.refused > 0, "{report:?}");
+        assert_eq!(report.created, 0);
+        // Pipes again once they can be made.
+        if let Some(pool) = &mut mover.pool {
+            pool.exhausted = false;
+        }
+        let (result, got) = pump_all(&mut mover, &data);
+        assert!(result.is_ok() && got == data, "{result:?}");
+        assert_eq!(mover.report().created, 1);
+    }
+}

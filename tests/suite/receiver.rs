@@ -118,6 +118,21 @@ impl RecvChild {
             .unwrap_or_default()
     }
 
+    /// The child's open fds once it has settled: the same count for 100 ms
+    /// (it prints `listening on` before setting up its backend, which
+    /// probes with fds of its own for a moment).
+    fn settled_fds(&self) -> usize {
+        let mut last = (self.fds().len(), Instant::now());
+        wait_until(20, "the receiver's fds to settle", || {
+            let n = self.fds().len();
+            if n != last.0 {
+                last = (n, Instant::now());
+            }
+            last.1.elapsed() >= Duration::from_millis(100)
+        });
+        last.0
+    }
+
     /// Sets the child's RLIMIT_NOFILE (soft and hard, with `prlimit(1)`)
     /// so that exactly `free` more fds can be opened.
     fn limit_free_fds(&self, free: usize) {
@@ -253,7 +268,7 @@ fn out_of_fds_for_pipes_fails_nothing(backend: Option<Backend>) {
     const CONNS: usize = 8;
     let total = (CONNS + 1).to_string();
     let mut child = RecvChild::start(backend, "nofile-pipes", &["--max-conns", &total]);
-    let base = child.fds().len();
+    let base = child.settled_fds();
     // Room for each connection's socket and file, and one fd more: a
     // pipe needs two.
     child.limit_free_fds(2 * CONNS + 1);
@@ -287,7 +302,7 @@ fn accept_out_of_fds_backs_off_and_resumes(backend: Option<Backend>) {
     const CONNS: usize = 4;
     let total = (CONNS + 1).to_string();
     let mut child = RecvChild::start(backend, "nofile-accept", &["--max-conns", &total]);
-    let base = child.fds().len();
+    let base = child.settled_fds();
     // Room for exactly CONNS sockets and their files.
     child.limit_free_fds(2 * CONNS);
     let mut senders: Vec<Sender> = (0..CONNS)
