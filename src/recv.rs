@@ -495,6 +495,7 @@ pub(crate) struct Conn {
     /// Payload bytes written to the file; also the next file offset.
     pub(crate) written: u64,
     /// `splice(2)` works for this socket and file (cleared on `EINVAL`).
+    #[cfg(target_os = "linux")]
     pub(crate) splice: bool,
     stream: Stream,
     started: Instant,
@@ -517,6 +518,7 @@ impl Conn {
             peer,
             file,
             written: 0,
+            #[cfg(target_os = "linux")]
             splice: true,
             stream,
             started: now,

@@ -205,6 +205,7 @@ impl Mover {
     }
 
     /// Copies from now on for `conn`: its socket or file refused splice.
+    #[cfg(target_os = "linux")]
     fn unsplice(&mut self, conn: &mut Conn) {
         if conn.splice {
             conn.splice = false;

@@ -43,7 +43,10 @@ impl Selector {
                 ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
                     .map_err(io::Error::from)
             }
-            Selector::Poll => Ok(()),
+            Selector::Poll => {
+                let _ = (fd, token);
+                Ok(())
+            }
             #[cfg(target_os = "linux")]
             Selector::Ring(r) => r.add(fd, token),
         }
@@ -54,7 +57,10 @@ impl Selector {
         match self {
             #[cfg(target_os = "linux")]
             Selector::Epoll(ep) => ep.delete(fd).map_err(io::Error::from),
-            Selector::Poll => Ok(()),
+            Selector::Poll => {
+                let _ = (fd, token);
+                Ok(())
+            }
             #[cfg(target_os = "linux")]
             Selector::Ring(r) => {
                 let _ = fd;
