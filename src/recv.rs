@@ -27,20 +27,27 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
-//! Backends (see `docs/recv.md`):
-//! - `uring`: `IORING_OP_POLL_ADD` (POLLIN) first, so an idle connection
-//!   costs no io-wq worker; then `IORING_OP_SPLICE` socket → pipe with
-//!   `SPLICE_F_NONBLOCK` (EAGAIN re-arms the poll), then pipe → file for
-//!   exactly the count moved, at an explicit offset. Without `SPLICE` on
-//!   the ring (before Linux 5.7), `splice(2)` runs after each poll
-//!   completion; [`Receiver::fallbacks`] says so.
-//! - `epoll`: level-triggered readiness, `splice(2)` socket → pipe → file.
+//! One engine serves every backend: a selector says which sockets are
+//! readable, then non-blocking syscalls in this thread move what is there.
+//! The backends differ only in the selector and in how bytes move (see
+//! `docs/recv.md`):
+//! - `uring`: readiness from the ring (`IORING_OP_POLL_ADD`, multishot
+//!   where the kernel has it, Linux 5.13), `splice(2)` socket → pipe →
+//!   file. No io-wq worker is involved; without multishot the poll is
+//!   re-armed after each readiness and [`Receiver::fallbacks`] says so.
+//! - `epoll`: level-triggered `epoll_wait`, `splice(2)` socket → pipe →
+//!   file.
 //! - `poll`: `poll(2)`, `read(2)` into a 64 KiB buffer, `pwrite(2)`. The
 //!   only backend off Linux.
 //!
 //! Pipes (`uring`, `epoll`) come from a [`pipe pool`](PipeReport) shared by
-//! the connections of one receiver: a connection holds one only while bytes
-//! are in it.
+//! the connections of one receiver; when none can be made (out of fds) or
+//! a file refuses splice, bytes are copied through a buffer instead.
+//!
+//! Each stream is detected as framed ([`crate::wire`]: what `ringmover send`
+//! sends) or raw (anything else, e.g. `nc`); a framed stream completes only
+//! after its end marker, so a sender that died is never taken for a
+//! finished one.
 
 use std::fmt;
 use std::fs::File;
@@ -50,9 +57,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, OpFallback};
+use crate::wire;
 
 #[cfg(target_os = "linux")]
 mod pipe;
+mod pump;
 mod readiness;
 #[cfg(target_os = "linux")]
 mod uring;
@@ -61,14 +70,18 @@ mod uring;
 #[derive(Debug, Clone, Default)]
 pub struct RecvOptions {
     /// Stop a connection with [`Failure::Quota`] when the peer sends more
-    /// than this many bytes; exactly this many reach the file.
+    /// than this many payload bytes; exactly this many reach the file.
     pub max_bytes: Option<u64>,
-    /// Stop a connection with [`Failure::IdleTimeout`] when no byte arrives
-    /// for this long.
+    /// Stop a connection with [`Failure::IdleTimeout`] when no byte has
+    /// been available for this long (a receiver that was stopped, e.g. by
+    /// `SIGSTOP` or a cgroup freeze, looks before it expires anything).
     pub idle_timeout: Option<Duration>,
     /// Pipe capacity to ask for with `F_SETPIPE_SZ` (default: 1 MiB capped
     /// at `/proc/sys/fs/pipe-max-size`). Unused by `poll`, which has no pipes.
     pub pipe_size: Option<usize>,
+    /// Take every stream as raw bytes: no detection of the
+    /// [`wire`](crate::wire) format (default `false`: detect).
+    pub raw: bool,
 }
 
 /// What a receiver's pipe pool made so far (all zero on the poll backend,
@@ -82,6 +95,12 @@ pub struct PipeReport {
     /// Capacity of the last pipe made (less than `wanted` when
     /// `F_SETPIPE_SZ` was refused, e.g. past `pipe-user-pages-soft`).
     pub got: usize,
+    /// Times `pipe2(2)` failed (`EMFILE`, `ENFILE`, ...); each time the
+    /// bytes at hand were copied through a buffer instead.
+    pub refused: usize,
+    /// Connections whose socket or file refused `splice(2)` (`EINVAL`,
+    /// e.g. `/dev/full`); they copy through a buffer from then on.
+    pub unspliceable: usize,
 }
 
 /// Identifies a connection within one [`Receiver`].
@@ -99,11 +118,21 @@ impl fmt::Display for ConnId {
 pub enum Failure {
     /// The peer reset the connection (`ECONNRESET`, `ETIMEDOUT`, `EPIPE`).
     Reset(io::Error),
-    /// No byte arrived for this long.
+    /// No byte was available for this long.
     IdleTimeout(Duration),
-    /// The peer sent more than this many bytes.
+    /// The peer sent more than this many payload bytes.
     Quota(u64),
-    /// Reading the socket failed otherwise.
+    /// A framed stream ended (end of stream, no reset) before its end
+    /// marker: the sender stopped early, e.g. it was killed. `expected`:
+    /// the payload bytes announced so far, when the stream ended inside a
+    /// frame (more than the file holds).
+    Truncated {
+        /// Payload bytes announced by the frames seen, if cut inside one.
+        expected: Option<u64>,
+    },
+    /// A framed stream broke the format, e.g. bytes after the end marker.
+    Protocol(&'static str),
+    /// Reading the socket failed otherwise (`ENOMEM`, a failed poll ...).
     Read(io::Error),
     /// Writing the file failed (`ENOSPC`, `EFBIG`, `EDQUOT`, `EIO` ...).
     Write(io::Error),
@@ -111,12 +140,14 @@ pub enum Failure {
 
 impl Failure {
     /// A short machine-readable name: `reset`, `idle-timeout`, `quota`,
-    /// `read-error` or `write-error`.
+    /// `truncated`, `protocol-error`, `read-error` or `write-error`.
     pub fn kind_name(&self) -> &'static str {
         match self {
             Failure::Reset(_) => "reset",
             Failure::IdleTimeout(_) => "idle-timeout",
             Failure::Quota(_) => "quota",
+            Failure::Truncated { .. } => "truncated",
+            Failure::Protocol(_) => "protocol-error",
             Failure::Read(_) => "read-error",
             Failure::Write(_) => "write-error",
         }
@@ -137,6 +168,18 @@ impl fmt::Display for Failure {
             Failure::Reset(e) => write!(f, "connection reset by peer ({e})"),
             Failure::IdleTimeout(d) => write!(f, "idle for {d:?}"),
             Failure::Quota(n) => write!(f, "peer sent more than the {n}-byte quota"),
+            Failure::Truncated { expected: Some(n) } => write!(
+                f,
+                "the sender stopped early: the stream ended inside a frame, \
+                 {n} bytes announced, no end marker"
+            ),
+            Failure::Truncated { expected: None } => {
+                write!(
+                    f,
+                    "the sender stopped early: the stream ended before its end marker"
+                )
+            }
+            Failure::Protocol(why) => write!(f, "protocol error: {why}"),
             Failure::Read(e) => write!(f, "reading the socket: {e}"),
             Failure::Write(e) => write!(f, "writing the file: {e}"),
         }
@@ -147,7 +190,10 @@ impl std::error::Error for Failure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Failure::Reset(e) | Failure::Read(e) | Failure::Write(e) => Some(e),
-            Failure::IdleTimeout(_) | Failure::Quota(_) => None,
+            Failure::IdleTimeout(_)
+            | Failure::Quota(_)
+            | Failure::Truncated { .. }
+            | Failure::Protocol(_) => None,
         }
     }
 }
@@ -161,11 +207,15 @@ pub struct Finished {
     pub peer: SocketAddr,
     /// The output file, for the caller to sync, rename or remove.
     pub file: File,
-    /// Bytes written to the file (from offset 0).
+    /// Payload bytes written to the file (from offset 0).
     pub bytes: u64,
     /// Time from [`Receiver::attach`] to the end.
     pub elapsed: Duration,
-    /// `Ok` after a clean end of stream.
+    /// Whether the stream was framed ([`crate::wire`]; also when it ended
+    /// inside the magic), rather than raw.
+    pub framed: bool,
+    /// `Ok` after a clean end of stream (for a framed one: the end marker,
+    /// then the end of stream).
     pub result: Result<(), Failure>,
 }
 
@@ -181,9 +231,17 @@ pub enum Event {
     },
     /// A connection ended.
     Finished(Finished),
-    /// `accept(2)` failed with something other than `EAGAIN`.
+    /// `accept(2)` failed with something other than `EAGAIN` or a
+    /// connection that was already gone. Reported once per episode: the
+    /// listener then rests for [`ACCEPT_BACKOFF`] at a time (`EMFILE` would
+    /// otherwise make it spin) and is not reported again until an accept
+    /// has succeeded.
     AcceptFailed(io::Error),
 }
+
+/// How long the listener rests after `accept(2)` failed (e.g. `EMFILE`:
+/// out of fds) before it tries again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A connection's progress, for rate displays.
 #[derive(Debug, Clone, Copy)]
@@ -192,7 +250,7 @@ pub struct Progress {
     pub id: ConnId,
     /// Its peer.
     pub peer: SocketAddr,
-    /// Bytes written so far.
+    /// Payload bytes written so far.
     pub bytes: u64,
     /// Time since it was attached.
     pub elapsed: Duration,
@@ -201,16 +259,9 @@ pub struct Progress {
 /// Receives many stream sockets into files on one backend.
 #[derive(Debug)]
 pub struct Receiver {
-    engine: Engine,
+    engine: readiness::ReadinessEngine,
     backend: Backend,
     next_id: u64,
-}
-
-#[derive(Debug)]
-enum Engine {
-    #[cfg(target_os = "linux")]
-    Uring(Box<uring::UringEngine>),
-    Readiness(readiness::ReadinessEngine),
 }
 
 impl Receiver {
@@ -221,10 +272,10 @@ impl Receiver {
     pub fn new(backend: Backend, options: RecvOptions) -> io::Result<Receiver> {
         let engine = match backend {
             #[cfg(target_os = "linux")]
-            Backend::Uring => Engine::Uring(Box::new(uring::UringEngine::new(options)?)),
+            Backend::Uring => readiness::ReadinessEngine::uring(options)?,
             #[cfg(target_os = "linux")]
-            Backend::Epoll => Engine::Readiness(readiness::ReadinessEngine::epoll(options)?),
-            Backend::Poll => Engine::Readiness(readiness::ReadinessEngine::poll(options)),
+            Backend::Epoll => readiness::ReadinessEngine::epoll(options)?,
+            Backend::Poll => readiness::ReadinessEngine::poll(options),
             #[allow(unreachable_patterns)]
             other => {
                 return Err(io::Error::new(
@@ -245,46 +296,27 @@ impl Receiver {
         self.backend
     }
 
-    /// Per-operation fallbacks in use (io_uring without `SPLICE`).
+    /// Per-operation fallbacks in use (io_uring without multishot poll).
     pub fn fallbacks(&self) -> Vec<OpFallback> {
-        match &self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.fallbacks(),
-            Engine::Readiness(_) => Vec::new(),
-        }
+        self.engine.fallbacks()
     }
 
-    /// The pipes the pool made: how many, and the capacity they got.
+    /// The pipes the pool made: how many, the capacity they got, and how
+    /// often bytes were copied instead.
     pub fn pipes(&self) -> PipeReport {
-        match &self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.pipes(),
-            Engine::Readiness(r) => r.pipes(),
-        }
+        self.engine.pipes()
     }
 
     /// Watches `listener` and reports each accepted connection as
     /// [`Event::Incoming`], at most `limit` of them (then stops listening).
     pub fn listen(&mut self, listener: TcpListener, limit: Option<u64>) -> io::Result<()> {
         listener.set_nonblocking(true)?;
-        let listen = Listen {
-            listener,
-            remaining: limit,
-        };
-        match &mut self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.listen(listen),
-            Engine::Readiness(r) => r.listen(listen),
-        }
+        self.engine.listen(Listen::new(listener, limit))
     }
 
     /// Whether a listener is still accepting.
     pub fn is_listening(&self) -> bool {
-        match &self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.is_listening(),
-            Engine::Readiness(r) => r.is_listening(),
-        }
+        self.engine.is_listening()
     }
 
     /// Starts receiving `socket` into `file` (written from offset 0). The
@@ -293,32 +325,20 @@ impl Receiver {
         set_nonblocking(&socket)?;
         let id = ConnId(self.next_id);
         self.next_id += 1;
-        let conn = Conn::new(id, peer, file);
-        match &mut self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.attach(conn, socket)?,
-            Engine::Readiness(r) => r.attach(conn, socket)?,
-        }
+        let conn = Conn::new(id, peer, file, self.engine.raw());
+        self.engine.attach(conn, socket)?;
         Ok(id)
     }
 
     /// Connections attached and not yet finished.
     pub fn active(&self) -> usize {
-        match &self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.active(),
-            Engine::Readiness(r) => r.active(),
-        }
+        self.engine.active()
     }
 
     /// Progress of every active connection.
     pub fn progress(&self) -> Vec<Progress> {
         let now = Instant::now();
-        let mut v: Vec<Progress> = match &self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.conns().map(|c| c.progress(now)).collect(),
-            Engine::Readiness(r) => r.conns().map(|c| c.progress(now)).collect(),
-        };
+        let mut v: Vec<Progress> = self.engine.conns().map(|c| c.progress(now)).collect();
         v.sort_by_key(|p| p.id);
         v
     }
@@ -326,56 +346,144 @@ impl Receiver {
     /// Moves bytes until something happens or `timeout` passes, and appends
     /// what happened to `events`. Idle timeouts are enforced here.
     pub fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()> {
-        match &mut self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::Uring(u) => u.wait(timeout, events),
-            Engine::Readiness(r) => r.wait(timeout, events),
-        }
+        self.engine.wait(timeout, events)
     }
 }
 
-/// A listener being watched, with how many more connections to accept.
+/// A listener being watched, with how many more connections to accept and
+/// whether `accept(2)` is failing.
 #[derive(Debug)]
 pub(crate) struct Listen {
     pub(crate) listener: TcpListener,
-    pub(crate) remaining: Option<u64>,
+    remaining: Option<u64>,
+    /// An accept failure was reported and no accept has succeeded since.
+    failing: bool,
+    /// Resting after a failure until then.
+    pub(crate) paused_until: Option<Instant>,
+}
+
+/// Where [`Listen::accept_all`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// No connection is waiting (`EAGAIN`): watch the listener.
+    Drained,
+    /// `accept(2)` failed: stop watching until `paused_until`.
+    Paused,
+    /// The limit is reached: close the listener.
+    LimitReached,
 }
 
 impl Listen {
-    /// Accepts until `EAGAIN` or the limit; `false` once the limit is reached.
-    pub(crate) fn accept_all(&mut self, events: &mut Vec<Event>) -> bool {
+    fn new(listener: TcpListener, remaining: Option<u64>) -> Listen {
+        Listen {
+            listener,
+            remaining,
+            failing: false,
+            paused_until: None,
+        }
+    }
+
+    /// Accepts until `EAGAIN`, a failure or the limit.
+    pub(crate) fn accept_all(&mut self, events: &mut Vec<Event>, now: Instant) -> Accepted {
+        self.paused_until = None;
         loop {
             if self.remaining == Some(0) {
-                return false;
+                return Accepted::LimitReached;
             }
             match self.listener.accept() {
                 Ok((socket, peer)) => {
+                    self.failing = false;
                     if let Some(r) = &mut self.remaining {
                         *r -= 1;
                     }
                     events.push(Event::Incoming { socket, peer });
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The peer gave up before we accepted: not our failure.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Drained,
+                Err(e) if is_gone_before_accept(&e) => continue,
                 Err(e) => {
-                    events.push(Event::AcceptFailed(e));
-                    return true;
+                    self.pause(e, events, now);
+                    return Accepted::Paused;
                 }
             }
         }
     }
+
+    /// Rests the listener for [`ACCEPT_BACKOFF`], reporting `e` unless this
+    /// episode of failures was already reported.
+    pub(crate) fn pause(&mut self, e: io::Error, events: &mut Vec<Event>, now: Instant) {
+        if !self.failing {
+            self.failing = true;
+            events.push(Event::AcceptFailed(e));
+        }
+        self.paused_until = Some(now + ACCEPT_BACKOFF);
+    }
 }
 
-/// What a connection wants next, given its quota.
+/// `accept(2)` errors that concern one connection only, already gone or
+/// failing on the network (the man page: treat them like `EAGAIN`, retry).
+fn is_gone_before_accept(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+        || matches!(
+            e.raw_os_error(),
+            Some(
+                libc::ECONNABORTED
+                    | libc::EPROTO
+                    | libc::ENETDOWN
+                    | libc::ENOPROTOOPT
+                    | libc::EHOSTDOWN
+                    | libc::EHOSTUNREACH
+                    | libc::EOPNOTSUPP
+                    | libc::ENETUNREACH
+            )
+        )
+}
+
+/// Where a connection's stream is: not yet known, raw, or framed.
+#[derive(Debug)]
+enum Stream {
+    /// Deciding: `held` are the first bytes, consumed because they are a
+    /// proper prefix of [`wire::MAGIC`] (a peek alone cannot tell "more to
+    /// come" from "the stream ended there").
+    Detect {
+        held: [u8; wire::MAGIC.len()],
+        have: usize,
+    },
+    Raw,
+    Framed(wire::Deframer),
+}
+
+/// The next thing a connection needs, given its stream and quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Want {
-    /// Read up to this many bytes.
-    Read(usize),
-    /// The quota is used up: find out whether the peer sent more (quota
-    /// failure) or ended the stream (clean end).
-    Probe,
+pub(crate) enum Step {
+    /// Peek at the first bytes: framed or raw?
+    Detect,
+    /// Read this many frame-header bytes (1..=8) into memory.
+    Header(usize),
+    /// Move up to this many payload bytes to the file.
+    Payload(usize),
+    /// Nothing more may come: a clean end of stream is next, or else a
+    /// quota failure (`quota`) or a protocol error (after the end marker).
+    ExpectEof {
+        /// More bytes are a quota failure (raw), not a protocol error.
+        quota: bool,
+    },
+    /// The current frame goes past the quota.
+    OverQuota,
+}
+
+/// What the first bytes peeked say, for the pump to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detected {
+    /// Raw: write these held bytes (none, usually) before the rest.
+    Raw {
+        /// Bytes consumed while detecting, to write first.
+        held: [u8; wire::MAGIC.len()],
+        /// How many of them.
+        len: usize,
+    },
+    /// Still a prefix of the magic, or all of it: consume this many of the
+    /// bytes peeked and pass them to [`Conn::hold`].
+    Consume(usize),
 }
 
 /// Backend-neutral state of one connection: no syscalls here.
@@ -384,44 +492,149 @@ pub(crate) struct Conn {
     pub(crate) id: ConnId,
     pub(crate) peer: SocketAddr,
     pub(crate) file: File,
-    /// Bytes written to the file; also the next file offset.
+    /// Payload bytes written to the file; also the next file offset.
     pub(crate) written: u64,
+    /// `splice(2)` works for this socket and file (cleared on `EINVAL`).
+    #[cfg(target_os = "linux")]
+    pub(crate) splice: bool,
+    stream: Stream,
     started: Instant,
     last_progress: Instant,
 }
 
 impl Conn {
-    fn new(id: ConnId, peer: SocketAddr, file: File) -> Conn {
+    fn new(id: ConnId, peer: SocketAddr, file: File, raw: bool) -> Conn {
         let now = Instant::now();
+        let stream = if raw {
+            Stream::Raw
+        } else {
+            Stream::Detect {
+                held: [0; wire::MAGIC.len()],
+                have: 0,
+            }
+        };
         Conn {
             id,
             peer,
             file,
             written: 0,
+            #[cfg(target_os = "linux")]
+            splice: true,
+            stream,
             started: now,
             last_progress: now,
         }
     }
 
-    /// The next step, reading at most `cap` bytes at a time.
-    pub(crate) fn want(&self, cap: usize, max_bytes: Option<u64>) -> Want {
-        match max_bytes {
-            None => Want::Read(cap),
-            Some(max) => {
-                let left = max.saturating_sub(self.written);
-                if left == 0 {
-                    Want::Probe
-                } else {
-                    Want::Read(usize::try_from(left).unwrap_or(usize::MAX).min(cap))
-                }
-            }
+    /// What to do next under quota `max_bytes`.
+    pub(crate) fn step(&self, max_bytes: Option<u64>) -> Step {
+        let left = max_bytes.map(|m| m.saturating_sub(self.written));
+        let clamp = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        match &self.stream {
+            Stream::Detect { .. } => Step::Detect,
+            Stream::Raw => match left {
+                Some(0) => Step::ExpectEof { quota: true },
+                Some(l) => Step::Payload(clamp(l)),
+                None => Step::Payload(usize::MAX),
+            },
+            Stream::Framed(d) => match d.want() {
+                wire::Want::Header(n) => Step::Header(n),
+                wire::Want::End => Step::ExpectEof { quota: false },
+                wire::Want::Payload(frame) => match left {
+                    Some(0) => Step::OverQuota,
+                    Some(l) => Step::Payload(clamp(frame.min(l))),
+                    None => Step::Payload(clamp(frame)),
+                },
+            },
         }
     }
 
-    /// Records `n` bytes written to the file.
+    /// The detection bytes held so far (empty unless detecting).
+    pub(crate) fn held(&self) -> &[u8] {
+        match &self.stream {
+            Stream::Detect { held, have } => &held[..*have],
+            _ => &[],
+        }
+    }
+
+    /// Decides on the bytes `peeked` after those held (the stream goes on).
+    /// Raw: the stream becomes raw, and the held bytes are handed back.
+    pub(crate) fn peeked(&mut self, peeked: &[u8]) -> Detected {
+        let Stream::Detect { held, have } = self.stream else {
+            return Detected::Consume(0);
+        };
+        let mut seen = held[..have].to_vec();
+        seen.extend_from_slice(peeked);
+        match wire::detect(&seen, false) {
+            wire::Detect::Raw => {
+                self.stream = Stream::Raw;
+                Detected::Raw { held, len: have }
+            }
+            // All of the magic (the peek asked for no more), or a prefix.
+            wire::Detect::Framed | wire::Detect::NeedMore => Detected::Consume(peeked.len()),
+        }
+    }
+
+    /// The stream cannot be peeked at (not a socket): raw.
+    pub(crate) fn undetectable(&mut self) {
+        if let Stream::Detect { have: 0, .. } = self.stream {
+            self.stream = Stream::Raw;
+        }
+    }
+
+    /// Keeps `bytes` consumed while detecting; all of the magic makes the
+    /// stream framed.
+    pub(crate) fn hold(&mut self, bytes: &[u8], now: Instant) {
+        if let Stream::Detect { held, have } = &mut self.stream {
+            let n = bytes.len().min(held.len() - *have);
+            held[*have..*have + n].copy_from_slice(&bytes[..n]);
+            *have += n;
+            if *have == held.len() {
+                self.stream = Stream::Framed(wire::Deframer::new());
+            }
+            self.last_progress = now;
+        }
+    }
+
+    /// How the stream ends when the peer closes now: `Ok` for a raw
+    /// stream, or a framed one after its end marker; else truncated.
+    pub(crate) fn at_eof(&self) -> Result<(), Failure> {
+        match &self.stream {
+            Stream::Raw => Ok(()),
+            Stream::Detect { have: 0, .. } => Ok(()),
+            Stream::Detect { .. } => Err(Failure::Truncated { expected: None }),
+            Stream::Framed(d) if d.ended() => Ok(()),
+            Stream::Framed(d) if d.payload_left() > 0 => Err(Failure::Truncated {
+                expected: Some(d.payload_total() + d.payload_left()),
+            }),
+            Stream::Framed(_) => Err(Failure::Truncated { expected: None }),
+        }
+    }
+
+    /// Feeds frame-header bytes read from the socket.
+    pub(crate) fn header(&mut self, bytes: &[u8], now: Instant) {
+        if let Stream::Framed(d) = &mut self.stream {
+            d.header(bytes);
+        }
+        self.last_progress = now;
+    }
+
+    /// Records `n` payload bytes written to the file.
     pub(crate) fn wrote(&mut self, n: u64, now: Instant) {
         self.written += n;
+        if let Stream::Framed(d) = &mut self.stream {
+            d.payload(n);
+        }
         self.last_progress = now;
+    }
+
+    /// Whether the stream is (or began like) a framed one.
+    pub(crate) fn framed(&self) -> bool {
+        match &self.stream {
+            Stream::Framed(_) => true,
+            Stream::Detect { have, .. } => *have > 0,
+            Stream::Raw => false,
+        }
     }
 
     /// When this connection times out for idleness.
@@ -442,6 +655,7 @@ impl Conn {
         Finished {
             id: self.id,
             peer: self.peer,
+            framed: self.framed(),
             file: self.file,
             bytes: self.written,
             elapsed: self.started.elapsed(),
@@ -450,7 +664,7 @@ impl Conn {
     }
 }
 
-/// The earliest of `timeout` from now and the idle deadlines.
+/// The earliest of `timeout` from now and the `deadlines`.
 pub(crate) fn next_timeout(
     timeout: Option<Duration>,
     deadlines: impl Iterator<Item = Instant>,
@@ -473,23 +687,6 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// `recv(fd, buf, 1, MSG_PEEK | MSG_DONTWAIT)`: whether the peer sent more
-/// (`Ok(true)`), ended the stream (`Ok(false)`), or nothing is there yet
-/// (`WouldBlock`).
-pub(crate) fn peek_more(fd: &OwnedFd) -> io::Result<bool> {
-    use nix::sys::socket::{recv, MsgFlags};
-    let mut byte = [0u8; 1];
-    crate::sys::retry(|| {
-        recv(
-            fd.as_raw_fd(),
-            &mut byte,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)
-    })
-    .map(|n| n > 0)
-}
-
 /// Makes `write(2)` beyond `RLIMIT_FSIZE` fail with `EFBIG` instead of
 /// killing the process with `SIGXFSZ`. Call once at start-up in programs
 /// that write files whose size a peer controls.
@@ -503,19 +700,171 @@ mod tests {
 
     fn conn() -> Conn {
         let file = File::open("/dev/null").unwrap();
-        Conn::new(ConnId(1), "127.0.0.1:1".parse().unwrap(), file)
+        Conn::new(ConnId(1), "127.0.0.1:1".parse().unwrap(), file, false)
+    }
+
+    fn raw_conn() -> Conn {
+        let file = File::open("/dev/null").unwrap();
+        Conn::new(ConnId(1), "127.0.0.1:1".parse().unwrap(), file, true)
     }
 
     #[test]
-    fn want_respects_quota() {
-        let mut c = conn();
-        assert_eq!(c.want(65536, None), Want::Read(65536));
-        assert_eq!(c.want(65536, Some(10)), Want::Read(10));
+    fn raw_steps_respect_the_quota() {
+        let mut c = raw_conn();
+        assert_eq!(c.step(None), Step::Payload(usize::MAX));
+        assert_eq!(c.step(Some(10)), Step::Payload(10));
         c.wrote(4, Instant::now());
-        assert_eq!(c.want(65536, Some(10)), Want::Read(6));
+        assert_eq!(c.step(Some(10)), Step::Payload(6));
         c.wrote(6, Instant::now());
-        assert_eq!(c.want(65536, Some(10)), Want::Probe);
-        assert_eq!(c.want(65536, Some(0)), Want::Probe);
+        assert_eq!(c.step(Some(10)), Step::ExpectEof { quota: true });
+        assert_eq!(c.step(Some(0)), Step::ExpectEof { quota: true });
+        assert!(c.at_eof().is_ok());
+        assert!(!c.framed());
+    }
+
+    #[test]
+    fn detection_decides_on_the_first_bytes() {
+        // Raw at the first byte that differs from the magic: nothing held.
+        let mut c = conn();
+        assert_eq!(c.step(None), Step::Detect);
+        assert!(matches!(c.peeked(b"hello"), Detected::Raw { len: 0, .. }));
+        assert_eq!(c.step(None), Step::Payload(usize::MAX));
+
+        // The magic in pieces: consumed and held, then framed.
+        let mut c = conn();
+        assert_eq!(c.peeked(&wire::MAGIC[..3]), Detected::Consume(3));
+        c.hold(&wire::MAGIC[..3], Instant::now());
+        assert_eq!(c.held(), &wire::MAGIC[..3]);
+        assert!(c.framed(), "a prefix of the magic counts as framed");
+        assert!(
+            matches!(c.at_eof(), Err(Failure::Truncated { expected: None })),
+            "ended inside the magic"
+        );
+        assert_eq!(c.peeked(&wire::MAGIC[3..]), Detected::Consume(5));
+        c.hold(&wire::MAGIC[3..], Instant::now());
+        assert_eq!(c.step(None), Step::Header(8));
+
+        // A prefix, then something else: raw, the held bytes handed back.
+        let mut c = conn();
+        c.hold(&wire::MAGIC[..2], Instant::now());
+        match c.peeked(b"xyz") {
+            Detected::Raw { held, len } => assert_eq!(&held[..len], &wire::MAGIC[..2]),
+            other => panic!("{other:?}"),
+        }
+        assert!(!c.framed());
+
+        // An empty stream is a complete raw one.
+        assert!(conn().at_eof().is_ok());
+    }
+
+    /// Drives a connection's pure state through `wire` as if every step
+    /// got up to `piece` bytes; returns the payload and the outcome at the
+    /// end of `wire` (an end of stream there).
+    fn run_framed(wire: &[u8], piece: usize, max: Option<u64>) -> (Vec<u8>, Result<(), Failure>) {
+        let mut c = conn();
+        let mut rest = wire;
+        let mut out = Vec::new();
+        loop {
+            let n = piece.min(rest.len());
+            match c.step(max) {
+                Step::Detect => {
+                    if n == 0 {
+                        return (out, c.at_eof());
+                    }
+                    let peek = &rest[..n.min(8 - c.held().len())];
+                    match c.peeked(peek) {
+                        Detected::Raw { .. } => panic!("taken for raw"),
+                        Detected::Consume(k) => {
+                            c.hold(&rest[..k], Instant::now());
+                            rest = &rest[k..];
+                        }
+                    }
+                }
+                Step::Header(h) => {
+                    if n == 0 {
+                        return (out, c.at_eof());
+                    }
+                    let k = h.min(n);
+                    c.header(&rest[..k], Instant::now());
+                    rest = &rest[k..];
+                }
+                Step::Payload(len) => {
+                    if n == 0 {
+                        return (out, c.at_eof());
+                    }
+                    let k = len.min(n);
+                    out.extend_from_slice(&rest[..k]);
+                    c.wrote(k as u64, Instant::now());
+                    rest = &rest[k..];
+                }
+                Step::ExpectEof { quota } => {
+                    assert!(!quota);
+                    if n > 0 {
+                        return (out, Err(Failure::Protocol("bytes after the end marker")));
+                    }
+                    return (out, Ok(()));
+                }
+                Step::OverQuota => return (out, Err(Failure::Quota(max.unwrap()))),
+            }
+        }
+    }
+
+    fn encode(frames: &[&[u8]]) -> Vec<u8> {
+        let mut v = wire::MAGIC.to_vec();
+        for f in frames {
+            v.extend_from_slice(&wire::frame_header(f.len() as u64));
+            v.extend_from_slice(f);
+        }
+        v.extend_from_slice(&wire::END);
+        v
+    }
+
+    #[test]
+    fn framed_streams_complete_only_after_the_end_marker() {
+        let a: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let wire = encode(&[&a, b"xyz", &a[..17]]);
+        let payload = [&a[..], b"xyz", &a[..17]].concat();
+        for piece in [1, 3, 7, 8, 9, 100, 4096] {
+            let (got, end) = run_framed(&wire, piece, None);
+            assert_eq!(got, payload, "piece {piece}");
+            assert!(end.is_ok(), "piece {piece}: {end:?}");
+        }
+        // Cut anywhere: never complete, and never more than was sent.
+        for cut in 1..wire.len() {
+            let (got, end) = run_framed(&wire[..cut], 5, None);
+            assert!(
+                matches!(end, Err(Failure::Truncated { .. })),
+                "cut at {cut}: {end:?}"
+            );
+            assert!(payload.starts_with(&got));
+        }
+        // Inside a frame, the announced size is known.
+        let (_, end) = run_framed(&wire[..8 + 8 + 10], 64, None);
+        assert!(
+            matches!(
+                end,
+                Err(Failure::Truncated {
+                    expected: Some(1000)
+                })
+            ),
+            "{end:?}"
+        );
+        // Bytes after the end marker break the format.
+        let mut more = wire.clone();
+        more.push(0);
+        let (_, end) = run_framed(&more, 64, None);
+        assert!(matches!(end, Err(Failure::Protocol(_))), "{end:?}");
+    }
+
+    #[test]
+    fn the_quota_counts_payload_bytes() {
+        let wire = encode(&[&[1u8; 600], &[2u8; 600]]);
+        let (got, end) = run_framed(&wire, 64, Some(1200));
+        assert_eq!(got.len(), 1200);
+        assert!(end.is_ok(), "{end:?}");
+        let (got, end) = run_framed(&wire, 64, Some(1000));
+        assert_eq!(got.len(), 1000);
+        assert!(matches!(end, Err(Failure::Quota(1000))), "{end:?}");
     }
 
     #[test]
@@ -602,15 +951,13 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn uring_without_splice_falls_back_to_splice_syscall() {
+    fn uring_without_multishot_arms_one_shot_polls() {
         let mut r = Receiver::new(Backend::Uring, RecvOptions::default()).unwrap();
-        assert!(r.fallbacks().is_empty(), "this kernel has IORING_OP_SPLICE");
-        if let Engine::Uring(u) = &mut r.engine {
-            u.pretend_no_splice_op();
-        }
+        assert!(r.fallbacks().is_empty(), "this kernel has multishot poll");
+        r.engine.pretend_no_multishot();
         let ops: Vec<_> = r.fallbacks().iter().map(|f| f.op).collect();
-        assert_eq!(ops, vec![crate::Opcode::SPLICE]);
-        let (done, _) = receive_one(r, data(2 << 20), "uring-fallback");
+        assert_eq!(ops, vec![crate::Opcode::POLL_ADD]);
+        let (done, _) = receive_one(r, data(2 << 20), "uring-one-shot");
         assert!(done.result.is_ok(), "{:?}", done.result);
     }
 
@@ -660,31 +1007,49 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Reading what `want` allows, in any chunking, never passes the
-        /// quota, and `Probe` comes exactly when the quota is used up.
+        /// Moving what `step` allows, in any chunking, never passes the
+        /// quota, and the end is expected exactly when the quota is used up.
         #[test]
-        fn reads_never_pass_the_quota(
-            cap in 1usize..5000,
+        fn raw_reads_never_pass_the_quota(
             max in proptest::option::of(0u64..20_000),
             chunks in proptest::collection::vec(1usize..7000, 0..40),
         ) {
-            let mut c = conn();
+            let mut c = raw_conn();
             for chunk in chunks {
-                match c.want(cap, max) {
-                    Want::Read(len) => {
-                        proptest::prop_assert!(len >= 1 && len <= cap);
+                match c.step(max) {
+                    Step::Payload(len) => {
+                        proptest::prop_assert!(len >= 1);
                         // A short read: the socket had less than asked.
-                        let n = chunk.min(len);
-                        c.wrote(n as u64, Instant::now());
+                        c.wrote(chunk.min(len) as u64, Instant::now());
                         if let Some(m) = max {
                             proptest::prop_assert!(c.written <= m);
                         }
                     }
-                    Want::Probe => {
+                    Step::ExpectEof { quota: true } => {
                         proptest::prop_assert_eq!(Some(c.written), max);
                     }
+                    other => proptest::prop_assert!(false, "{:?}", other),
                 }
             }
+        }
+
+        /// A framed stream in random frames, read in random pieces: the
+        /// payload comes out whole and complete; cut short, it never does.
+        #[test]
+        fn framed_round_trip(
+            frames in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..300), 0..8),
+            piece in 1usize..50,
+            cut in proptest::num::usize::ANY,
+        ) {
+            let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+            let wire = encode(&refs);
+            let (got, end) = run_framed(&wire, piece, None);
+            proptest::prop_assert_eq!(got, frames.concat());
+            proptest::prop_assert!(end.is_ok());
+            let cut = 1 + cut % (wire.len() - 1);
+            let (_, end) = run_framed(&wire[..cut], piece, None);
+            let truncated = matches!(end, Err(Failure::Truncated { .. }));
+            proptest::prop_assert!(truncated, "cut at {}: {:?}", cut, end);
         }
     }
 

@@ -27,6 +27,9 @@ const DEFAULT_PIPE: usize = 64 * 1024;
 pub(crate) struct PipePool {
     free: Vec<Pipe>,
     report: PipeReport,
+    /// Tests: `take` fails as if out of fds.
+    #[cfg(test)]
+    pub(crate) exhausted: bool,
 }
 
 impl PipePool {
@@ -43,7 +46,10 @@ impl PipePool {
                 created: 0,
                 wanted,
                 got: 0,
+                ..PipeReport::default()
             },
+            #[cfg(test)]
+            exhausted: false,
         }
     }
 
@@ -53,6 +59,10 @@ impl PipePool {
 
     /// An empty pipe, from the pool or new.
     pub(crate) fn take(&mut self) -> io::Result<Pipe> {
+        #[cfg(test)]
+        if self.exhausted {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         if let Some(p) = self.free.pop() {
             return Ok(p);
         }

@@ -1,193 +1,154 @@
-//! The readiness backends: epoll(7) or poll(2) says a socket is readable,
-//! then non-blocking syscalls move what is there.
+//! The receive engine: a selector says which sockets are readable, then
+//! [`pump`] moves what is there with non-blocking syscalls in this thread.
 //!
-//! epoll (Linux) moves bytes with `splice(2)` socket → pipe → file; poll
-//! (every Unix) with `read(2)` into a 64 KiB buffer and `pwrite(2)`.
-//! [`pump_splice`] also serves the io_uring backend on rings without
-//! `IORING_OP_SPLICE`.
+//! Three selectors: epoll(7) (level-triggered), poll(2), and an io_uring
+//! ring ([`RingSelector`]: `IORING_OP_POLL_ADD`, multishot where the kernel
+//! has it, which is edge-triggered). The engine works with either kind: a
+//! connection whose turn ended with bytes possibly left is pumped again
+//! at the next wait without waiting for readiness, and a connection is
+//! re-armed only after it was drained (`EAGAIN`).
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Instant;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
+use super::pump::{pump, Mover, Pump};
 #[cfg(target_os = "linux")]
-use super::pipe::PipePool;
-use super::{next_timeout, peek_more, Conn, Event, Failure, Listen, PipeReport, RecvOptions, Want};
-use crate::sys::retry;
-#[cfg(target_os = "linux")]
-use crate::sys::splice::splice;
+use super::uring::RingSelector;
+use super::{next_timeout, Accepted, Conn, Event, Failure, Listen, PipeReport, RecvOptions};
+use crate::backend::OpFallback;
 
-/// Token of the listener in the epoll set.
+/// Token of the listener.
 const LISTENER: u64 = u64::MAX;
-/// Reads per readiness before other connections get their turn.
-const TURN: usize = 16;
-/// The poll backend's copy buffer.
-const COPY_BUF: usize = 64 * 1024;
 
-/// What a pump left behind.
+/// Which readiness mechanism the engine waits on.
 #[derive(Debug)]
-pub(crate) enum Pump {
-    /// The socket has no more bytes for now (or the turn is over).
-    Pending,
-    /// The connection is over.
-    Done(Result<(), Failure>),
-}
-
-/// Moves what `socket` has into `conn.file` via pipes from `pool`, at most
-/// [`TURN`] pipefuls: `splice(socket → pipe, SPLICE_F_NONBLOCK)` then
-/// `splice(pipe → file at offset)` for exactly the count moved.
-#[cfg(target_os = "linux")]
-pub(crate) fn pump_splice(
-    conn: &mut Conn,
-    socket: &OwnedFd,
-    pool: &mut PipePool,
-    max_bytes: Option<u64>,
-) -> Pump {
-    for _ in 0..TURN {
-        let pipe = match pool.take() {
-            Ok(p) => p,
-            Err(e) => return Pump::Done(Err(Failure::Read(e))),
-        };
-        let len = match conn.want(pipe.cap, max_bytes) {
-            Want::Read(len) => len,
-            Want::Probe => {
-                pool.put(pipe);
-                return probe(socket, max_bytes);
-            }
-        };
-        let moved = retry(|| {
-            splice(
-                socket.as_fd(),
-                pipe.wr.as_fd(),
-                None,
-                len,
-                libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-            )
-        });
-        let n = match moved {
-            Ok(0) => {
-                pool.put(pipe);
-                return Pump::Done(Ok(()));
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pool.put(pipe);
-                return Pump::Pending;
-            }
-            Err(e) => {
-                pool.put(pipe);
-                return Pump::Done(Err(Failure::from_read(e)));
-            }
-        };
-        if let Err(e) = drain_pipe(conn, &pipe.rd, n) {
-            // The pipe may still hold bytes: it is dropped, not pooled.
-            return Pump::Done(Err(Failure::Write(e)));
-        }
-        pool.put(pipe);
-    }
-    Pump::Pending
-}
-
-/// `splice(pipe → file at conn.written)` until `n` bytes have gone.
-#[cfg(target_os = "linux")]
-fn drain_pipe(conn: &mut Conn, rd: &OwnedFd, mut n: usize) -> io::Result<()> {
-    while n > 0 {
-        let mut off =
-            i64::try_from(conn.written).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-        let wrote = retry(|| {
-            splice(
-                rd.as_fd(),
-                conn.file.as_fd(),
-                Some(&mut off),
-                n,
-                libc::SPLICE_F_MOVE,
-            )
-        })?;
-        if wrote == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "splice to the file moved nothing",
-            ));
-        }
-        conn.wrote(wrote as u64, Instant::now());
-        n -= wrote;
-    }
-    Ok(())
-}
-
-/// Moves what `socket` has into `conn.file` through `buf` with `read(2)`
-/// and `pwrite(2)`, at most [`TURN`] buffers.
-pub(crate) fn pump_copy(
-    conn: &mut Conn,
-    socket: &OwnedFd,
-    buf: &mut [u8],
-    max_bytes: Option<u64>,
-) -> Pump {
-    for _ in 0..TURN {
-        let len = match conn.want(buf.len(), max_bytes) {
-            Want::Read(len) => len,
-            Want::Probe => return probe(socket, max_bytes),
-        };
-        let got = retry(|| {
-            nix::unistd::read(socket.as_raw_fd(), &mut buf[..len]).map_err(io::Error::from)
-        });
-        let n = match got {
-            Ok(0) => return Pump::Done(Ok(())),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Pump::Pending,
-            Err(e) => return Pump::Done(Err(Failure::from_read(e))),
-        };
-        let mut done = 0;
-        while done < n {
-            let Ok(off) = i64::try_from(conn.written) else {
-                return Pump::Done(Err(Failure::Write(io::Error::from_raw_os_error(
-                    libc::EFBIG,
-                ))));
-            };
-            let wrote = retry(|| {
-                nix::sys::uio::pwrite(&conn.file, &buf[done..n], off).map_err(io::Error::from)
-            });
-            match wrote {
-                Ok(0) => {
-                    return Pump::Done(Err(Failure::Write(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "pwrite wrote nothing",
-                    ))))
-                }
-                Ok(w) => {
-                    done += w;
-                    conn.wrote(w as u64, Instant::now());
-                }
-                Err(e) => return Pump::Done(Err(Failure::Write(e))),
-            }
-        }
-    }
-    Pump::Pending
-}
-
-/// The quota is used up: a clean end of stream or one byte too many?
-fn probe(socket: &OwnedFd, max_bytes: Option<u64>) -> Pump {
-    match peek_more(socket) {
-        Ok(false) => Pump::Done(Ok(())),
-        Ok(true) => Pump::Done(Err(Failure::Quota(max_bytes.unwrap_or(0)))),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pump::Pending,
-        Err(e) => Pump::Done(Err(Failure::from_read(e))),
-    }
-}
-
-#[derive(Debug)]
-enum Waiter {
+enum Selector {
     #[cfg(target_os = "linux")]
     Epoll(nix::sys::epoll::Epoll),
+    /// poll(2) keeps no registry: every wait passes the interest set.
     Poll,
+    #[cfg(target_os = "linux")]
+    Ring(Box<RingSelector>),
 }
 
-#[derive(Debug)]
-enum Mover {
-    #[cfg(target_os = "linux")]
-    Splice(PipePool),
-    Copy(Vec<u8>),
+impl Selector {
+    /// Starts watching `fd` for readability under `token`.
+    fn add(&mut self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Selector::Epoll(ep) => {
+                use nix::sys::epoll::{EpollEvent, EpollFlags};
+                ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+                    .map_err(io::Error::from)
+            }
+            Selector::Poll => {
+                let _ = (fd, token);
+                Ok(())
+            }
+            #[cfg(target_os = "linux")]
+            Selector::Ring(r) => r.add(fd, token),
+        }
+    }
+
+    /// Stops watching `fd`. Call before `fd` is closed.
+    fn remove(&mut self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Selector::Epoll(ep) => ep.delete(fd).map_err(io::Error::from),
+            Selector::Poll => {
+                let _ = (fd, token);
+                Ok(())
+            }
+            #[cfg(target_os = "linux")]
+            Selector::Ring(r) => {
+                let _ = fd;
+                r.remove(token)
+            }
+        }
+    }
+
+    /// `token` was drained: report it again when it becomes readable (a
+    /// no-op for level-triggered selectors and live multishot polls).
+    fn rearm(&mut self, token: u64) -> io::Result<()> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Selector::Ring(r) => r.rearm(token),
+            _ => {
+                let _ = token;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits up to `timeout` and appends the tokens ready to `ready`;
+    /// nothing on `EINTR`. `interest`: what poll(2) watches.
+    fn wait<'a>(
+        &mut self,
+        timeout: Option<Duration>,
+        interest: impl Iterator<Item = (u64, BorrowedFd<'a>)>,
+        ready: &mut Vec<u64>,
+    ) -> io::Result<()> {
+        use nix::poll::PollTimeout;
+        let ms = |d: Duration| {
+            // Round up: a 0.4 ms deadline must not become a busy 0 ms wait.
+            let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128 / 2) as i32;
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        };
+        match self {
+            #[cfg(target_os = "linux")]
+            Selector::Epoll(ep) => {
+                use nix::sys::epoll::EpollEvent;
+                let _ = interest;
+                let mut buf = [EpollEvent::empty(); 256];
+                match ep.wait(&mut buf, timeout.map_or(PollTimeout::NONE, ms)) {
+                    Ok(n) => ready.extend(buf[..n].iter().map(|e| e.data())),
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Selector::Poll => {
+                use nix::poll::{PollFd, PollFlags};
+                let (tokens, mut fds): (Vec<u64>, Vec<PollFd<'_>>) = interest
+                    .map(|(t, fd)| (t, PollFd::new(fd, PollFlags::POLLIN)))
+                    .unzip();
+                match nix::poll::poll(&mut fds, timeout.map_or(PollTimeout::NONE, ms)) {
+                    Ok(_) => ready.extend(
+                        fds.iter()
+                            .zip(tokens)
+                            .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
+                            .map(|(_, t)| t),
+                    ),
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            #[cfg(target_os = "linux")]
+            Selector::Ring(r) => {
+                let _ = interest;
+                r.wait(timeout, ready)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls that failed (ring only), with the error, since the last call.
+    fn take_failed(&mut self) -> Vec<(u64, io::Error)> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Selector::Ring(r) => r.take_failed(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn fallbacks(&self) -> Vec<OpFallback> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Selector::Ring(r) => r.fallbacks(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -196,55 +157,92 @@ struct Slot {
     socket: OwnedFd,
 }
 
-/// The epoll and poll backends: one readiness waiter, one way to move bytes.
+/// The receive engine of every backend: one selector, one way to move bytes.
 #[derive(Debug)]
 pub(crate) struct ReadinessEngine {
-    waiter: Waiter,
+    selector: Selector,
     mover: Mover,
     options: RecvOptions,
     slots: HashMap<u64, Slot>,
     listen: Option<Listen>,
+    /// The listener is registered with the selector (not while it rests
+    /// after an accept failure).
+    listening: bool,
+    /// Connections whose turn ended with bytes possibly left.
+    again: Vec<u64>,
 }
 
 impl ReadinessEngine {
+    fn new(selector: Selector, mover: Mover, options: RecvOptions) -> ReadinessEngine {
+        ReadinessEngine {
+            selector,
+            mover,
+            options,
+            slots: HashMap::new(),
+            listen: None,
+            listening: false,
+            again: Vec::new(),
+        }
+    }
+
+    /// Readiness from an io_uring ring, `splice(2)` through pooled pipes.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn uring(options: RecvOptions) -> io::Result<ReadinessEngine> {
+        let ring = RingSelector::new()?;
+        let mover = Mover::splice(options.pipe_size);
+        Ok(Self::new(Selector::Ring(Box::new(ring)), mover, options))
+    }
+
     /// epoll(7) readiness, `splice(2)` through pooled pipes.
     #[cfg(target_os = "linux")]
     pub(crate) fn epoll(options: RecvOptions) -> io::Result<ReadinessEngine> {
         use nix::sys::epoll::{Epoll, EpollCreateFlags};
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-        let pool = PipePool::new(options.pipe_size);
-        Ok(ReadinessEngine {
-            waiter: Waiter::Epoll(ep),
-            mover: Mover::Splice(pool),
-            options,
-            slots: HashMap::new(),
-            listen: None,
-        })
+        let mover = Mover::splice(options.pipe_size);
+        Ok(Self::new(Selector::Epoll(ep), mover, options))
     }
 
     /// poll(2) readiness, `read(2)`/`pwrite(2)` through a 64 KiB buffer.
     pub(crate) fn poll(options: RecvOptions) -> ReadinessEngine {
-        ReadinessEngine {
-            waiter: Waiter::Poll,
-            mover: Mover::Copy(vec![0; COPY_BUF]),
-            options,
-            slots: HashMap::new(),
-            listen: None,
+        Self::new(Selector::Poll, Mover::copy(), options)
+    }
+
+    /// Behaves as on a ring without multishot poll (tests of the fallback
+    /// on kernels that have it).
+    #[cfg(all(test, target_os = "linux"))]
+    pub(crate) fn pretend_no_multishot(&mut self) {
+        if let Selector::Ring(r) = &mut self.selector {
+            r.pretend_no_multishot();
         }
+    }
+
+    pub(crate) fn fallbacks(&self) -> Vec<OpFallback> {
+        self.selector.fallbacks()
     }
 
     pub(crate) fn pipes(&self) -> PipeReport {
-        match &self.mover {
-            #[cfg(target_os = "linux")]
-            Mover::Splice(pool) => pool.report(),
-            Mover::Copy(_) => PipeReport::default(),
-        }
+        self.mover.report()
+    }
+
+    pub(crate) fn raw(&self) -> bool {
+        self.options.raw
     }
 
     pub(crate) fn listen(&mut self, listen: Listen) -> io::Result<()> {
-        self.register(&listen.listener, LISTENER)?;
+        self.stop_listening();
+        self.selector.add(listen.listener.as_fd(), LISTENER)?;
+        self.listening = true;
         self.listen = Some(listen);
         Ok(())
+    }
+
+    fn stop_listening(&mut self) {
+        if let Some(l) = self.listen.take() {
+            if self.listening {
+                let _ = self.selector.remove(l.listener.as_fd(), LISTENER);
+            }
+        }
+        self.listening = false;
     }
 
     pub(crate) fn is_listening(&self) -> bool {
@@ -252,7 +250,7 @@ impl ReadinessEngine {
     }
 
     pub(crate) fn attach(&mut self, conn: Conn, socket: OwnedFd) -> io::Result<()> {
-        self.register(&socket, conn.id.0)?;
+        self.selector.add(socket.as_fd(), conn.id.0)?;
         self.slots.insert(conn.id.0, Slot { conn, socket });
         Ok(())
     }
@@ -265,128 +263,146 @@ impl ReadinessEngine {
         self.slots.values().map(|s| &s.conn)
     }
 
-    /// Starts watching `fd` for readability under `token`.
-    #[cfg(target_os = "linux")]
-    fn register(&self, fd: &impl AsFd, token: u64) -> io::Result<()> {
-        match &self.waiter {
-            Waiter::Epoll(ep) => {
-                use nix::sys::epoll::{EpollEvent, EpollFlags};
-                ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
-                    .map_err(io::Error::from)
-            }
-            Waiter::Poll => Ok(()),
-        }
-    }
-
-    /// Only poll(2) exists here, and it keeps no registry: [`Self::ready`]
-    /// polls the listener and every slot.
-    #[cfg(not(target_os = "linux"))]
-    fn register(&self, _fd: &impl AsFd, _token: u64) -> io::Result<()> {
-        Ok(())
-    }
-
     pub(crate) fn wait(
         &mut self,
-        timeout: Option<std::time::Duration>,
+        timeout: Option<Duration>,
         events: &mut Vec<Event>,
     ) -> io::Result<()> {
         let now = Instant::now();
         let idle = self.options.idle_timeout;
-        let timeout = next_timeout(
-            timeout,
-            self.slots
+        let timeout = if self.again.is_empty() {
+            let deadlines = self
+                .slots
                 .values()
-                .filter_map(|s| s.conn.idle_deadline(idle)),
-            now,
-        );
-        let ready = self.ready(timeout)?;
-        for token in ready {
+                .filter_map(|s| s.conn.idle_deadline(idle));
+            let resume = self.listen.as_ref().and_then(|l| l.paused_until);
+            next_timeout(timeout, deadlines.chain(resume), now)
+        } else {
+            Some(Duration::ZERO)
+        };
+        let mut ready = std::mem::take(&mut self.again);
+        let listener = self
+            .listen
+            .as_ref()
+            .filter(|_| self.listening)
+            .map(|l| (LISTENER, l.listener.as_fd()));
+        let interest = listener
+            .into_iter()
+            .chain(self.slots.iter().map(|(&t, s)| (t, s.socket.as_fd())));
+        self.selector.wait(timeout, interest, &mut ready)?;
+        for (token, e) in self.selector.take_failed() {
             if token == LISTENER {
                 if let Some(l) = &mut self.listen {
-                    if !l.accept_all(events) {
-                        // Closing the listener also removes it from epoll.
-                        self.listen = None;
-                    }
+                    l.pause(e, events, Instant::now());
+                    self.listening = false;
                 }
-                continue;
-            }
-            let Some(slot) = self.slots.get_mut(&token) else {
-                continue;
-            };
-            let max = self.options.max_bytes;
-            let pump = match &mut self.mover {
-                #[cfg(target_os = "linux")]
-                Mover::Splice(pool) => pump_splice(&mut slot.conn, &slot.socket, pool, max),
-                Mover::Copy(buf) => pump_copy(&mut slot.conn, &slot.socket, buf, max),
-            };
-            if let Pump::Done(result) = pump {
-                if let Some(slot) = self.slots.remove(&token) {
-                    events.push(Event::Finished(slot.conn.finish(result)));
-                }
+            } else {
+                self.finish(token, Err(Failure::Read(e)), events);
             }
         }
-        if let Some(d) = idle {
-            let now = Instant::now();
-            let expired: Vec<u64> = self
-                .slots
-                .iter()
-                .filter(|(_, s)| s.conn.idle_deadline(Some(d)).is_some_and(|t| t <= now))
-                .map(|(&k, _)| k)
-                .collect();
-            for k in expired {
-                if let Some(slot) = self.slots.remove(&k) {
-                    events.push(Event::Finished(
-                        slot.conn.finish(Err(Failure::IdleTimeout(d))),
-                    ));
-                }
+        ready.sort_unstable();
+        ready.dedup();
+        for token in ready {
+            if token == LISTENER {
+                self.accept(events);
+            } else {
+                self.service(token, events);
             }
         }
+        if self
+            .listen
+            .as_ref()
+            .and_then(|l| l.paused_until)
+            .is_some_and(|t| t <= Instant::now())
+        {
+            self.accept(events);
+        }
+        self.expire_idle(events);
         Ok(())
     }
 
-    /// Tokens of the ready descriptors (empty on timeout or `EINTR`).
-    fn ready(&self, timeout: Option<std::time::Duration>) -> io::Result<Vec<u64>> {
-        use nix::poll::PollTimeout;
-        let timeout = match timeout {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let ms = d.as_millis().min(i32::MAX as u128 / 2) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
+    /// Accepts what is waiting; rests the listener after a failure and
+    /// watches it again once an attempt drains it.
+    fn accept(&mut self, events: &mut Vec<Event>) {
+        let Some(l) = &mut self.listen else {
+            return;
         };
-        match &self.waiter {
-            #[cfg(target_os = "linux")]
-            Waiter::Epoll(ep) => {
-                use nix::sys::epoll::EpollEvent;
-                let mut buf = vec![EpollEvent::empty(); 256];
-                match ep.wait(&mut buf, timeout) {
-                    Ok(n) => Ok(buf[..n].iter().map(|e| e.data()).collect()),
-                    Err(nix::errno::Errno::EINTR) => Ok(Vec::new()),
-                    Err(e) => Err(e.into()),
+        if l.paused_until.is_some_and(|t| t > Instant::now()) {
+            // A readiness reported before it rested.
+            return;
+        }
+        match l.accept_all(events, Instant::now()) {
+            Accepted::Drained if !self.listening => {
+                match self.selector.add(l.listener.as_fd(), LISTENER) {
+                    Ok(()) => self.listening = true,
+                    Err(e) => l.pause(e, events, Instant::now()),
                 }
             }
-            Waiter::Poll => {
-                use nix::poll::{PollFd, PollFlags};
-                let mut tokens = Vec::with_capacity(self.slots.len() + 1);
-                let mut fds = Vec::with_capacity(self.slots.len() + 1);
-                if let Some(l) = &self.listen {
-                    tokens.push(LISTENER);
-                    fds.push(PollFd::new(l.listener.as_fd(), PollFlags::POLLIN));
+            Accepted::Drained => {}
+            Accepted::Paused => {
+                if self.listening {
+                    let _ = self.selector.remove(l.listener.as_fd(), LISTENER);
+                    self.listening = false;
                 }
-                for (&k, s) in &self.slots {
-                    tokens.push(k);
-                    fds.push(PollFd::new(s.socket.as_fd(), PollFlags::POLLIN));
+            }
+            // Closing the listener also removes it from epoll.
+            Accepted::LimitReached => self.stop_listening(),
+        }
+    }
+
+    /// Pumps connection `token`.
+    fn service(&mut self, token: u64, events: &mut Vec<Event>) {
+        let Some(slot) = self.slots.get_mut(&token) else {
+            return;
+        };
+        match pump(
+            &mut slot.conn,
+            &slot.socket,
+            &mut self.mover,
+            self.options.max_bytes,
+        ) {
+            Pump::Drained => {
+                if let Err(e) = self.selector.rearm(token) {
+                    // Only this connection loses its readiness.
+                    self.finish(token, Err(Failure::Read(e)), events);
                 }
-                match nix::poll::poll(&mut fds, timeout) {
-                    Ok(_) => Ok(fds
-                        .iter()
-                        .zip(tokens)
-                        .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
-                        .map(|(_, t)| t)
-                        .collect()),
-                    Err(nix::errno::Errno::EINTR) => Ok(Vec::new()),
-                    Err(e) => Err(e.into()),
-                }
+            }
+            Pump::Yielded => self.again.push(token),
+            Pump::Done(result) => self.finish(token, result, events),
+        }
+    }
+
+    /// Removes connection `token` and reports it.
+    fn finish(&mut self, token: u64, result: Result<(), Failure>, events: &mut Vec<Event>) {
+        if let Some(slot) = self.slots.remove(&token) {
+            // Best effort: the socket closes right after either way.
+            let _ = self.selector.remove(slot.socket.as_fd(), token);
+            events.push(Event::Finished(slot.conn.finish(result)));
+        }
+    }
+
+    /// Ends connections idle past the timeout. Idle means no data was
+    /// available, not that the clock moved (a stopped or frozen process
+    /// wakes up late with data waiting): each is pumped before it expires.
+    fn expire_idle(&mut self, events: &mut Vec<Event>) {
+        let Some(d) = self.options.idle_timeout else {
+            return;
+        };
+        let due = |s: &Slot| {
+            s.conn
+                .idle_deadline(Some(d))
+                .is_some_and(|t| t <= Instant::now())
+        };
+        let expired: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| due(s))
+            .map(|(&k, _)| k)
+            .collect();
+        for token in expired {
+            self.service(token, events);
+            if self.slots.get(&token).is_some_and(due) {
+                self.finish(token, Err(Failure::IdleTimeout(d)), events);
             }
         }
     }

@@ -1,339 +1,268 @@
-//! The io_uring backend: many connections on one ring.
+//! io_uring as the receive engine's selector: `IORING_OP_POLL_ADD` says a
+//! socket is readable, then the engine's `splice(2)` calls run inline in
+//! this thread.
 //!
-//! Per connection, one operation at a time:
-//! 1. `IORING_OP_POLL_ADD` (POLLIN) on the socket. An idle connection waits
-//!    here, in the kernel's poll machinery, not in an io-wq worker: every
-//!    `IORING_OP_SPLICE` is punted to io-wq (`REQ_F_FORCE_ASYNC`, see
-//!    `io_uring/splice.c`), where a splice on an empty socket would block.
-//! 2. `IORING_OP_SPLICE` socket → pipe, `SPLICE_F_NONBLOCK | SPLICE_F_MOVE`
-//!    on a non-blocking socket. `-EAGAIN` goes back to 1.
-//! 3. `IORING_OP_SPLICE` pipe → file at an explicit offset for exactly the
-//!    count step 2 moved (not linked: a short first splice would cancel a
-//!    linked second one), repeated while short; then step 2 again.
+//! Why not `IORING_OP_SPLICE`: the kernel punts every SPLICE to an io-wq
+//! worker (`REQ_F_FORCE_ASYNC`, `io_uring/splice.c`), so each chunk cost
+//! two thread hand-offs (socket → pipe, pipe → file) that an inline splice
+//! does not pay, and on a busy machine its speed swung with the scheduler
+//! (issue 11). Readiness from the ring keeps what the ring is good at here:
+//! one `io_uring_enter` waits for every connection, and an idle connection
+//! costs a poll entry, no thread.
 //!
-//! On rings without `IORING_OP_SPLICE` (before Linux 5.7), step 1 is
-//! followed by `splice(2)` in this thread instead (a recorded fallback).
+//! Polls are multishot (`IORING_POLL_ADD_MULTI`, Linux 5.13): one SQE per
+//! connection for its whole life, a CQE (flagged `IORING_CQE_F_MORE`) each
+//! time it becomes readable. That is edge-triggered, which the engine
+//! handles (a connection whose turn ended early is pumped again without
+//! waiting). A multishot poll the kernel ends (no `F_MORE`: CQ overflow,
+//! cancellation) is armed again after the next drain. Without multishot,
+//! one-shot polls are armed after each drain ([`RingSelector::fallbacks`]).
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use super::pipe::{Pipe, PipePool};
-use super::readiness::{pump_splice, Pump};
-use super::{next_timeout, peek_more, Conn, Event, Failure, Listen, PipeReport, RecvOptions, Want};
 use crate::backend::OpFallback;
 use crate::opcode::Opcode;
-use crate::probe::RingSupport;
 
-/// `user_data` of the listener's poll.
-const LISTENER_UD: u64 = u64::MAX;
-/// `user_data` of cancellations (their results are not needed).
-const CANCEL_UD: u64 = u64::MAX - 1;
+/// `user_data` of POLL_REMOVEs (their results are not needed).
+const REMOVE_UD: u64 = u64::MAX;
 /// `user_data` of wake-up timeouts on rings without `IORING_FEAT_EXT_ARG`.
-const TIMEOUT_UD: u64 = u64::MAX - 2;
+const TIMEOUT_UD: u64 = u64::MAX - 1;
 
-/// The operation a connection has in flight; the low two bits of its
-/// `user_data` (the connection id is in the rest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Poll = 0,
-    SpliceIn = 1,
-    SpliceOut = 2,
-}
-
-impl Op {
-    fn user_data(self, id: u64) -> u64 {
-        (id << 2) | self as u64
-    }
-
-    fn from_user_data(ud: u64) -> Option<(u64, Op)> {
-        let op = match ud & 3 {
-            0 => Op::Poll,
-            1 => Op::SpliceIn,
-            2 => Op::SpliceOut,
-            _ => return None,
-        };
-        Some((ud >> 2, op))
-    }
-}
-
-/// One connection on the ring. It owns every fd its in-flight operation
-/// names (socket, pipe, file), and is dropped only when `in_flight` is
-/// `None`: io-wq resolves a SPLICE's fds when it runs the request, so they
-/// must stay open until the completion arrives.
+/// A watched fd and its poll in flight, if any.
 #[derive(Debug)]
-struct RingConn {
-    conn: Conn,
-    socket: OwnedFd,
-    pipe: Option<Pipe>,
-    /// Bytes in `pipe` not yet in the file.
-    in_pipe: usize,
-    in_flight: Option<Op>,
-    /// Set when the connection must end once `in_flight` completes.
-    closing: Option<Failure>,
+struct Watched {
+    /// Kept open by the engine until [`RingSelector::remove`].
+    fd: RawFd,
+    /// `user_data` of the poll in flight.
+    poll: Option<u64>,
 }
 
-/// Many connections on one ring.
+/// Readiness from an io_uring ring.
 ///
-/// Field order matters: `ring` is dropped first, so the kernel tears down
-/// its requests before the connections' fds close.
-pub(crate) struct UringEngine {
+/// Field order matters: `ring` is dropped first, so the kernel ends its
+/// polls before anything else goes.
+pub(crate) struct RingSelector {
     ring: IoUring,
-    conns: HashMap<u64, RingConn>,
-    pool: PipePool,
-    options: RecvOptions,
-    /// `IORING_OP_SPLICE` is supported on this ring.
-    splice_op: bool,
-    listen: Option<Listen>,
-    listener_armed: bool,
-    /// Wake-up timeouts in flight (rings without EXT_ARG); each owns its
-    /// `Timespec` until its completion. Boxed: the kernel holds the address,
-    /// which must not move when the `Vec` grows.
+    multishot: bool,
+    /// By token.
+    watched: HashMap<u64, Watched>,
+    /// Token of each poll in flight, by `user_data`. Every arm gets a
+    /// fresh `user_data`, so a late CQE of a poll removed or replaced is
+    /// recognised and ignored.
+    polls: HashMap<u64, u64>,
+    next_ud: u64,
+    /// Tokens reaped and not yet handed out.
+    ready: Vec<u64>,
+    /// Polls that failed, to end their connection.
+    failed: Vec<(u64, io::Error)>,
+    /// Timespecs of wake-up timeouts in flight (rings without EXT_ARG).
+    /// Boxed: the SQE holds the address until it is submitted.
     #[allow(clippy::vec_box)]
-    timeouts: Vec<Box<types::Timespec>>,
+    timeouts: VecDeque<Box<types::Timespec>>,
 }
 
-impl UringEngine {
-    pub(crate) fn new(options: RecvOptions) -> io::Result<UringEngine> {
-        let ring = IoUring::builder().setup_cqsize(4096).build(256)?;
-        let splice_op = RingSupport::detect().supports(Opcode::SPLICE);
-        let pool = PipePool::new(options.pipe_size);
-        Ok(UringEngine {
+impl RingSelector {
+    pub(crate) fn new() -> io::Result<RingSelector> {
+        // COOP_TASKRUN (5.19): completions are posted when this thread
+        // enters the kernel to wait, not by interrupting it mid-splice.
+        let ring = IoUring::builder()
+            .setup_cqsize(4096)
+            .setup_coop_taskrun()
+            .build(256)
+            .or_else(|_| IoUring::builder().setup_cqsize(4096).build(256))?;
+        Ok(RingSelector {
             ring,
-            conns: HashMap::new(),
-            pool,
-            options,
-            splice_op,
-            listen: None,
-            listener_armed: false,
-            timeouts: Vec::new(),
+            multishot: multishot_poll(),
+            watched: HashMap::new(),
+            polls: HashMap::new(),
+            next_ud: 1,
+            ready: Vec::new(),
+            failed: Vec::new(),
+            timeouts: VecDeque::new(),
         })
     }
 
     pub(crate) fn fallbacks(&self) -> Vec<OpFallback> {
-        if self.splice_op {
+        if self.multishot {
             Vec::new()
         } else {
             vec![OpFallback {
-                op: Opcode::SPLICE,
-                instead: "splice(2) after readiness",
+                op: Opcode::POLL_ADD,
+                instead:
+                    "one-shot POLL_ADD armed again after each drain (multishot needs Linux 5.13)",
             }]
         }
     }
 
-    /// Behaves as on a ring without `IORING_OP_SPLICE` (tests of the
-    /// fallback on kernels that have it).
     #[cfg(test)]
-    pub(crate) fn pretend_no_splice_op(&mut self) {
-        self.splice_op = false;
+    pub(crate) fn pretend_no_multishot(&mut self) {
+        self.multishot = false;
     }
 
-    pub(crate) fn pipes(&self) -> PipeReport {
-        self.pool.report()
+    /// Watches `fd` under `token` until [`Self::remove`].
+    pub(crate) fn add(&mut self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        self.watched.insert(
+            token,
+            Watched {
+                fd: fd.as_raw_fd(),
+                poll: None,
+            },
+        );
+        let armed = self.arm(token);
+        if armed.is_err() {
+            self.watched.remove(&token);
+        }
+        armed
     }
 
-    pub(crate) fn listen(&mut self, listen: Listen) -> io::Result<()> {
-        self.listen = Some(listen);
-        self.listener_armed = false;
+    /// Arms a poll for `token` unless one is in flight.
+    pub(crate) fn rearm(&mut self, token: u64) -> io::Result<()> {
+        self.arm(token)
+    }
+
+    fn arm(&mut self, token: u64) -> io::Result<()> {
+        let Some(w) = self.watched.get(&token) else {
+            return Ok(());
+        };
+        if w.poll.is_some() {
+            return Ok(());
+        }
+        let ud = self.next_ud;
+        self.next_ud += 1;
+        let entry = opcode::PollAdd::new(types::Fd(w.fd), libc::POLLIN as u32)
+            .multi(self.multishot)
+            .build()
+            .user_data(ud);
+        // SAFETY: POLL_ADD names no buffer, only the fd, which the engine
+        // keeps open until `remove`, and `remove` submits what is queued
+        // (this SQE included) before returning; once submitted, the kernel
+        // holds its own reference to the file.
+        unsafe { self.push(&entry)? };
+        self.polls.insert(ud, token);
+        if let Some(w) = self.watched.get_mut(&token) {
+            w.poll = Some(ud);
+        }
         Ok(())
     }
 
-    pub(crate) fn is_listening(&self) -> bool {
-        self.listen.is_some()
-    }
-
-    pub(crate) fn active(&self) -> usize {
-        self.conns.len()
-    }
-
-    pub(crate) fn conns(&self) -> impl Iterator<Item = &Conn> {
-        self.conns.values().map(|c| &c.conn)
-    }
-
-    pub(crate) fn attach(&mut self, conn: Conn, socket: OwnedFd) -> io::Result<()> {
-        let id = conn.id.0;
-        self.conns.insert(
-            id,
-            RingConn {
-                conn,
-                socket,
-                pipe: None,
-                in_pipe: 0,
-                in_flight: None,
-                closing: None,
-            },
-        );
-        let armed = self.arm_poll(id);
-        if armed.is_err() {
-            self.conns.remove(&id);
+    /// Stops watching `token`; its fd may be closed once this returns.
+    pub(crate) fn remove(&mut self, token: u64) -> io::Result<()> {
+        let Some(w) = self.watched.remove(&token) else {
+            return Ok(());
+        };
+        if let Some(ud) = w.poll {
+            self.polls.remove(&ud);
+            let entry = opcode::PollRemove::new(ud).build().user_data(REMOVE_UD);
+            // SAFETY: POLL_REMOVE names neither fd nor buffer.
+            unsafe { self.push(&entry)? };
         }
-        armed
+        // Submit now: a queued POLL_ADD names the fd by number, which must
+        // still be this socket when the kernel reads the SQE.
+        self.submit()
     }
 
     /// Queues `entry`, submitting first when the submission queue is full.
     ///
     /// # Safety
-    /// Every fd and buffer `entry` names must stay valid until its
-    /// completion is reaped.
+    /// Every fd and buffer `entry` names must stay valid until it is
+    /// submitted (fds) or completes (buffers).
     unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: the caller guarantees what `entry` names outlives it.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
-            self.ring.submit()?;
+            self.submit()?;
         }
     }
 
-    fn arm_poll(&mut self, id: u64) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        let fd = c.socket.as_raw_fd();
-        c.in_flight = Some(Op::Poll);
-        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .build()
-            .user_data(Op::Poll.user_data(id));
-        // SAFETY: the socket is owned by the connection, which is not
-        // dropped while `in_flight` is set; POLL_ADD names no buffer.
-        unsafe { self.push(&entry) }
+    /// Submits what is queued; completions that are in the way (the kernel
+    /// refuses to submit while its CQ overflows) are reaped first, kept for
+    /// the next [`Self::wait`].
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if crate::sys::is_transient_enter_error(&e) => {
+                    if self.reap() == 0 && e.raw_os_error() != Some(libc::EINTR) {
+                        // Nothing to make room with: try again at the
+                        // next wait, which submits too.
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    fn splice_in(&mut self, id: u64, len: usize) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        let Some(pipe) = &c.pipe else {
-            return Err(io::Error::other("splice without a pipe"));
-        };
-        let len = u32::try_from(len).unwrap_or(u32::MAX);
-        let entry = opcode::Splice::new(
-            types::Fd(c.socket.as_raw_fd()),
-            -1,
-            types::Fd(pipe.wr.as_raw_fd()),
-            -1,
-            len,
-        )
-        .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
-        .build()
-        .user_data(Op::SpliceIn.user_data(id));
-        c.in_flight = Some(Op::SpliceIn);
-        // SAFETY: socket and pipe are owned by the connection, which keeps
-        // both until the completion (`in_flight`); no buffer is named.
-        unsafe { self.push(&entry) }
-    }
-
-    fn splice_out(&mut self, id: u64) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        let Some(pipe) = &c.pipe else {
-            return Err(io::Error::other("splice without a pipe"));
-        };
-        let off =
-            i64::try_from(c.conn.written).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-        let len = u32::try_from(c.in_pipe).unwrap_or(u32::MAX);
-        let entry = opcode::Splice::new(
-            types::Fd(pipe.rd.as_raw_fd()),
-            -1,
-            types::Fd(c.conn.file.as_raw_fd()),
-            off,
-            len,
-        )
-        .flags(libc::SPLICE_F_MOVE)
-        .build()
-        .user_data(Op::SpliceOut.user_data(id));
-        c.in_flight = Some(Op::SpliceOut);
-        // SAFETY: pipe and file are owned by the connection, which keeps
-        // both until the completion (`in_flight`); no buffer is named.
-        unsafe { self.push(&entry) }
-    }
-
-    /// Asks the kernel to cancel connection `id`'s operation in flight.
-    fn cancel(&mut self, id: u64, op: Op) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(op.user_data(id))
-            .build()
-            .user_data(CANCEL_UD);
-        // SAFETY: ASYNC_CANCEL names no fd or buffer, only a user_data.
-        unsafe { self.push(&entry) }
-    }
-
+    /// Submits, waits up to `timeout` for a completion (not at all when
+    /// some are kept from earlier), and appends every ready token.
     pub(crate) fn wait(
         &mut self,
         timeout: Option<Duration>,
-        events: &mut Vec<Event>,
+        ready: &mut Vec<u64>,
     ) -> io::Result<()> {
-        if let (Some(l), false) = (&self.listen, self.listener_armed) {
-            let entry =
-                opcode::PollAdd::new(types::Fd(l.listener.as_raw_fd()), libc::POLLIN as u32)
-                    .build()
-                    .user_data(LISTENER_UD);
-            // SAFETY: the listener's file is taken by POLL_ADD at submission
-            // and held by the kernel; no buffer is named.
-            unsafe { self.push(&entry)? };
-            self.listener_armed = true;
-        }
-        let idle = self.options.idle_timeout;
-        let now = Instant::now();
-        let timeout = next_timeout(
-            timeout,
-            self.conns
-                .values()
-                .filter(|c| c.closing.is_none())
-                .filter_map(|c| c.conn.idle_deadline(idle)),
-            now,
-        );
+        let timeout = if self.ready.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         self.enter(timeout)?;
+        self.reap();
+        ready.append(&mut self.ready);
+        Ok(())
+    }
 
-        let cqes: Vec<(u64, i32)> = self
+    /// Polls that failed since the last call.
+    pub(crate) fn take_failed(&mut self) -> Vec<(u64, io::Error)> {
+        std::mem::take(&mut self.failed)
+    }
+
+    /// Takes every CQE off the ring; returns how many.
+    fn reap(&mut self) -> usize {
+        let cqes: Vec<(u64, i32, u32)> = self
             .ring
             .completion()
-            .map(|c| (c.user_data(), c.result()))
+            .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
-        for (ud, res) in cqes {
+        for &(ud, res, flags) in &cqes {
             match ud {
-                LISTENER_UD => {
-                    self.listener_armed = false;
-                    if let Some(l) = &mut self.listen {
-                        if !l.accept_all(events) {
-                            self.listen = None;
-                        }
-                    }
-                }
-                CANCEL_UD => {}
+                REMOVE_UD => {}
                 TIMEOUT_UD => {
-                    self.timeouts.pop();
+                    self.timeouts.pop_front();
                 }
-                _ => {
-                    if let Some((id, op)) = Op::from_user_data(ud) {
-                        self.complete(id, op, res, events)?;
-                    }
-                }
+                _ => self.polled(ud, res, flags),
             }
         }
+        cqes.len()
+    }
 
-        if let Some(d) = idle {
-            let now = Instant::now();
-            let expired: Vec<u64> = self
-                .conns
-                .iter()
-                // Only a connection waiting for data is idle; one with a
-                // splice in flight is moving bytes.
-                .filter(|(_, c)| {
-                    c.closing.is_none() && matches!(c.in_flight, None | Some(Op::Poll))
-                })
-                .filter(|(_, c)| c.conn.idle_deadline(Some(d)).is_some_and(|t| t <= now))
-                .map(|(&k, _)| k)
-                .collect();
-            for id in expired {
-                self.close(id, Failure::IdleTimeout(d), events)?;
+    /// Handles a poll's CQE.
+    fn polled(&mut self, ud: u64, res: i32, flags: u32) {
+        let Some(&token) = self.polls.get(&ud) else {
+            // A poll already removed or replaced.
+            return;
+        };
+        if !cqueue::more(flags) {
+            // This poll is over: the next drain arms another.
+            self.polls.remove(&ud);
+            if let Some(w) = self.watched.get_mut(&token) {
+                w.poll = None;
             }
         }
-        Ok(())
+        match res {
+            r if r >= 0 => self.ready.push(token),
+            // Ended by the kernel (e.g. CQ overflow): look, then re-arm.
+            r if -r == libc::ECANCELED => self.ready.push(token),
+            r => self.failed.push((token, io::Error::from_raw_os_error(-r))),
+        }
     }
 
     /// Submits and waits for one completion or `timeout`.
@@ -349,10 +278,11 @@ impl UringEngine {
                 let ts = Box::new(types::Timespec::from(d));
                 let entry = opcode::Timeout::new(&*ts).build().user_data(TIMEOUT_UD);
                 // SAFETY: the boxed Timespec is kept in `self.timeouts`
-                // until a TIMEOUT_UD completion is reaped (and the ring is
-                // dropped before `timeouts`).
+                // until a TIMEOUT_UD completion is reaped (the kernel
+                // copies it when it reads the SQE; one kept per TIMEOUT
+                // in flight), and the ring is dropped before `timeouts`.
                 unsafe { self.push(&entry)? };
-                self.timeouts.push(ts);
+                self.timeouts.push_back(ts);
                 self.ring.submit_and_wait(1)
             }
         };
@@ -361,172 +291,38 @@ impl UringEngine {
             _ => Ok(()),
         }
     }
+}
 
-    /// Ends connection `id` with `why`, now or once its operation completes.
-    fn close(&mut self, id: u64, why: Failure, events: &mut Vec<Event>) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        match c.in_flight {
-            None => self.finish(id, Err(why), events),
-            Some(op) => {
-                c.closing = Some(why);
-                self.cancel(id, op)
-            }
-        }
-    }
-
-    /// Removes connection `id` (nothing in flight) and reports it.
-    fn finish(
-        &mut self,
-        id: u64,
-        result: Result<(), Failure>,
-        events: &mut Vec<Event>,
-    ) -> io::Result<()> {
-        if let Some(mut c) = self.conns.remove(&id) {
-            if let Some(pipe) = c.pipe.take() {
-                if c.in_pipe == 0 {
-                    self.pool.put(pipe);
-                }
-            }
-            events.push(Event::Finished(c.conn.finish(result)));
-        }
-        Ok(())
-    }
-
-    /// Handles the completion of `op` for connection `id` with result `res`.
-    fn complete(&mut self, id: u64, op: Op, res: i32, events: &mut Vec<Event>) -> io::Result<()> {
-        let max = self.options.max_bytes;
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        c.in_flight = None;
-        if op == Op::SpliceOut && res > 0 {
-            let n = res as usize;
-            c.in_pipe = c.in_pipe.saturating_sub(n);
-            c.conn.wrote(n as u64, Instant::now());
-        }
-        if op == Op::SpliceIn && res > 0 {
-            // Counted before the closing check: a pipe with bytes in it
-            // must never go back to the pool.
-            c.in_pipe = res as usize;
-        }
-        if let Some(why) = c.closing.take() {
-            return self.finish(id, Err(why), events);
-        }
-        let err = || io::Error::from_raw_os_error(-res);
-        match op {
-            Op::Poll => {
-                if res < 0 {
-                    return self.finish(id, Err(Failure::Read(err())), events);
-                }
-                if !self.splice_op {
-                    return self.pump_fallback(id, events);
-                }
-                let pipe_cap = self.pool_cap(id)?;
-                let Some(c) = self.conns.get_mut(&id) else {
-                    return Ok(());
-                };
-                match c.conn.want(pipe_cap, max) {
-                    Want::Read(len) => self.splice_in(id, len),
-                    Want::Probe => {
-                        let peek = peek_more(&c.socket);
-                        self.release_pipe(id);
-                        match peek {
-                            Ok(false) => self.finish(id, Ok(()), events),
-                            Ok(true) => {
-                                self.finish(id, Err(Failure::Quota(max.unwrap_or(0))), events)
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.arm_poll(id),
-                            Err(e) => self.finish(id, Err(Failure::from_read(e)), events),
-                        }
-                    }
-                }
-            }
-            Op::SpliceIn => match res {
-                0 => {
-                    self.release_pipe(id);
-                    self.finish(id, Ok(()), events)
-                }
-                n if n > 0 => self.splice_out(id),
-                _ if -res == libc::EAGAIN => {
-                    self.release_pipe(id);
-                    self.arm_poll(id)
-                }
-                _ => {
-                    self.release_pipe(id);
-                    self.finish(id, Err(Failure::from_read(err())), events)
-                }
-            },
-            Op::SpliceOut => {
-                if res < 0 {
-                    return self.finish(id, Err(Failure::Write(err())), events);
-                }
-                if res == 0 {
-                    let e = io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "splice to the file moved nothing",
-                    );
-                    return self.finish(id, Err(Failure::Write(e)), events);
-                }
-                if c.in_pipe > 0 {
-                    return self.splice_out(id);
-                }
-                // The pipe is empty: read again straight away, or probe the
-                // quota after a poll.
-                match c.conn.want(c.pipe.as_ref().map_or(0, |p| p.cap), max) {
-                    Want::Read(len) => self.splice_in(id, len),
-                    Want::Probe => {
-                        self.release_pipe(id);
-                        self.arm_poll(id)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gives connection `id` a pipe if it has none; returns its capacity.
-    fn pool_cap(&mut self, id: u64) -> io::Result<usize> {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(0);
-        };
-        if c.pipe.is_none() {
-            c.pipe = Some(self.pool.take()?);
-        }
-        Ok(c.pipe.as_ref().map_or(0, |p| p.cap))
-    }
-
-    /// Returns connection `id`'s (empty) pipe to the pool.
-    fn release_pipe(&mut self, id: u64) {
-        if let Some(c) = self.conns.get_mut(&id) {
-            if c.in_pipe == 0 {
-                if let Some(p) = c.pipe.take() {
-                    self.pool.put(p);
-                }
-            }
-        }
-    }
-
-    /// Rings without SPLICE: `splice(2)` in this thread after readiness.
-    fn pump_fallback(&mut self, id: u64, events: &mut Vec<Event>) -> io::Result<()> {
-        let max = self.options.max_bytes;
-        let Some(c) = self.conns.get_mut(&id) else {
-            return Ok(());
-        };
-        match pump_splice(&mut c.conn, &c.socket, &mut self.pool, max) {
-            Pump::Pending => self.arm_poll(id),
-            Pump::Done(result) => self.finish(id, result, events),
-        }
+impl std::fmt::Debug for RingSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingSelector")
+            .field("multishot", &self.multishot)
+            .field("watched", &self.watched.len())
+            .finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for UringEngine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringEngine")
-            .field("conns", &self.conns.len())
-            .field("pool", &self.pool)
-            .field("splice_op", &self.splice_op)
-            .field("listening", &self.listen.is_some())
-            .finish_non_exhaustive()
-    }
+/// Whether this kernel keeps a POLL_ADD armed (`IORING_POLL_ADD_MULTI`,
+/// Linux 5.13). Asked once, of a throw-away ring: a multishot poll for
+/// POLLOUT on an empty pipe completes at once, flagged `F_MORE` when it
+/// stays armed; older kernels reject the flag with `EINVAL`.
+fn multishot_poll() -> bool {
+    static MULTISHOT: OnceLock<bool> = OnceLock::new();
+    *MULTISHOT.get_or_init(|| {
+        let ask = || -> io::Result<bool> {
+            let (_rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            let mut ring = IoUring::new(2)?;
+            let entry = opcode::PollAdd::new(types::Fd(wr.as_raw_fd()), libc::POLLOUT as u32)
+                .multi(true)
+                .build()
+                .user_data(1);
+            // SAFETY: `wr` is open until after the ring (declared later,
+            // dropped first) is gone; no buffer is named.
+            unsafe { ring.submission().push(&entry) }.map_err(io::Error::other)?;
+            ring.submit_and_wait(1)?;
+            let cqe = ring.completion().next();
+            Ok(cqe.is_some_and(|c| c.result() > 0 && cqueue::more(c.flags())))
+        };
+        ask().unwrap_or(false)
+    })
 }

@@ -48,6 +48,7 @@ macro_rules! for_each_backend {
 }
 
 mod probe;
+mod receiver;
 mod recv;
 #[cfg(target_os = "linux")]
 mod seccomp;
