@@ -125,7 +125,6 @@ pub const OPTIONAL_OPS: &[(Opcode, &str)] = &[
         Opcode::ASYNC_CANCEL,
         "wait for in-flight sends instead of cancelling them",
     ),
-    (Opcode::SPLICE, "splice(2) after readiness"),
     (Opcode::SEND_ZC, "copying SENDMSG"),
     (Opcode::SENDMSG_ZC, "copying SENDMSG"),
 ];
@@ -285,15 +284,12 @@ mod tests {
 
     #[test]
     fn missing_optional_op_is_a_recorded_fallback() {
-        // 5.6-like: WRITEV, POLL_ADD, SENDMSG, ASYNC_CANCEL but no SPLICE or SEND_ZC.
+        // 5.6-like: WRITEV, POLL_ADD, SENDMSG, ASYNC_CANCEL but no SEND_ZC.
         let ring = ring_with(&[2, 6, 9, 14]);
         let s = Selection::choose_with(BackendChoice::Auto, &ring).unwrap();
         assert_eq!(s.backend, Backend::Uring);
         let ops: Vec<Opcode> = s.fallbacks.iter().map(|f| f.op).collect();
-        assert_eq!(
-            ops,
-            vec![Opcode::SPLICE, Opcode::SEND_ZC, Opcode::SENDMSG_ZC]
-        );
+        assert_eq!(ops, vec![Opcode::SEND_ZC, Opcode::SENDMSG_ZC]);
     }
 
     #[test]

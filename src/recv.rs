@@ -565,7 +565,7 @@ impl Conn {
         };
         let mut seen = held[..have].to_vec();
         seen.extend_from_slice(peeked);
-        match wire::detect(&seen, false) {
+        match wire::detect(&seen) {
             wire::Detect::Raw => {
                 self.stream = Stream::Raw;
                 Detected::Raw { held, len: have }

@@ -17,9 +17,11 @@
 //! an interruption.
 //!
 //! A stream that does not begin with the magic is raw (`nc`, `socat`) and is
-//! received as it comes; a raw stream that happens to begin with these
-//! eight bytes is taken for a framed one (the `0x89` and the line endings
-//! make that unlikely for text and for the usual archive formats).
+//! received as it comes (an empty stream is a complete raw one); a stream
+//! that ends after 1 to 7 bytes that begin the magic is a truncated framed
+//! one; a raw stream that happens to begin with these eight bytes is taken
+//! for a framed one (the `0x89` and the line endings make that unlikely for
+//! text and for the usual archive formats).
 //! Decoding here is pure: no syscalls, so every backend shares it.
 
 /// The first eight bytes of a framed stream.
@@ -44,21 +46,20 @@ pub enum Detect {
     Framed,
     /// Not the magic: receive every byte as payload (nothing consumed).
     Raw,
-    /// A prefix of the magic so far: wait for more bytes (or the end of
-    /// stream, which makes it [`Detect::Raw`]).
+    /// A prefix of the magic so far: wait for more bytes. A stream that
+    /// ends here is a truncated framed one (or, with no byte at all, an
+    /// empty raw one).
     NeedMore,
 }
 
 /// Classifies the first bytes of a stream, as peeked (`MSG_PEEK`) without
-/// consuming them. `eof`: the peer closed after these bytes.
-pub fn detect(peeked: &[u8], eof: bool) -> Detect {
+/// consuming them.
+pub fn detect(peeked: &[u8]) -> Detect {
     let n = peeked.len().min(MAGIC.len());
     if peeked[..n] != MAGIC[..n] {
         Detect::Raw
     } else if n == MAGIC.len() {
         Detect::Framed
-    } else if eof {
-        Detect::Raw
     } else {
         Detect::NeedMore
     }
@@ -167,7 +168,7 @@ mod tests {
     /// Decodes `wire` fed in pieces of `step` bytes; returns the payload
     /// and whether the end marker was seen.
     fn decode(wire: &[u8], step: usize) -> (Vec<u8>, bool) {
-        assert_eq!(detect(&wire[..8.min(wire.len())], false), Detect::Framed);
+        assert_eq!(detect(&wire[..8.min(wire.len())]), Detect::Framed);
         let mut d = Deframer::new();
         let mut out = Vec::new();
         let mut rest = &wire[8..];
@@ -217,14 +218,12 @@ mod tests {
 
     #[test]
     fn detection() {
-        assert_eq!(detect(b"", false), Detect::NeedMore);
-        assert_eq!(detect(&MAGIC[..3], false), Detect::NeedMore);
-        assert_eq!(detect(&MAGIC[..3], true), Detect::Raw);
-        assert_eq!(detect(b"hello world", false), Detect::Raw);
-        assert_eq!(detect(b"", true), Detect::Raw);
-        assert_eq!(detect(&MAGIC, false), Detect::Framed);
+        assert_eq!(detect(b""), Detect::NeedMore);
+        assert_eq!(detect(&MAGIC[..3]), Detect::NeedMore);
+        assert_eq!(detect(b"hello world"), Detect::Raw);
+        assert_eq!(detect(&MAGIC), Detect::Framed);
         let mut longer = MAGIC.to_vec();
         longer.extend_from_slice(b"more");
-        assert_eq!(detect(&longer, true), Detect::Framed);
+        assert_eq!(detect(&longer), Detect::Framed);
     }
 }

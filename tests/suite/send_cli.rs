@@ -127,7 +127,7 @@ struct Decoded {
 /// bytes after the end marker.
 fn deframe(bytes: &[u8]) -> Decoded {
     assert_eq!(
-        wire::detect(&bytes[..bytes.len().min(8)], true),
+        wire::detect(&bytes[..bytes.len().min(8)]),
         Detect::Framed,
         "the stream starts with the magic"
     );
