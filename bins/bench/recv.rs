@@ -59,6 +59,14 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     idle: Option<usize>,
 
+    /// Methods to run: read-write, uring, epoll, poll.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "read-write,uring,epoll,poll"
+    )]
+    methods: Vec<String>,
+
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -129,12 +137,20 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if let Some(n) = args.idle {
         return idle(n, args.json);
     }
-    let methods = [
-        Method::ReadWrite,
-        Method::Ringmover(Backend::Uring),
-        Method::Ringmover(Backend::Epoll),
-        Method::Ringmover(Backend::Poll),
-    ];
+    let methods = args
+        .methods
+        .iter()
+        .map(|m| match m.trim() {
+            "read-write" => Ok(Method::ReadWrite),
+            "uring" => Ok(Method::Ringmover(Backend::Uring)),
+            "epoll" => Ok(Method::Ringmover(Backend::Epoll)),
+            "poll" => Ok(Method::Ringmover(Backend::Poll)),
+            other => bail!("unknown method {other:?}: expected read-write, uring, epoll or poll"),
+        })
+        .collect::<anyhow::Result<Vec<Method>>>()?;
+    if methods.is_empty() {
+        bail!("--methods names no method");
+    }
     let mut runs: Vec<Vec<Measure>> = vec![Vec::new(); methods.len()];
     for _ in 0..args.runs.max(1) {
         for (i, &m) in methods.iter().enumerate() {
@@ -148,7 +164,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .zip(&runs)
         .map(|(&m, r)| (m, summarize(r)))
         .collect();
-    let base = rows[0].1;
+    // Ratios are against the read/write loop when it ran, else the first.
+    let base = rows
+        .iter()
+        .find(|(m, _)| matches!(m, Method::ReadWrite))
+        .unwrap_or(&rows[0])
+        .1;
     let gib = args.bytes as f64 / (1u64 << 30) as f64;
     let (release, _) = kernel();
     let cpus = thread::available_parallelism()
