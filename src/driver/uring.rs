@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
+use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS, WAKE_TOKEN};
 use crate::sys::is_transient_enter_error;
 use crate::sys::net::FdKind;
 
@@ -61,6 +61,8 @@ pub(crate) struct UringDriver {
     zc_done: usize,
     /// Kernel accepts `IORING_SEND_ZC_REPORT_USAGE` (6.2).
     report_usage: bool,
+    /// The wake fd's poll, once `watch_wake` was called.
+    wake: Option<WakeWatch>,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -120,6 +122,7 @@ impl UringDriver {
             // REPORT_USAGE came in 6.2, with the RECVSEND_BUNDLE-era feature
             // set; EXT_ARG+NODROP alone do not tell, so ask the version.
             report_usage: kernel_at_least(6, 2),
+            wake: None,
         })
     }
 
@@ -334,7 +337,7 @@ impl UringDriver {
         let want = if ready >= min.max(1) {
             0
         } else {
-            min.max(1).min(outstanding)
+            min.max(1).min(outstanding + self.wake_armed())
         };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
@@ -348,6 +351,10 @@ impl UringDriver {
         for cqe in self.ring.completion() {
             let user_data = cqe.user_data();
             if user_data == IGNORED {
+                continue;
+            }
+            if user_data == WAKE_TOKEN {
+                wake_cqe(&mut self.wake, cqe.result(), cqe.flags(), events);
                 continue;
             }
             let token = if user_data & ZC_BIT != 0 {
@@ -384,7 +391,7 @@ impl UringDriver {
             };
             events.push(Event::Done { token, res });
         }
-        Ok(())
+        self.rearm_wake()
     }
 
     pub(crate) fn cancel(&mut self, token: Token) -> io::Result<()> {
@@ -460,4 +467,85 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
         .and_then(|p| p.parse::<u32>().ok())
         .unwrap_or(0);
     (maj, min) >= (major, minor)
+}
+
+/// The wake fd's `POLL_ADD`: multishot (5.13) where the kernel takes it,
+/// else one-shot and re-armed after each wake.
+#[derive(Debug)]
+struct WakeWatch {
+    fd: RawFd,
+    multishot: bool,
+    /// A poll is queued or in the kernel.
+    armed: bool,
+    /// The poll failed in a way re-arming cannot fix: reported by `wait`.
+    error: Option<i32>,
+}
+
+/// Handles a completion of the wake fd's poll.
+fn wake_cqe(watch: &mut Option<WakeWatch>, res: i32, flags: u32, events: &mut Vec<Event>) {
+    let Some(w) = watch.as_mut() else {
+        return;
+    };
+    if res >= 0 {
+        events.push(Event::Woken);
+        // No IORING_CQE_F_MORE: the poll ended (one-shot, or the kernel
+        // stopped a multishot one, e.g. on CQ overflow): arm it again.
+        w.armed = cqueue::more(flags);
+    } else if res == -libc::EINVAL && w.multishot {
+        // Before 5.13 POLL_ADD takes no flags: one-shot it is.
+        w.multishot = false;
+        w.armed = false;
+    } else {
+        w.armed = false;
+        w.error = Some(-res);
+        // Whoever waits must not sleep on a poll that is gone.
+        events.push(Event::Woken);
+    }
+}
+
+impl UringDriver {
+    /// See `Driver::watch_wake`.
+    pub(crate) fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        self.wake = Some(WakeWatch {
+            fd,
+            multishot: true,
+            armed: false,
+            error: None,
+        });
+        self.rearm_wake()
+    }
+
+    /// 1 when a wake poll is armed: `wait` may sleep for it.
+    fn wake_armed(&self) -> usize {
+        usize::from(self.wake.as_ref().is_some_and(|w| w.armed))
+    }
+
+    /// Queues the wake fd's poll again if it ended (submitted with the
+    /// next enter), or reports why it cannot be.
+    fn rearm_wake(&mut self) -> io::Result<()> {
+        let Some(w) = self.wake.as_mut() else {
+            return Ok(());
+        };
+        if let Some(errno) = w.error.take() {
+            self.wake = None;
+            let e = io::Error::from_raw_os_error(errno);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("io_uring POLL_ADD on the wake eventfd failed: {e}"),
+            ));
+        }
+        if w.armed {
+            return Ok(());
+        }
+        w.armed = true;
+        let entry = opcode::PollAdd::new(types::Fd(w.fd), libc::POLLIN as u32)
+            .multi(w.multishot)
+            .build()
+            .user_data(WAKE_TOKEN);
+        // SAFETY: POLL_ADD points at no buffer; the wake fd stays open for
+        // as long as the engine (it owns the Waker that owns the fd), and
+        // closing it with the poll armed is safe anyway (the kernel holds
+        // its own reference to the file).
+        unsafe { self.push(&entry) }
+    }
 }
