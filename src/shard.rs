@@ -5,7 +5,7 @@
 //! single-issuer). A connection is placed on one shard when it is attached
 //! and stays there; any thread hands work to it through the shard's queue
 //! (`Bytes` are reference-counted, so nothing is copied), and wakes the
-//! shard through its [`Waker`](crate::Waker) only when the shard may be
+//! shard through its [`crate::Waker`] only when the shard may be
 //! asleep. A shard with nothing to do sleeps in the kernel.
 //!
 //! On top of the shards, a [`Group`] is a set of subscribers: [`Group::publish`]
@@ -740,6 +740,9 @@ impl Shards {
                     .map(|_| AtomicUsize::new(0))
                     .collect(),
                 lagging: AtomicUsize::new(0),
+                pending: (0..self.inner.shards.len())
+                    .map(|_| AtomicUsize::new(0))
+                    .collect(),
             }),
         }
     }
@@ -885,11 +888,21 @@ impl Group {
             .sum()
     }
 
-    /// No subscriber is lagging (more than half the limit queued). Turns
-    /// false only while one is; a lagging subscriber that exceeds the limit
-    /// is handled by the policy and stops counting.
+    /// No subscriber is lagging (more than half the limit queued), and
+    /// the group's packets still waiting in each shard's queue are at most
+    /// a quarter of the limit: a packet published now cannot take a
+    /// subscriber over the limit (if packets are at most a quarter of it).
+    /// A lagging subscriber that exceeds the limit anyway (after
+    /// [`publish_wait`](Self::publish_wait)'s stall) is handled by the
+    /// policy and stops counting.
     pub fn writable(&self) -> bool {
+        let quarter = self.shared.options.limit / 4;
         self.shared.lagging.load(Ordering::SeqCst) == 0
+            && self
+                .shared
+                .pending
+                .iter()
+                .all(|p| p.load(Ordering::SeqCst) <= quarter)
     }
 
     /// Queues `packet` to every subscriber: one message per shard that has
@@ -920,10 +933,13 @@ impl Group {
         let mut closed = None;
         for shard in targets() {
             let cmd = Cmd::Publish {
-                group: self.shared.id,
+                group: self.shared.clone(),
                 packet: packet.clone(),
             };
+            let pending = &self.shared.pending[shard];
+            pending.fetch_add(packet.len(), Ordering::SeqCst);
             if self.inner.push(shard, cmd, cost).is_err() {
+                pending.fetch_sub(packet.len(), Ordering::SeqCst);
                 closed.get_or_insert(shard);
             }
         }
@@ -981,6 +997,20 @@ struct GroupShared {
     per_shard: Vec<AtomicUsize>,
     /// Subscribers above half the limit, over all shards.
     lagging: AtomicUsize,
+    /// Bytes of this group's publishes in each shard's queue, not yet
+    /// taken: part of `Group::writable`.
+    pending: Vec<AtomicUsize>,
+}
+
+impl GroupShared {
+    /// Shard `shard` took a publish of `len` bytes from its queue.
+    fn taken(&self, shard: usize, len: usize, pressure: &Pressure) {
+        let quarter = self.options.limit / 4;
+        let before = self.pending[shard].fetch_sub(len, Ordering::SeqCst);
+        if before > quarter && before - len <= quarter {
+            pressure.notify();
+        }
+    }
 }
 
 /// Where blocked producers wait for "writable again": notified only on
@@ -1176,7 +1206,7 @@ enum Cmd {
         reply: SyncSender<io::Result<()>>,
     },
     Publish {
-        group: GroupId,
+        group: Arc<GroupShared>,
         packet: Packet,
     },
     Shutdown {
@@ -1496,7 +1526,10 @@ impl Shard {
                 };
                 let _ = reply.send(res);
             }
-            Cmd::Publish { group, packet } => self.publish(group, &packet),
+            Cmd::Publish { group, packet } => {
+                self.publish(group.id, &packet);
+                group.taken(self.index, packet.len(), &self.inner.pressure);
+            }
             Cmd::Shutdown { deadline } => self.stop = Some(deadline),
         }
     }
@@ -1514,8 +1547,10 @@ impl Shard {
             Cmd::Subscribe { reply, .. } | Cmd::Unsubscribe { reply, .. } => {
                 let _ = reply.send(Err(stopped()));
             }
-            Cmd::Send { packet, .. } | Cmd::Publish { packet, .. } => {
+            Cmd::Send { packet, .. } => self.report.rejected_bytes += packet.len() as u64,
+            Cmd::Publish { group, packet } => {
                 self.report.rejected_bytes += packet.len() as u64;
+                group.taken(self.index, packet.len(), &self.inner.pressure);
             }
             Cmd::Shutdown { .. } => {}
         }

@@ -525,6 +525,41 @@ pub fn mover_waker_ends_wait(b: Option<Backend>) {
     assert!(rx.join().unwrap() == data[..]);
 }
 
+/// `bench fanout --threads 2` runs both strategies end to end, the sink
+/// checking every byte arrived (so it never rots); Linux only, like
+/// `ringmover bench`.
+#[test]
+#[cfg(target_os = "linux")]
+fn bench_fanout_on_two_threads() {
+    let out = super::util::run(super::util::ringmover().args([
+        "bench",
+        "fanout",
+        "--seconds",
+        "0.1",
+        "--conns",
+        "10",
+        "--payload",
+        "64K",
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<serde_json::Value> = super::util::stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let strategies: Vec<&str> = rows
+        .iter()
+        .map(|r| r["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(strategies, ["shared", "copy"]);
+    for r in &rows {
+        assert_eq!(r["threads"], 2, "{r}");
+        assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+}
+
 for_each_backend!(
     two_shards_many_connections_byte_exact,
     publish_from_several_threads_keeps_order,
