@@ -178,23 +178,36 @@ pub enum SlowPolicy {
     Disconnect,
 }
 
-/// A group's limits. A subscriber is *lagging* above half the limit (the
+/// A group's limits. A subscriber is *lagging* above half the limit: the
 /// group is not [`writable`](Group::writable) then, and
-/// [`Group::publish_wait`] waits), writable again at a quarter, and handled
-/// by the policy when a packet would take it over the limit.
+/// [`Group::publish_wait`] waits for it, for at most `stall` per lagging
+/// spell (after that it stops holding producers back, as nats-server stalls
+/// a fast producer only briefly). It is caught up again at a quarter of the
+/// limit, and handled by the policy when a packet would take it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupOptions {
     /// Bytes a subscriber may have queued and unwritten; must exceed the
-    /// largest packet.
+    /// largest packet (best: at least four of them).
     pub limit: usize,
     /// What to do with a subscriber that would exceed `limit`.
     pub policy: SlowPolicy,
+    /// How long one lagging subscriber may hold producers back.
+    pub stall: Duration,
 }
 
 impl GroupOptions {
-    /// `limit` bytes per subscriber, and `policy`.
+    /// `limit` bytes per subscriber, `policy`, and a 100 ms stall.
     pub fn new(limit: usize, policy: SlowPolicy) -> GroupOptions {
-        GroupOptions { limit, policy }
+        GroupOptions {
+            limit,
+            policy,
+            stall: Duration::from_millis(100),
+        }
+    }
+
+    /// The same, with `stall` instead.
+    pub fn stall(self, stall: Duration) -> GroupOptions {
+        GroupOptions { stall, ..self }
     }
 }
 
@@ -952,21 +965,23 @@ impl Group {
         }
     }
 
-    /// [`publish`](Self::publish), but first waits up to `stall` while the
-    /// group is not [`writable`](Self::writable) or a shard's queue is full,
-    /// then publishes anyway (nats-server stalls a fast producer the same
-    /// way): a lagging subscriber slows the producer down at most `stall`
-    /// per packet, and then its policy deals with it. Refused only if a
-    /// shard's queue stays full for the whole `stall`, or a shard stopped.
+    /// [`publish`](Self::publish), but first waits while the group is not
+    /// [`writable`](Self::writable) (at most the group's
+    /// [`stall`](GroupOptions::stall), then it publishes anyway: the shard
+    /// then stops counting a subscriber lagging for longer, and its policy
+    /// deals with it once over the limit) or a shard's queue is full (at
+    /// most `timeout`, then [`PublishErrorKind::Full`]).
     pub fn publish_wait(
         &self,
         packet: impl Into<Packet>,
-        stall: Duration,
+        timeout: Duration,
     ) -> Result<(), PublishError> {
         let mut packet = packet.into();
-        let deadline = Instant::now() + stall;
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let soft = now + timeout.min(self.shared.options.stall);
         loop {
-            if self.writable() || Instant::now() >= deadline {
+            if self.writable() || Instant::now() >= soft {
                 match self.publish(packet) {
                     Err(PublishError {
                         kind: PublishErrorKind::Full { .. },
@@ -975,7 +990,12 @@ impl Group {
                     res => return res,
                 }
             }
-            self.inner.pressure.wait_until(deadline, || {
+            let until = if Instant::now() < soft {
+                soft
+            } else {
+                deadline
+            };
+            self.inner.pressure.wait_until(until, || {
                 self.writable()
                     && self
                         .shared
@@ -1256,6 +1276,8 @@ enum SubState {
     Normal,
     /// Above half the limit: counted in the group's `lagging`.
     Lagging,
+    /// Lagging for longer than the group's stall: no longer counted.
+    Slow,
     /// Over the limit under `SlowPolicy::Drop`: skipping packets until it
     /// is back under a quarter.
     Dropping,
@@ -1265,6 +1287,8 @@ enum SubState {
 struct Sub {
     conn: Conn,
     state: SubState,
+    /// When it last started lagging.
+    since: Instant,
 }
 
 /// A group as one shard sees it: its subscribers there.
@@ -1603,6 +1627,7 @@ impl Shard {
         g.subs.push(Sub {
             conn,
             state: SubState::Normal,
+            since: Instant::now(),
         });
         Ok(())
     }
@@ -1654,10 +1679,25 @@ impl Shard {
         let Some(g) = self.groups.get_mut(&id) else {
             return;
         };
-        let GroupOptions { limit, policy } = g.shared.options;
+        let GroupOptions {
+            limit,
+            policy,
+            stall,
+        } = g.shared.options;
         let len = packet.len();
         let mut slow = Vec::new();
+        let mut now = None;
         for sub in &mut g.subs {
+            if sub.state == SubState::Lagging
+                && now
+                    .get_or_insert_with(Instant::now)
+                    .duration_since(sub.since)
+                    >= stall
+            {
+                // Held producers back long enough: stop counting it.
+                sub.state = SubState::Slow;
+                unlag(&g.shared, &self.inner.pressure);
+            }
             if sub.state == SubState::Dropping {
                 let d = self.drops.entry((id, sub.conn)).or_default();
                 d.0 += 1;
@@ -1676,16 +1716,17 @@ impl Shard {
             if fits {
                 if sub.state == SubState::Normal && queued + len > limit / 2 {
                     sub.state = SubState::Lagging;
+                    sub.since = Instant::now();
                     g.shared.lagging.fetch_add(1, Ordering::SeqCst);
                     flag(&mut self.conns, sub.conn, 1);
                 }
                 continue;
             }
             // Over the limit: the policy decides.
-            if sub.state == SubState::Lagging {
-                unlag(&g.shared, &self.inner.pressure);
-            } else {
-                flag(&mut self.conns, sub.conn, 1);
+            match sub.state {
+                SubState::Lagging => unlag(&g.shared, &self.inner.pressure),
+                SubState::Normal => flag(&mut self.conns, sub.conn, 1),
+                SubState::Slow | SubState::Dropping => {}
             }
             match policy {
                 SlowPolicy::Drop => {
@@ -1797,13 +1838,13 @@ impl Shard {
             if sub.state == SubState::Normal || queued > g.shared.options.limit / 4 {
                 continue;
             }
-            if sub.state == SubState::Lagging {
-                unlag(&g.shared, &self.inner.pressure);
-            } else {
-                self.events.send(Event::Writable {
+            match sub.state {
+                SubState::Lagging => unlag(&g.shared, &self.inner.pressure),
+                SubState::Dropping => self.events.send(Event::Writable {
                     conn: handle,
                     group: Some(*id),
-                });
+                }),
+                SubState::Normal | SubState::Slow => {}
             }
             sub.state = SubState::Normal;
             info.flagged -= 1;

@@ -364,18 +364,17 @@ fn fanout_shared(
         .build()?;
     // Lagging above 4 payloads queued, caught up at 2: each socket always
     // has a write's worth waiting, and memory is the payloads in flight.
-    let group = shards.group(GroupOptions::new(
-        (8 * payload.len()).max(1 << 20),
-        SlowPolicy::Disconnect,
-    ));
+    // Every sink reads: a subscriber behind for 10 s is a failure.
+    let group = shards.group(
+        GroupOptions::new((8 * payload.len()).max(1 << 20), SlowPolicy::Disconnect)
+            .stall(Duration::from_secs(10)),
+    );
     for s in socks {
         group.subscribe(shards.attach(s)?)?;
     }
     let t0 = Instant::now();
     let mut published = 0u64;
     while t0.elapsed() < seconds {
-        // A subscriber that stays behind for 10 s is a failure, reported
-        // below as its Disconnected event.
         group
             .publish_wait(payload.clone(), Duration::from_secs(10))
             .map_err(std::io::Error::from)?;

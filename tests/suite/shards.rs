@@ -194,7 +194,8 @@ pub fn two_shards_many_connections_byte_exact(b: Option<Backend>) {
 
 pub fn publish_from_several_threads_keeps_order(b: Option<Backend>) {
     let (shards, events) = start(b, 2);
-    let group = shards.group(GroupOptions::new(8 << 20, SlowPolicy::Disconnect));
+    // Nobody is slow here, however loaded the machine: a long stall.
+    let group = shards.group(GroupOptions::new(8 << 20, SlowPolicy::Disconnect).stall(HANG));
     let mut readers = Vec::new();
     for _ in 0..6 {
         let (a, peer) = tcp_pair();
@@ -420,6 +421,36 @@ pub fn shutdown_reports_queued_work(b: Option<Backend>) {
     assert_eq!(read_all(peer2).join().unwrap(), Vec::<u8>::new());
 }
 
+/// A subscriber that never reads holds `publish_wait` back for one stall,
+/// not one per packet: 2000 packets with a 50 ms stall finish well within
+/// the hang bound (one stall per packet would need 100 s), and the stuck
+/// subscriber ends up skipping packets.
+pub fn publish_wait_stalls_once_per_stuck_subscriber(b: Option<Backend>) {
+    let (shards, events) = start(b, 1);
+    let group = shards
+        .group(GroupOptions::new(64 << 10, SlowPolicy::Drop).stall(Duration::from_millis(50)));
+    let (a, stuck_peer) = small_pair();
+    let stuck = shards.attach(a).unwrap();
+    group.subscribe(stuck).unwrap();
+    let body = Bytes::from(vec![1u8; 4096]);
+    let t0 = Instant::now();
+    for _ in 0..2000 {
+        group.publish_wait(body.clone(), HANG).expect("publishing");
+        assert!(t0.elapsed() < HANG, "publish_wait stalled per packet");
+    }
+    let report = shards.shutdown(Duration::from_millis(100));
+    let skipped: u64 = drain_events(&events)
+        .iter()
+        .map(|e| match e {
+            Event::Dropped { conn, bytes, .. } if *conn == stuck => *bytes,
+            _ => 0,
+        })
+        .sum();
+    assert!(skipped > 0, "the stuck subscriber skipped nothing");
+    let received = read_all(stuck_peer).join().unwrap().len() as u64;
+    assert_eq!(received + skipped + report.unsent_bytes(), 2000 * 4096);
+}
+
 /// Waits until shard `i` is asleep (bounded).
 fn asleep(shards: &Shards, i: usize) -> ringmover::shard::ShardStats {
     let t0 = Instant::now();
@@ -568,4 +599,5 @@ for_each_backend!(
     shutdown_reports_queued_work,
     sleeping_shard_is_woken_by_publish,
     mover_waker_ends_wait,
+    publish_wait_stalls_once_per_stuck_subscriber,
 );
