@@ -793,7 +793,8 @@ impl Mover {
     /// that became writable, and moves them into `out`. Returns when at least
     /// one completion is available, when `timeout` passes, or at once when
     /// nothing is in flight. With a [`waker`](Self::waker), it sleeps even
-    /// when nothing is in flight, and also returns when woken.
+    /// when nothing is in flight, also returns when woken, and a zero
+    /// `timeout` reaps what the kernel has finished without sleeping.
     pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
         if self.wake.is_some() {
             return self.park(out, timeout);
@@ -1028,23 +1029,23 @@ impl Mover {
 
     /// `wait` with a waker: starts what is scheduled, then sleeps until a
     /// completion, a zero-copy notification, a wake, or the timeout, even
-    /// with nothing in flight.
+    /// with nothing in flight. A zero timeout still asks the kernel once
+    /// (without sleeping), so a caller that never sleeps still reaps.
     fn park(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let notified = self.zc_notified;
+        let mut asked = false;
         loop {
             self.start_dirty()?;
             let woken = self.wake.as_ref().is_some_and(|w| w.woken);
             if woken || !self.completions.is_empty() || self.zc_notified != notified {
                 break;
             }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) => Some(left),
-                    None => break,
-                },
-                None => None,
-            };
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if asked && left == Some(Duration::ZERO) {
+                break;
+            }
+            asked = true;
             self.driver.wait(1, left, &mut self.events)?;
             self.process_events();
         }
