@@ -197,12 +197,13 @@ pub fn publish_from_several_threads_keeps_order(b: Option<Backend>) {
     // Nobody is slow here, however loaded the machine: a long stall.
     let group = shards.group(GroupOptions::new(8 << 20, SlowPolicy::Disconnect).stall(HANG));
     let mut readers = Vec::new();
+    let mut placed = Vec::new();
     for _ in 0..6 {
         let (a, peer) = tcp_pair();
         readers.push(read_all(peer));
-        group
-            .subscribe(shards.attach(a).unwrap())
-            .expect("subscribing");
+        let conn = shards.attach(a).unwrap();
+        placed.push(conn.shard());
+        group.subscribe(conn).expect("subscribing");
     }
     assert_eq!(group.subscribers(), 6);
     let body = Bytes::from(pattern(7, 2000));
@@ -222,10 +223,16 @@ pub fn publish_from_several_threads_keeps_order(b: Option<Backend>) {
     let report = shards.shutdown(HANG);
     assert_eq!(report.unsent_bytes(), 0, "{report:?}");
     assert_eq!(failures(&drain_events(&events)), Vec::<String>::new());
+    let mut first_on_shard: Vec<Option<Vec<(u32, u32)>>> = vec![None, None];
     for (i, r) in readers.into_iter().enumerate() {
         let got = r.join().unwrap();
         let records = parse(&got, &body);
         assert_eq!(records.len(), (publishers * per) as usize, "subscriber {i}");
+        // One queue per shard: its subscribers see one interleaving.
+        match &first_on_shard[placed[i]] {
+            Some(first) => assert!(first == &records, "subscriber {i}: another order"),
+            None => first_on_shard[placed[i]] = Some(records.clone()),
+        }
         for p in 0..publishers {
             let seqs: Vec<u32> = records.iter().filter(|r| r.0 == p).map(|r| r.1).collect();
             assert_eq!(
