@@ -31,7 +31,9 @@ pub mod outbox;
 pub mod probe;
 pub mod recv;
 pub mod send;
+pub mod shard;
 mod sys;
+pub mod wake;
 pub mod wire;
 mod write;
 
@@ -43,6 +45,8 @@ pub use mover::{
 };
 pub use opcode::Opcode;
 pub use probe::{KernelReport, RingSupport, RingUnavailable};
+pub use shard::{Group, Shards};
+pub use wake::Waker;
 pub use write::write_to;
 
 /// Compiles README.md's Rust example as a doctest, so it cannot rot.

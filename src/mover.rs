@@ -25,6 +25,7 @@ use crate::opcode::Opcode;
 use crate::outbox::{Framing, Outbox, IOV_MAX};
 use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
+use crate::wake::Waker;
 
 /// A connection attached to a [`Mover`]. Cheap to copy; stale handles (after
 /// [`Mover::detach`]) are rejected, never confused with a new connection.
@@ -321,6 +322,7 @@ impl MoverBuilder {
             bytes: 0,
             short_writes: 0,
             one_thread: PhantomData,
+            wake: None,
         })
     }
 }
@@ -442,6 +444,8 @@ pub struct Mover {
     short_writes: u64,
     /// Not `Send`/`Sync`: see "Threading".
     one_thread: PhantomData<*const ()>,
+    /// Set by [`Mover::waker`]: the fd other threads wake `wait` with.
+    wake: Option<Wake>,
 }
 
 /// What `Mover::start` did for one connection.
@@ -867,6 +871,7 @@ impl Mover {
                         }
                     }
                 }
+                Event::Woken => self.woken(),
                 Event::Writable { token } => {
                     let conn = Conn::from_token(token);
                     let Some(st) = live_mut(&mut self.slots, conn) else {
@@ -891,8 +896,13 @@ impl Mover {
     /// Waits for completions, finishing partial writes and retrying sockets
     /// that became writable, and moves them into `out`. Returns when at least
     /// one completion is available, when `timeout` passes, or at once when
-    /// nothing is in flight.
+    /// nothing is in flight. With a [`waker`](Self::waker), it sleeps even
+    /// when nothing is in flight, also returns when woken, and a zero
+    /// `timeout` reaps what the kernel has finished without sleeping.
     pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        if self.wake.is_some() {
+            return self.park(out, timeout);
+        }
         self.wait_for(1, out, timeout)
     }
 
@@ -1091,5 +1101,72 @@ impl Drop for Mover {
             }
             std::mem::forget(std::mem::replace(&mut self.driver, Driver::inert()));
         }
+    }
+}
+
+/// A [`Mover`]'s waker and whether it fired since `wait` last returned.
+#[derive(Debug)]
+struct Wake {
+    waker: Waker,
+    woken: bool,
+}
+
+impl Mover {
+    /// A [`Waker`] that ends this engine's [`wait`](Self::wait) early from
+    /// any thread. The first call creates an eventfd (a pipe off Linux)
+    /// and has the backend watch it (io_uring: a multishot `POLL_ADD`;
+    /// epoll/poll: registered for `POLLIN`); later calls return clones.
+    /// From then on `wait` also sleeps, in the kernel, when nothing is in
+    /// flight, until a completion, a wake or the timeout: what a thread
+    /// that is handed work by other threads needs (see [`crate::shard`]).
+    pub fn waker(&mut self) -> io::Result<Waker> {
+        if let Some(w) = &self.wake {
+            return Ok(w.waker.clone());
+        }
+        let waker = Waker::new()?;
+        self.driver.watch_wake(waker.raw_fd())?;
+        self.wake = Some(Wake {
+            waker: waker.clone(),
+            woken: false,
+        });
+        Ok(waker)
+    }
+
+    /// The waker fired: consume it (the fd stops polling readable) and
+    /// let the current or next `wait` return.
+    fn woken(&mut self) {
+        if let Some(w) = self.wake.as_mut() {
+            w.waker.reset();
+            w.woken = true;
+        }
+    }
+
+    /// `wait` with a waker: starts what is scheduled, then sleeps until a
+    /// completion, a zero-copy notification, a wake, or the timeout, even
+    /// with nothing in flight. A zero timeout still asks the kernel once
+    /// (without sleeping), so a caller that never sleeps still reaps.
+    fn park(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let notified = self.zc_notified;
+        let mut asked = false;
+        loop {
+            self.start_dirty()?;
+            let woken = self.wake.as_ref().is_some_and(|w| w.woken);
+            if woken || !self.completions.is_empty() || self.zc_notified != notified {
+                break;
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if asked && left == Some(Duration::ZERO) {
+                break;
+            }
+            asked = true;
+            self.driver.wait(1, left, &mut self.events)?;
+            self.process_events();
+        }
+        if let Some(w) = self.wake.as_mut() {
+            w.woken = false;
+        }
+        out.append(&mut self.completions);
+        Ok(())
     }
 }

@@ -43,9 +43,10 @@ pub struct ZcArgs {
     run: super::RunArgs,
 }
 
-/// One 1 MiB payload to many connections: ringmover sends one registered
-/// buffer to all of them (no user-space copy; memory does not grow with
-/// the count), against a copy of the payload per connection.
+/// One 1 MiB payload to many connections: ringmover publishes one buffer to
+/// a broadcast group of all of them (`ringmover::shard`: no user-space copy,
+/// memory does not grow with the count), on `--threads` shards, against a
+/// copy of the payload per connection from `--threads` threads.
 #[derive(Debug, clap::Args)]
 #[command(long_about)]
 pub struct FanoutArgs {
@@ -55,10 +56,15 @@ pub struct FanoutArgs {
     /// Payload size.
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     payload: u64,
-    /// Strategies: shared (one registered buffer, zero-copy Auto), copy
-    /// (a private copy per connection).
+    /// Strategies: shared (one buffer published to a broadcast group,
+    /// zero-copy Auto), copy (a private copy per connection, rounds of one
+    /// send each and a drain).
     #[arg(long, value_delimiter = ',', default_value = "shared,copy")]
     strategy: Vec<String>,
+    /// Threads: shards for `shared`, sending threads (connections split
+    /// evenly) for `copy`.
+    #[arg(long, default_value = "1")]
+    threads: usize,
     /// Send to this external sink instead of the built-in one.
     #[arg(long, value_name = "ADDR")]
     to: Option<SocketAddr>,
@@ -264,13 +270,16 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
     if size == 0 {
         bail!("--payload must be greater than zero");
     }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if !args.run.json {
         writeln!(
             out,
-            "{:>5}  {:<7} {:>7} {:>9} {:>12} {:>12}",
-            "conns", "strategy", "GB/s", "CPU-s/GB", "peak RSS MiB", "RSS-payload"
+            "{:>5} {:>7}  {:<7} {:>7} {:>9} {:>12} {:>12}",
+            "conns", "threads", "strategy", "GB/s", "CPU-s/GB", "peak RSS MiB", "RSS-payload"
         )?;
     }
     for &conns in &args.conns {
@@ -284,47 +293,17 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
             let (socks, sink) = connect(conns, args.to)?;
             reset_peak_rss();
             let rss0 = peak_rss();
-            let mut m = Mover::builder()
-                .fixed_buffers(1, size)
-                .zero_copy(if shared {
-                    ZeroCopy::AUTO
-                } else {
-                    ZeroCopy::Never
-                })
-                .queue_depth(conns.next_power_of_two().clamp(8, 4096) as u32)
-                .build()?;
-            let handles = socks
-                .into_iter()
-                .map(|s| m.attach(s))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            let payload = registered_payload(&m, size)?;
-            let mut done = Vec::new();
+            let payload = Bytes::from(vec![0x5Au8; size]);
             let meter = CpuMeter::start(&Sink::tids(&sink));
             let t0 = Instant::now();
-            let mut bytes = 0u64;
-            while t0.elapsed() < args.run.seconds {
-                for &h in &handles {
-                    let buf = if shared {
-                        payload.clone()
-                    } else {
-                        // What a server without shared buffers does: a
-                        // private copy per connection.
-                        Bytes::copy_from_slice(&payload)
-                    };
-                    m.send(h, [buf]).map_err(std::io::Error::from)?;
-                }
-                m.drain(&mut done)?;
-                if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
-                    bail!("a connection failed: {}", e.error);
-                }
-                done.clear();
-                bytes += (conns * size) as u64;
-            }
+            let bytes = if shared {
+                fanout_shared(socks, &payload, args.threads, args.run.seconds)?
+            } else {
+                fanout_copy(socks, &payload, args.threads, args.run.seconds)?
+            };
             let wall = t0.elapsed();
             let cpu = meter.elapsed();
             let peak = peak_rss();
-            drop(payload);
-            drop(m);
             if let Some(s) = sink {
                 let got = s.finish()?;
                 if got != bytes {
@@ -336,16 +315,18 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
             let above = peak.saturating_sub(rss0) as f64 / f64::from(1u32 << 20);
             if args.run.json {
                 let v = json!({
-                    "bench": "fanout", "conns": conns, "strategy": strategy, "payload": size,
-                    "bytes": bytes, "seconds": wall.as_secs_f64(), "gb_per_s": gbs,
-                    "cpu_s_per_gb": cpu_gb, "peak_rss": peak, "rss_growth_mib": above,
+                    "bench": "fanout", "conns": conns, "threads": args.threads,
+                    "strategy": strategy, "payload": size, "bytes": bytes,
+                    "seconds": wall.as_secs_f64(), "gb_per_s": gbs, "cpu_s_per_gb": cpu_gb,
+                    "peak_rss": peak, "rss_growth_mib": above,
                 });
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(
                     out,
-                    "{:>5}  {:<7} {:>7.2} {:>9.3} {:>12.1} {:>12.1}",
+                    "{:>5} {:>7}  {:<7} {:>7.2} {:>9.3} {:>12.1} {:>12.1}",
                     conns,
+                    args.threads,
                     strategy,
                     gbs,
                     cpu_gb,
@@ -357,6 +338,127 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Success)
+}
+
+/// `shared`: every socket subscribed to one broadcast group on `threads`
+/// shards; the payload published again and again (one message per shard,
+/// the same `Bytes` for every subscriber) while no subscriber lags, for
+/// `seconds`; then a shutdown that flushes everything. Returns the bytes
+/// sent (checked: nothing left unsent, nobody disconnected).
+fn fanout_shared(
+    socks: Vec<std::net::TcpStream>,
+    payload: &Bytes,
+    threads: usize,
+    seconds: Duration,
+) -> anyhow::Result<u64> {
+    use ringmover::shard::{Event, GroupOptions, Shards, SlowPolicy};
+    let conns = socks.len();
+    let per_shard = conns.div_ceil(threads);
+    let (shards, events) = Shards::builder()
+        .threads(threads)
+        .mover(
+            Mover::builder()
+                .zero_copy(ZeroCopy::AUTO)
+                .queue_depth(per_shard.next_power_of_two().clamp(8, 4096) as u32),
+        )
+        .build()?;
+    // Lagging above 4 payloads queued, caught up at 2: each socket always
+    // has a write's worth waiting, and memory is the payloads in flight.
+    // Every sink reads: a subscriber behind for 10 s is a failure.
+    let group = shards.group(
+        GroupOptions::new((8 * payload.len()).max(1 << 20), SlowPolicy::Disconnect)
+            .stall(Duration::from_secs(10)),
+    );
+    for s in socks {
+        group.subscribe(shards.attach(s)?)?;
+    }
+    let t0 = Instant::now();
+    let mut published = 0u64;
+    while t0.elapsed() < seconds {
+        group
+            .publish_wait(payload.clone(), Duration::from_secs(10))
+            .map_err(std::io::Error::from)?;
+        published += 1;
+    }
+    let report = shards.shutdown(Duration::from_secs(60));
+    let mut problems = Vec::new();
+    while let Some(ev) = events.try_recv() {
+        match ev {
+            Event::Failed { conn, error, .. } => problems.push(format!("{conn}: {error}")),
+            Event::Disconnected { conn, .. } => {
+                problems.push(format!("{conn}: disconnected as a slow consumer"))
+            }
+            Event::ShardFailed { shard, error } => problems.push(format!("shard {shard}: {error}")),
+            _ => {}
+        }
+    }
+    if let Some(p) = problems.first() {
+        bail!("{} connections failed, first: {p}", problems.len());
+    }
+    if report.unsent_bytes() > 0 {
+        bail!(
+            "{} bytes were still unsent after 60 s",
+            report.unsent_bytes()
+        );
+    }
+    Ok(published * (conns * payload.len()) as u64)
+}
+
+/// `copy`: `threads` threads, each with its own `Mover` and an even share
+/// of the sockets, each round a private copy of the payload per connection
+/// and a drain, for `seconds`. Returns the bytes sent.
+fn fanout_copy(
+    socks: Vec<std::net::TcpStream>,
+    payload: &Bytes,
+    threads: usize,
+    seconds: Duration,
+) -> anyhow::Result<u64> {
+    let mut shares: Vec<Vec<std::net::TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, s) in socks.into_iter().enumerate() {
+        shares[i % threads].push(s);
+    }
+    let t0 = Instant::now();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = shares
+            .into_iter()
+            .filter(|share| !share.is_empty())
+            .map(|share| {
+                scope.spawn(move || -> anyhow::Result<u64> {
+                    let mut m = Mover::builder()
+                        .queue_depth(share.len().next_power_of_two().clamp(8, 4096) as u32)
+                        .build()?;
+                    let handles = share
+                        .into_iter()
+                        .map(|s| m.attach(s))
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    let mut done = Vec::new();
+                    let mut bytes = 0u64;
+                    while t0.elapsed() < seconds {
+                        for &h in &handles {
+                            // What a server without shared buffers does: a
+                            // private copy per connection.
+                            let buf = Bytes::copy_from_slice(payload);
+                            m.send(h, [buf]).map_err(std::io::Error::from)?;
+                        }
+                        m.drain(&mut done)?;
+                        if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
+                            bail!("a connection failed: {}", e.error);
+                        }
+                        done.clear();
+                        bytes += (handles.len() * payload.len()) as u64;
+                    }
+                    Ok(bytes)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for w in workers {
+            total += w
+                .join()
+                .map_err(|_| anyhow::anyhow!("a copy thread panicked"))??;
+        }
+        Ok(total)
+    })
 }
 
 /// A network namespace holding a veth pair whose peer is down: UDP sent to

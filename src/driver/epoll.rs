@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use super::readiness::Selector;
-use super::Token;
+use super::{Token, WAKE_TOKEN};
 use crate::sys::{cvt, retry};
 
 #[derive(Debug)]
@@ -16,6 +16,8 @@ pub(crate) struct Epoll {
     epfd: OwnedFd,
     armed: HashSet<Token>,
     buf: Vec<libc::epoll_event>,
+    /// The wake fd is registered (level-triggered `EPOLLIN`).
+    wake: bool,
 }
 
 impl Epoll {
@@ -27,6 +29,7 @@ impl Epoll {
             epfd: unsafe { OwnedFd::from_raw_fd(fd) },
             armed: HashSet::new(),
             buf: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+            wake: false,
         })
     }
 
@@ -65,7 +68,7 @@ impl Selector for Epoll {
     }
 
     fn armed(&self) -> bool {
-        !self.armed.is_empty()
+        !self.armed.is_empty() || self.wake
     }
 
     fn select(&mut self, timeout: Option<Duration>, ready: &mut Vec<Token>) -> io::Result<u64> {
@@ -86,10 +89,21 @@ impl Selector for Epoll {
         })?;
         for ev in &self.buf[..n as usize] {
             let token = ev.u64;
-            if self.armed.remove(&token) {
+            if token == WAKE_TOKEN || self.armed.remove(&token) {
                 ready.push(token);
             }
         }
         Ok(calls)
+    }
+
+    fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: WAKE_TOKEN,
+        };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
+        self.wake = true;
+        Ok(())
     }
 }

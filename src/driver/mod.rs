@@ -44,6 +44,8 @@ pub(crate) enum Event {
     /// Only the io_uring leaf sends zero-copy; the engine handles it anyway.
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Notified { token: Token, copied: bool },
+    /// The wake fd (see `Driver::watch_wake`) was signalled.
+    Woken,
 }
 
 /// Counters every driver keeps; the engine adds its own.
@@ -296,5 +298,19 @@ impl Driver {
 
     pub(crate) fn stats(&self) -> DriverStats {
         each!(self, d => d.stats())
+    }
+}
+
+/// The token of the wake fd: never a connection's (a connection's slot is
+/// below `u32::MAX`), and never an io_uring `user_data` the leaf uses.
+pub(crate) const WAKE_TOKEN: Token = u64::MAX - 1;
+
+impl Driver {
+    /// Watches `fd` (an eventfd or a pipe's read end, which the engine
+    /// keeps open) for readability, reporting `Event::Woken` whenever it is
+    /// signalled; and makes `wait` sleep for it even when no write is in
+    /// flight. Called once per engine.
+    pub(crate) fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        each!(self, d => d.watch_wake(fd))
     }
 }

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use super::readiness::Selector;
-use super::Token;
+use super::{Token, WAKE_TOKEN};
 use crate::sys::{cvt, retry};
 
 #[derive(Debug, Default)]
@@ -15,6 +15,8 @@ pub(crate) struct Poll {
     armed: HashMap<Token, RawFd>,
     fds: Vec<libc::pollfd>,
     tokens: Vec<Token>,
+    /// The wake fd, polled for `POLLIN` with every select.
+    wake: Option<RawFd>,
 }
 
 impl Poll {
@@ -41,7 +43,7 @@ impl Selector for Poll {
     }
 
     fn armed(&self) -> bool {
-        !self.armed.is_empty()
+        !self.armed.is_empty() || self.wake.is_some()
     }
 
     fn select(&mut self, timeout: Option<Duration>, ready: &mut Vec<Token>) -> io::Result<u64> {
@@ -55,6 +57,14 @@ impl Selector for Poll {
             });
             self.tokens.push(token);
         }
+        if let Some(fd) = self.wake {
+            self.fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            self.tokens.push(WAKE_TOKEN);
+        }
         let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
         let mut calls = 0;
         retry(|| {
@@ -64,11 +74,19 @@ impl Selector for Poll {
         })?;
         for (pfd, &token) in self.fds.iter().zip(&self.tokens) {
             // POLLERR/POLLHUP: the retried write reports the error itself.
-            if pfd.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            if pfd.revents
+                & (libc::POLLOUT | libc::POLLIN | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL)
+                != 0
+            {
                 self.armed.remove(&token);
                 ready.push(token);
             }
         }
         Ok(calls)
+    }
+
+    fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        self.wake = Some(fd);
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
+use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS, WAKE_TOKEN};
 use crate::sys::net::{self, FdKind};
 
 /// What epoll and poll each provide.
@@ -25,6 +25,10 @@ pub(crate) trait Selector {
     /// Blocks until an armed token is writable (or the timeout), pushing
     /// those tokens to `ready` and disarming them. Returns syscalls made.
     fn select(&mut self, timeout: Option<Duration>, ready: &mut Vec<Token>) -> io::Result<u64>;
+    /// Watches `fd` for readability from now on, reporting it as
+    /// `WAKE_TOKEN` from every `select` while it is readable; `armed()`
+    /// is true from then on, so `wait` sleeps for it.
+    fn watch_wake(&mut self, fd: RawFd) -> io::Result<()>;
 }
 
 /// A readiness driver over selector `S`.
@@ -125,7 +129,10 @@ impl<S: Selector> Readiness<S> {
         }
         self.ready.clear();
         self.stats.syscalls += self.selector.select(timeout, &mut self.ready)?;
-        events.extend(self.ready.drain(..).map(|token| Event::Writable { token }));
+        events.extend(self.ready.drain(..).map(|token| match token {
+            WAKE_TOKEN => Event::Woken,
+            token => Event::Writable { token },
+        }));
         Ok(())
     }
 
@@ -140,5 +147,13 @@ impl<S: Selector> Readiness<S> {
 
     pub(crate) fn stats(&self) -> DriverStats {
         self.stats
+    }
+}
+
+impl<S: Selector> Readiness<S> {
+    /// See `Driver::watch_wake`.
+    pub(crate) fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        self.stats.syscalls += 1;
+        self.selector.watch_wake(fd)
     }
 }

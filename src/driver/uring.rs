@@ -18,7 +18,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::unistd::{lseek, Whence};
 
-use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS};
+use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS, WAKE_TOKEN};
 use crate::sys::is_transient_enter_error;
 use crate::sys::net::FdKind;
 
@@ -90,6 +90,8 @@ pub(crate) struct UringDriver {
     zc_done: usize,
     /// Kernel accepts `IORING_SEND_ZC_REPORT_USAGE` (6.2).
     report_usage: bool,
+    /// The wake fd's poll, once `watch_wake` was called.
+    wake: Option<WakeWatch>,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -158,6 +160,7 @@ impl UringDriver {
             // REPORT_USAGE came in 6.2, with the RECVSEND_BUNDLE-era feature
             // set; EXT_ARG+NODROP alone do not tell, so ask the version.
             report_usage: kernel_at_least(6, 2),
+            wake: None,
         })
     }
 
@@ -442,7 +445,7 @@ impl UringDriver {
         let want = if need == 0 || ready >= need {
             0
         } else {
-            need.min(outstanding)
+            need.min(outstanding + self.wake_armed())
         };
         if want > 0 || self.unsubmitted > 0 {
             self.enter(want, timeout)?;
@@ -455,7 +458,7 @@ impl UringDriver {
         }
         self.reap();
         events.append(&mut self.reaped);
-        Ok(())
+        self.rearm_wake()
     }
 
     /// Takes every posted completion off the CQ ring into `self.reaped`,
@@ -465,6 +468,13 @@ impl UringDriver {
             let user_data = cqe.user_data();
             if user_data == IGNORED {
                 self.cq_owed = self.cq_owed.saturating_sub(1);
+                continue;
+            }
+            // The wake fd's poll posts one CQE per wake, outside `cq_owed`:
+            // wakes are rare next to writes, and the CQ keeps an SQ's worth
+            // of slack beyond what writes may use.
+            if user_data == WAKE_TOKEN {
+                wake_cqe(&mut self.wake, cqe.result(), cqe.flags(), &mut self.reaped);
                 continue;
             }
             let token = if user_data & ZC_BIT != 0 {
@@ -609,4 +619,91 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
         .and_then(|p| p.parse::<u32>().ok())
         .unwrap_or(0);
     (maj, min) >= (major, minor)
+}
+
+/// The wake fd's `POLL_ADD`: multishot (5.13) where the kernel takes it,
+/// else one-shot and re-armed after each wake.
+#[derive(Debug)]
+struct WakeWatch {
+    fd: RawFd,
+    multishot: bool,
+    /// A poll is queued or in the kernel.
+    armed: bool,
+    /// The poll failed in a way re-arming cannot fix: reported by `wait`.
+    error: Option<i32>,
+}
+
+/// Handles a completion of the wake fd's poll.
+fn wake_cqe(watch: &mut Option<WakeWatch>, res: i32, flags: u32, events: &mut Vec<Event>) {
+    let Some(w) = watch.as_mut() else {
+        return;
+    };
+    if res >= 0 {
+        events.push(Event::Woken);
+        // No IORING_CQE_F_MORE: the poll ended (one-shot, or the kernel
+        // stopped a multishot one, e.g. on CQ overflow): arm it again.
+        w.armed = cqueue::more(flags);
+    } else if res == -libc::EINVAL && w.multishot {
+        // Before 5.13 POLL_ADD takes no flags: one-shot it is.
+        w.multishot = false;
+        w.armed = false;
+    } else {
+        w.armed = false;
+        w.error = Some(-res);
+        // Whoever waits must not sleep on a poll that is gone.
+        events.push(Event::Woken);
+    }
+}
+
+impl UringDriver {
+    /// See `Driver::watch_wake`.
+    pub(crate) fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
+        self.wake = Some(WakeWatch {
+            fd,
+            multishot: true,
+            armed: false,
+            error: None,
+        });
+        self.rearm_wake()
+    }
+
+    /// 1 when a wake poll is armed: `wait` may sleep for it.
+    fn wake_armed(&self) -> usize {
+        usize::from(self.wake.as_ref().is_some_and(|w| w.armed))
+    }
+
+    /// Queues the wake fd's poll again if it ended (submitted with the
+    /// next enter), or reports why it cannot be.
+    fn rearm_wake(&mut self) -> io::Result<()> {
+        let Some(w) = self.wake.as_mut() else {
+            return Ok(());
+        };
+        if let Some(errno) = w.error.take() {
+            self.wake = None;
+            let e = io::Error::from_raw_os_error(errno);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("io_uring POLL_ADD on the wake eventfd failed: {e}"),
+            ));
+        }
+        if w.armed {
+            return Ok(());
+        }
+        w.armed = true;
+        let entry = opcode::PollAdd::new(types::Fd(w.fd), libc::POLLIN as u32)
+            .multi(w.multishot)
+            .build()
+            .user_data(WAKE_TOKEN);
+        self.make_room(1)?;
+        // SAFETY: POLL_ADD points at no buffer; the wake fd stays open for
+        // as long as the engine (it owns the Waker that owns the fd), and
+        // closing it with the poll armed is safe anyway (the kernel holds
+        // its own reference to the file).
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| {
+            io::Error::other("io_uring submission queue full after making room")
+        })?;
+        self.unsubmitted += 1;
+        self.stats.sqes += 1;
+        Ok(())
+    }
 }

@@ -54,5 +54,6 @@ mod recv;
 mod seccomp;
 mod send;
 mod send_cli;
+mod shards;
 mod util;
 mod zerocopy;

@@ -1,0 +1,1908 @@
+//! Every core: shards above the engine, and broadcast groups.
+//!
+//! A [`Mover`] is one thread and one ring. [`Shards`] runs `N` of them, one
+//! per thread, each built on its own thread (a single-issuer ring stays
+//! single-issuer). A connection is placed on one shard when it is attached
+//! and stays there; any thread hands work to it through the shard's queue
+//! (`Bytes` are reference-counted, so nothing is copied), and wakes the
+//! shard through its [`crate::Waker`] only when the shard may be
+//! asleep. A shard with nothing to do sleeps in the kernel.
+//!
+//! On top of the shards, a [`Group`] is a set of subscribers: [`Group::publish`]
+//! queues one message per shard that has subscribers, each shard queues the
+//! same `Bytes` to every subscriber it holds and flushes them all in one
+//! submission. A subscriber that falls more than [`GroupOptions::limit`]
+//! bytes behind is handled by the [`SlowPolicy`] the caller picked, and
+//! reported as an [`Event`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use ringmover::shard::{Event, GroupOptions, Shards, SlowPolicy};
+//! # fn main() -> std::io::Result<()> {
+//! let (shards, events) = Shards::builder().threads(2).build()?;
+//! let group = shards.group(GroupOptions::new(4 << 20, SlowPolicy::Disconnect));
+//! for _ in 0..4 {
+//!     let conn = shards.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+//!     group.subscribe(conn)?;
+//! }
+//! let payload = Bytes::from(vec![0u8; 64 << 10]);
+//! for i in 0u32..100 {
+//!     let header = Bytes::copy_from_slice(&i.to_be_bytes());
+//!     // Waits (at most 1 s) while a subscriber is over half its limit.
+//!     group.publish_wait([header, payload.clone()], Duration::from_secs(1))?;
+//! }
+//! while let Some(ev) = events.try_recv() {
+//!     if let Event::Disconnected { conn, dropped_bytes, .. } = ev {
+//!         eprintln!("{conn} was too slow: {dropped_bytes} bytes dropped");
+//!     }
+//! }
+//! let report = shards.shutdown(Duration::from_secs(2));
+//! assert_eq!(report.unsent_bytes(), 0);
+//! # Ok(()) }
+//! ```
+//!
+//! Memory is bounded when producers outrun the network: each shard's queue
+//! holds at most [`ShardsBuilder::queue_bytes`] (a publish or send over it
+//! is refused with [`PublishErrorKind::Full`]), and each subscriber at most
+//! its group's limit (then the policy applies). Per subscriber, packets
+//! arrive in the order the shard took them from its queue: one producer's
+//! packets in the order it published them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::backend::Backend;
+use crate::mover::{Completion, Conn, Detached, Mover, MoverBuilder, SendErrorKind};
+use crate::wake::Waker;
+
+/// What a queued message costs beyond its bytes (as Netty counts a fixed
+/// overhead per entry), so a flood of empty packets is bounded too.
+const MSG_OVERHEAD: usize = 64;
+/// Messages a shard takes from its queue before it flushes and reaps
+/// completions, so a busy queue cannot starve the sockets.
+const ROUND: usize = 1024;
+/// How long dropping [`Shards`] without [`Shards::shutdown`] lets queued
+/// bytes drain.
+const DROP_GRACE: Duration = Duration::from_secs(2);
+
+/// A packet: pieces sent back to back, shared (not copied) by every
+/// connection it is queued to. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Packet {
+    pieces: Arc<[Bytes]>,
+    len: usize,
+}
+
+impl Packet {
+    /// A packet of `pieces`, in order.
+    pub fn new(pieces: impl IntoIterator<Item = Bytes>) -> Packet {
+        let pieces: Arc<[Bytes]> = pieces.into_iter().collect();
+        let len = pieces.iter().map(Bytes::len).sum();
+        Packet { pieces, len }
+    }
+
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces.
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    fn cost(&self) -> usize {
+        self.len + MSG_OVERHEAD
+    }
+}
+
+impl From<Bytes> for Packet {
+    fn from(b: Bytes) -> Packet {
+        Packet::new([b])
+    }
+}
+
+impl From<Vec<Bytes>> for Packet {
+    fn from(v: Vec<Bytes>) -> Packet {
+        Packet::new(v)
+    }
+}
+
+impl<const N: usize> From<[Bytes; N]> for Packet {
+    fn from(a: [Bytes; N]) -> Packet {
+        Packet::new(a)
+    }
+}
+
+/// A connection attached to [`Shards`]: which shard holds it, and its
+/// handle there. Cheap to copy; stale handles are rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardConn {
+    shard: u32,
+    conn: Conn,
+}
+
+impl ShardConn {
+    /// The shard (thread) that owns the connection, `0..threads`.
+    pub fn shard(self) -> usize {
+        self.shard as usize
+    }
+
+    /// The connection's handle on its shard's [`Mover`].
+    pub fn conn(self) -> Conn {
+        self.conn
+    }
+}
+
+impl fmt::Display for ShardConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard {} conn {}", self.shard, self.conn.index())
+    }
+}
+
+/// A broadcast group's identity, as events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(u32);
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "group {}", self.0)
+    }
+}
+
+/// What happens to a subscriber that falls more than its group's limit
+/// behind (its peer reads slower than the group publishes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowPolicy {
+    /// Skip whole packets for it until it has caught up to a quarter of
+    /// the limit ([`Event::Dropped`], then [`Event::Writable`]): its stream
+    /// has gaps at packet boundaries, and it stays connected.
+    Drop,
+    /// Disconnect it (nats-server's slow consumer): what it had queued is
+    /// dropped and its socket closed ([`Event::Disconnected`]).
+    Disconnect,
+}
+
+/// A group's limits. A subscriber is *lagging* above half the limit: the
+/// group is not [`writable`](Group::writable) then, and
+/// [`Group::publish_wait`] waits for it, for at most `stall` per lagging
+/// spell (after that it stops holding producers back, as nats-server stalls
+/// a fast producer only briefly). It is caught up again at a quarter of the
+/// limit, and handled by the policy when a packet would take it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupOptions {
+    /// Bytes a subscriber may have queued and unwritten; must exceed the
+    /// largest packet (best: at least four of them).
+    pub limit: usize,
+    /// What to do with a subscriber that would exceed `limit`.
+    pub policy: SlowPolicy,
+    /// How long one lagging subscriber may hold producers back.
+    pub stall: Duration,
+}
+
+impl GroupOptions {
+    /// `limit` bytes per subscriber, `policy`, and a 100 ms stall.
+    pub fn new(limit: usize, policy: SlowPolicy) -> GroupOptions {
+        GroupOptions {
+            limit,
+            policy,
+            stall: Duration::from_millis(100),
+        }
+    }
+
+    /// The same, with `stall` instead.
+    pub fn stall(self, stall: Duration) -> GroupOptions {
+        GroupOptions { stall, ..self }
+    }
+}
+
+/// What the shards report, in the order each shard saw it. Delivered
+/// through [`Events`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A write failed (`EPIPE`, `ECONNRESET`, …): the connection was
+    /// detached and closed, and left every group.
+    Failed {
+        /// The connection.
+        conn: ShardConn,
+        /// The kernel's error.
+        error: io::Error,
+        /// Exactly the bytes that were queued and not written.
+        unsent: Vec<Bytes>,
+    },
+    /// A write finished (only with [`ShardsBuilder::report_writes`]).
+    Written {
+        /// The connection.
+        conn: ShardConn,
+        /// Bytes this write moved.
+        written: usize,
+        /// Bytes still queued on the connection.
+        queued: usize,
+    },
+    /// [`Shards::send`] reached the shard but the connection refused it:
+    /// at its byte limit (`WouldBlock`; [`Event::Writable`] follows), failed
+    /// or detached. The packet comes back.
+    Refused {
+        /// The connection.
+        conn: ShardConn,
+        /// Why, as the connection's [`Mover::send`] said.
+        error: io::Error,
+        /// What was not queued.
+        packet: Packet,
+    },
+    /// [`SlowPolicy::Drop`]: packets were skipped for a subscriber over the
+    /// group's limit, since the last such event for it (one per shard round).
+    Dropped {
+        /// The group.
+        group: GroupId,
+        /// The subscriber.
+        conn: ShardConn,
+        /// Packets skipped.
+        packets: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// [`SlowPolicy::Disconnect`]: a subscriber over the group's limit was
+    /// detached and its socket closed.
+    Disconnected {
+        /// The group whose limit it exceeded.
+        group: GroupId,
+        /// The subscriber.
+        conn: ShardConn,
+        /// What it had queued and unwritten, plus the packet that did not
+        /// fit.
+        dropped_bytes: u64,
+    },
+    /// A connection that was refused ([`Event::Refused`]) or was skipping
+    /// packets ([`Event::Dropped`]) has caught up.
+    Writable {
+        /// The connection.
+        conn: ShardConn,
+        /// The group whose packets it skipped, if any.
+        group: Option<GroupId>,
+    },
+    /// A shard whose queue refused a publish or send
+    /// ([`PublishErrorKind::Full`]) has room again.
+    ShardWritable {
+        /// The shard.
+        shard: usize,
+    },
+    /// A shard's engine failed (an `io_uring_enter` error, say): it stopped;
+    /// its connections are in the shutdown report.
+    ShardFailed {
+        /// The shard.
+        shard: usize,
+        /// What failed.
+        error: io::Error,
+    },
+}
+
+/// The receiving end of the shards' events. The channel is bounded
+/// ([`ShardsBuilder::events_capacity`]): when the caller does not keep up,
+/// further events are counted in [`lost`](Events::lost), not queued.
+#[derive(Debug)]
+pub struct Events {
+    rx: Receiver<Event>,
+    lost: Arc<AtomicU64>,
+}
+
+impl Events {
+    /// The next event, waiting at most `timeout`; `None` on timeout or when
+    /// every shard has stopped and nothing is left.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Event> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The next event, if one is waiting.
+    pub fn try_recv(&self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Events not delivered because the channel was full.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a publish or send was not queued. The packet comes back.
+#[derive(Debug)]
+pub struct PublishError {
+    /// What went wrong.
+    pub kind: PublishErrorKind,
+    /// The caller's packet.
+    pub packet: Packet,
+}
+
+/// The reasons a publish or send is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishErrorKind {
+    /// The shard's queue holds its byte limit: retry after
+    /// [`Event::ShardWritable`], or use [`Group::publish_wait`].
+    Full {
+        /// The shard.
+        shard: usize,
+        /// Bytes queued for it (packets plus a fixed cost per message).
+        queued: usize,
+        /// Its limit.
+        limit: usize,
+    },
+    /// The shard has stopped (its engine failed).
+    Closed {
+        /// The shard.
+        shard: usize,
+    },
+    /// [`Shards::shutdown`] was called (or the `Shards` dropped).
+    ShutDown,
+    /// No such shard.
+    UnknownShard,
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            PublishErrorKind::Full {
+                shard,
+                queued,
+                limit,
+            } => write!(
+                f,
+                "shard {shard} has {queued} bytes queued, at its limit of {limit}: \
+                 wait for it to drain"
+            ),
+            PublishErrorKind::Closed { shard } => write!(f, "shard {shard} has stopped"),
+            PublishErrorKind::ShutDown => f.write_str("the shards were shut down"),
+            PublishErrorKind::UnknownShard => f.write_str("no such shard"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+impl From<PublishError> for io::Error {
+    fn from(e: PublishError) -> io::Error {
+        let kind = match e.kind {
+            PublishErrorKind::Full { .. } => io::ErrorKind::WouldBlock,
+            PublishErrorKind::Closed { .. } | PublishErrorKind::ShutDown => {
+                io::ErrorKind::BrokenPipe
+            }
+            PublishErrorKind::UnknownShard => io::ErrorKind::NotFound,
+        };
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+/// One shard's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Connections attached to it.
+    pub conns: usize,
+    /// Bytes waiting in its queue (packets plus a fixed cost per message).
+    pub queued: usize,
+    /// Rounds: take from the queue, flush, reap completions.
+    pub rounds: u64,
+    /// Times it went to sleep in the kernel with nothing to do but wait.
+    pub sleeps: u64,
+    /// Times a producer wrote its eventfd (the shard may have been asleep);
+    /// every other hand-over skipped the syscall.
+    pub wakes: u64,
+    /// Messages taken from its queue.
+    pub messages: u64,
+    /// Asleep (or about to be) right now.
+    pub sleeping: bool,
+}
+
+/// What [`Shards::shutdown`] could not send.
+#[derive(Debug, Default)]
+pub struct ShutdownReport {
+    /// Per shard, in order.
+    pub shards: Vec<ShardReport>,
+}
+
+impl ShutdownReport {
+    /// Every byte that was queued and not written, over all shards.
+    pub fn unsent_bytes(&self) -> u64 {
+        self.shards.iter().map(ShardReport::unsent_bytes).sum()
+    }
+}
+
+/// One shard's part of a [`ShutdownReport`].
+#[derive(Debug, Default)]
+pub struct ShardReport {
+    /// The shard.
+    pub shard: usize,
+    /// Connections that still had bytes queued when the grace period
+    /// ended, with exactly those bytes (their sockets are closed).
+    pub unsent: Vec<(ShardConn, Vec<Bytes>)>,
+    /// Bytes of publishes and sends that reached the shard after it was
+    /// told to stop, never queued to a connection.
+    pub rejected_bytes: u64,
+    /// Why the shard stopped early, if its engine failed.
+    pub error: Option<io::Error>,
+}
+
+impl ShardReport {
+    /// Bytes queued and not written, plus rejected bytes.
+    pub fn unsent_bytes(&self) -> u64 {
+        let queued: usize = self
+            .unsent
+            .iter()
+            .flat_map(|(_, b)| b.iter().map(Bytes::len))
+            .sum();
+        queued as u64 + self.rejected_bytes
+    }
+}
+
+/// Builds [`Shards`].
+#[derive(Debug, Clone)]
+pub struct ShardsBuilder {
+    threads: usize,
+    mover: MoverBuilder,
+    queue_bytes: usize,
+    events_capacity: usize,
+    report_writes: bool,
+}
+
+impl Default for ShardsBuilder {
+    fn default() -> Self {
+        ShardsBuilder {
+            threads: 1,
+            mover: MoverBuilder::default(),
+            queue_bytes: 64 << 20,
+            events_capacity: 64 << 10,
+            report_writes: false,
+        }
+    }
+}
+
+impl ShardsBuilder {
+    /// Shards (threads), each with its own [`Mover`]; default 1.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
+
+    /// How each shard's [`Mover`] is built (backend, queue depth,
+    /// per-connection byte limit, zero-copy policy). Each shard builds its
+    /// own on its own thread.
+    pub fn mover(mut self, builder: MoverBuilder) -> Self {
+        self.mover = builder;
+        self
+    }
+
+    /// Bytes a shard's queue may hold before publishes and sends to it are
+    /// refused with [`PublishErrorKind::Full`] (default 64 MiB); writable
+    /// again ([`Event::ShardWritable`]) at half.
+    pub fn queue_bytes(mut self, limit: usize) -> Self {
+        self.queue_bytes = limit;
+        self
+    }
+
+    /// Events buffered for the caller before further ones are counted as
+    /// lost (default 65536).
+    pub fn events_capacity(mut self, n: usize) -> Self {
+        self.events_capacity = n;
+        self
+    }
+
+    /// Report every finished write as [`Event::Written`] (default off:
+    /// only failures and back-pressure changes are reported).
+    pub fn report_writes(mut self, on: bool) -> Self {
+        self.report_writes = on;
+        self
+    }
+
+    /// Starts the shard threads; each builds its [`Mover`] and reports
+    /// back before this returns. Fails (stopping those already started) if
+    /// any cannot, naming the shard.
+    pub fn build(self) -> io::Result<(Shards, Events)> {
+        if self.threads == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "shards: need at least one thread",
+            ));
+        }
+        let (ev_tx, ev_rx) = mpsc::sync_channel(self.events_capacity.max(1));
+        let lost = Arc::new(AtomicU64::new(0));
+        let mut links = Vec::new();
+        let mut threads = Vec::new();
+        let mut backend = None;
+        let mut failed = None;
+        for index in 0..self.threads {
+            let (tx, rx) = mpsc::channel();
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let builder = self.mover.clone();
+            let events = EventTx {
+                tx: ev_tx.clone(),
+                lost: lost.clone(),
+            };
+            let report_writes = self.report_writes;
+            let spawned = std::thread::Builder::new()
+                .name(format!("ringmover-shard-{index}"))
+                .spawn(move || {
+                    // Built here: the ring's single issuer is this thread.
+                    let mover = builder.build().and_then(|mut m| {
+                        let waker = m.waker()?;
+                        Ok((m, waker))
+                    });
+                    let (mover, waker) = match mover {
+                        Ok(v) => v,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return ShardReport {
+                                shard: index,
+                                ..ShardReport::default()
+                            };
+                        }
+                    };
+                    let (link_tx, link_rx) = mpsc::sync_channel::<Arc<Inner>>(1);
+                    if ready_tx
+                        .send(Ok((waker, mover.backend(), link_tx)))
+                        .is_err()
+                    {
+                        return ShardReport::default();
+                    }
+                    // The shared state exists once every shard is up.
+                    let Ok(inner) = link_rx.recv() else {
+                        return ShardReport::default();
+                    };
+                    Shard::new(index, mover, rx, inner, events, report_writes).run()
+                });
+            let handle = match spawned {
+                Ok(h) => h,
+                Err(e) => {
+                    failed = Some(io::Error::new(
+                        e.kind(),
+                        format!("shard {index}: spawning its thread: {e}"),
+                    ));
+                    break;
+                }
+            };
+            match ready_rx.recv() {
+                Ok(Ok((waker, b, link_tx))) => {
+                    backend = Some(b);
+                    links.push((ShardLink::new(tx, waker), link_tx));
+                    threads.push(handle);
+                }
+                Ok(Err(e)) => {
+                    let _ = handle.join();
+                    failed = Some(io::Error::new(
+                        e.kind(),
+                        format!("shard {index}: building its Mover: {e}"),
+                    ));
+                    break;
+                }
+                Err(_) => {
+                    let _ = handle.join();
+                    failed = Some(io::Error::other(format!(
+                        "shard {index}: its thread ended while starting"
+                    )));
+                    break;
+                }
+            }
+        }
+        let (links, starts): (Vec<ShardLink>, Vec<SyncSender<Arc<Inner>>>) =
+            links.into_iter().unzip();
+        let inner = Arc::new(Inner {
+            shards: links,
+            queue_limit: self.queue_bytes.max(1),
+            next: AtomicUsize::new(0),
+            next_group: AtomicU32::new(0),
+            pressure: Pressure::default(),
+            stopped: AtomicBool::new(false),
+        });
+        if let Some(e) = failed {
+            // Dropping the start channels ends the threads already started.
+            drop(starts);
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
+        }
+        for s in starts {
+            let _ = s.send(inner.clone());
+        }
+        let shards = Shards {
+            inner,
+            threads,
+            backend: backend.unwrap_or(Backend::Poll),
+        };
+        Ok((shards, Events { rx: ev_rx, lost }))
+    }
+}
+
+/// `N` threads, each owning a [`Mover`] and its ring; connections placed on
+/// them, work handed over without copies, and broadcast [`Group`]s.
+///
+/// `Send + Sync`: share it (by reference, or in an `Arc`) with every thread
+/// that attaches, sends or publishes. Dropping it without
+/// [`shutdown`](Self::shutdown) shuts down with a 2 s grace period.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use ringmover::shard::{Event, Shards};
+/// # fn main() -> std::io::Result<()> {
+/// let (shards, events) = Shards::builder().threads(2).build()?;
+/// let conn = shards.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+/// println!("placed on shard {}", conn.shard());
+/// shards.send(conn, [Bytes::from_static(b"HDR"), Bytes::from(vec![1u8; 4096])])?;
+/// if let Some(Event::Failed { conn, error, .. }) = events.recv_timeout(Duration::from_millis(10)) {
+///     eprintln!("{conn}: {error}");
+/// }
+/// let report = shards.shutdown(Duration::from_secs(1));
+/// println!("{} bytes not sent", report.unsent_bytes());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Shards {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<ShardReport>>,
+    backend: Backend,
+}
+
+impl Shards {
+    /// A builder with defaults (one thread).
+    pub fn builder() -> ShardsBuilder {
+        ShardsBuilder::default()
+    }
+
+    /// How many shards (threads).
+    pub fn threads(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// The backend every shard's [`Mover`] uses.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Attaches `fd` to the shard with the fewest connections (ties taken in
+    /// turn), on that shard's thread. The handle says which shard.
+    pub fn attach(&self, fd: impl Into<OwnedFd>) -> io::Result<ShardConn> {
+        let n = self.inner.shards.len();
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let shard = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.inner.shards[i].conns.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.attach_to(shard, fd)
+    }
+
+    /// Attaches `fd` to shard `shard`.
+    pub fn attach_to(&self, shard: usize, fd: impl Into<OwnedFd>) -> io::Result<ShardConn> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.inner.control(
+            shard,
+            Cmd::Attach {
+                fd: fd.into(),
+                reply,
+            },
+        )?;
+        let conn = answer(shard, rx)??;
+        Ok(ShardConn {
+            shard: shard as u32,
+            conn,
+        })
+    }
+
+    /// Detaches `conn` from its shard (leaving every group), giving back its
+    /// fd and whatever it had not sent; a write in flight is cancelled first.
+    pub fn detach(&self, conn: ShardConn) -> io::Result<Detached> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.inner.control(
+            conn.shard(),
+            Cmd::Detach {
+                conn: conn.conn,
+                reply,
+            },
+        )?;
+        answer(conn.shard(), rx)?
+    }
+
+    /// Queues `packet` on `conn` from any thread: one message to its shard,
+    /// no copy. Refused at once when the shard's queue is full; if the
+    /// connection itself refuses it on the shard, [`Event::Refused`] brings
+    /// it back.
+    pub fn send(&self, conn: ShardConn, packet: impl Into<Packet>) -> Result<(), PublishError> {
+        let packet = packet.into();
+        let shard = conn.shard();
+        if let Err(kind) = self.inner.room(shard) {
+            return Err(PublishError { kind, packet });
+        }
+        let cost = packet.cost();
+        self.inner
+            .push(
+                shard,
+                Cmd::Send {
+                    conn: conn.conn,
+                    packet,
+                },
+                cost,
+            )
+            .map_err(|cmd| PublishError {
+                kind: PublishErrorKind::Closed { shard },
+                packet: cmd.into_packet(),
+            })
+    }
+
+    /// A new, empty broadcast group.
+    pub fn group(&self, options: GroupOptions) -> Group {
+        let id = GroupId(self.inner.next_group.fetch_add(1, Ordering::Relaxed));
+        Group {
+            inner: self.inner.clone(),
+            shared: Arc::new(GroupShared {
+                id,
+                options,
+                per_shard: (0..self.inner.shards.len())
+                    .map(|_| AtomicUsize::new(0))
+                    .collect(),
+                lagging: AtomicUsize::new(0),
+                pending: (0..self.inner.shards.len())
+                    .map(|_| AtomicUsize::new(0))
+                    .collect(),
+            }),
+        }
+    }
+
+    /// Each shard's counters.
+    pub fn stats(&self) -> Vec<ShardStats> {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| ShardStats {
+                conns: s.conns.load(Ordering::Relaxed),
+                queued: s.queued.load(Ordering::Relaxed),
+                rounds: s.rounds.load(Ordering::Relaxed),
+                sleeps: s.sleeps.load(Ordering::Relaxed),
+                wakes: s.wakes.load(Ordering::Relaxed),
+                messages: s.messages.load(Ordering::Relaxed),
+                sleeping: s.sleeping.load(Ordering::SeqCst),
+            })
+            .collect()
+    }
+
+    /// Stops every shard: each first takes everything queued before this
+    /// call, then flushes for at most `grace` while connections still have
+    /// bytes queued, then closes them all. Returns what was not sent; the
+    /// threads are joined. Publishes that race with it are refused
+    /// ([`PublishErrorKind::Closed`]) or counted as rejected.
+    pub fn shutdown(mut self, grace: Duration) -> ShutdownReport {
+        self.stop(grace)
+    }
+
+    fn stop(&mut self, grace: Duration) -> ShutdownReport {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        for i in 0..self.inner.shards.len() {
+            let _ = self.inner.control(i, Cmd::Shutdown { deadline });
+        }
+        let mut report = ShutdownReport::default();
+        for (i, t) in self.threads.drain(..).enumerate() {
+            match t.join() {
+                Ok(r) => report.shards.push(r),
+                Err(_) => report.shards.push(ShardReport {
+                    shard: i,
+                    error: Some(io::Error::other(format!("shard {i} panicked"))),
+                    ..ShardReport::default()
+                }),
+            }
+        }
+        report
+    }
+}
+
+impl Drop for Shards {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop(DROP_GRACE);
+        }
+    }
+}
+
+/// A broadcast group: publish once, every subscriber gets the same `Bytes`.
+/// Cheap to clone, `Send + Sync`: publish from any thread.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use ringmover::shard::{GroupOptions, Shards, SlowPolicy};
+/// # fn main() -> std::io::Result<()> {
+/// let (shards, _events) = Shards::builder().threads(2).build()?;
+/// let group = shards.group(GroupOptions::new(1 << 20, SlowPolicy::Drop));
+/// group.subscribe(shards.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?)?;
+/// let g = group.clone();
+/// std::thread::spawn(move || g.publish(Bytes::from_static(b"from another thread\n")));
+/// group.publish([Bytes::from_static(b"hdr "), Bytes::from_static(b"body\n")])?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Group {
+    inner: Arc<Inner>,
+    shared: Arc<GroupShared>,
+}
+
+impl Group {
+    /// The group's id, as events name it.
+    pub fn id(&self) -> GroupId {
+        self.shared.id
+    }
+
+    /// The group's limits.
+    pub fn options(&self) -> GroupOptions {
+        self.shared.options
+    }
+
+    /// Adds `conn` to the group; packets published after this call reach it.
+    /// An error if the connection is unknown, already a subscriber, or its
+    /// shard has stopped.
+    pub fn subscribe(&self, conn: ShardConn) -> io::Result<()> {
+        let shard = conn.shard();
+        let count = self
+            .shared
+            .per_shard
+            .get(shard)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such shard"))?;
+        // Counted first: a publish right after this call must reach the shard.
+        count.fetch_add(1, Ordering::SeqCst);
+        let (reply, rx) = mpsc::sync_channel(1);
+        let res = self
+            .inner
+            .control(
+                shard,
+                Cmd::Subscribe {
+                    group: self.shared.clone(),
+                    conn: conn.conn,
+                    reply,
+                },
+            )
+            .and_then(|()| answer(shard, rx)?);
+        if res.is_err() {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
+        res
+    }
+
+    /// Removes `conn` from the group (it stays attached).
+    pub fn unsubscribe(&self, conn: ShardConn) -> io::Result<()> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.inner.control(
+            conn.shard(),
+            Cmd::Unsubscribe {
+                group: self.shared.id,
+                conn: conn.conn,
+                reply,
+            },
+        )?;
+        answer(conn.shard(), rx)?
+    }
+
+    /// Subscribers now, over all shards.
+    pub fn subscribers(&self) -> usize {
+        self.shared
+            .per_shard
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// No subscriber is lagging (more than half the limit queued), and
+    /// the group's packets still waiting in each shard's queue are at most
+    /// a quarter of the limit: a packet published now cannot take a
+    /// subscriber over the limit (if packets are at most a quarter of it).
+    /// A lagging subscriber that exceeds the limit anyway (after
+    /// [`publish_wait`](Self::publish_wait)'s stall) is handled by the
+    /// policy and stops counting.
+    pub fn writable(&self) -> bool {
+        let quarter = self.shared.options.limit / 4;
+        self.shared.lagging.load(Ordering::SeqCst) == 0
+            && self
+                .shared
+                .pending
+                .iter()
+                .all(|p| p.load(Ordering::SeqCst) <= quarter)
+    }
+
+    /// Queues `packet` to every subscriber: one message per shard that has
+    /// subscribers, the same `Bytes` for all (no copy), never blocking.
+    /// Refused, for every shard, when one target shard's queue is full.
+    pub fn publish(&self, packet: impl Into<Packet>) -> Result<(), PublishError> {
+        let packet = packet.into();
+        if self.inner.stopped.load(Ordering::Relaxed) {
+            return Err(PublishError {
+                kind: PublishErrorKind::ShutDown,
+                packet,
+            });
+        }
+        let targets = || {
+            self.shared
+                .per_shard
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.load(Ordering::SeqCst) > 0)
+                .map(|(i, _)| i)
+        };
+        for shard in targets() {
+            if let Err(kind) = self.inner.room(shard) {
+                return Err(PublishError { kind, packet });
+            }
+        }
+        let cost = packet.cost();
+        let mut closed = None;
+        for shard in targets() {
+            let cmd = Cmd::Publish {
+                group: self.shared.clone(),
+                packet: packet.clone(),
+            };
+            let pending = &self.shared.pending[shard];
+            pending.fetch_add(packet.len(), Ordering::SeqCst);
+            if self.inner.push(shard, cmd, cost).is_err() {
+                pending.fetch_sub(packet.len(), Ordering::SeqCst);
+                closed.get_or_insert(shard);
+            }
+        }
+        match closed {
+            None => Ok(()),
+            Some(shard) => Err(PublishError {
+                kind: PublishErrorKind::Closed { shard },
+                packet,
+            }),
+        }
+    }
+
+    /// [`publish`](Self::publish), but first waits while the group is not
+    /// [`writable`](Self::writable) (at most the group's
+    /// [`stall`](GroupOptions::stall), then it publishes anyway: the shard
+    /// then stops counting a subscriber lagging for longer, and its policy
+    /// deals with it once over the limit) or a shard's queue is full (at
+    /// most `timeout`, then [`PublishErrorKind::Full`]).
+    pub fn publish_wait(
+        &self,
+        packet: impl Into<Packet>,
+        timeout: Duration,
+    ) -> Result<(), PublishError> {
+        let mut packet = packet.into();
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let soft = now + timeout.min(self.shared.options.stall);
+        loop {
+            if self.writable() || Instant::now() >= soft {
+                match self.publish(packet) {
+                    Err(PublishError {
+                        kind: PublishErrorKind::Full { .. },
+                        packet: p,
+                    }) if Instant::now() < deadline => packet = p,
+                    res => return res,
+                }
+            }
+            let until = if Instant::now() < soft {
+                soft
+            } else {
+                deadline
+            };
+            self.inner.pressure.wait_until(until, || {
+                self.writable()
+                    && self
+                        .shared
+                        .per_shard
+                        .iter()
+                        .enumerate()
+                        .all(|(i, c)| c.load(Ordering::SeqCst) == 0 || self.inner.room(i).is_ok())
+            });
+        }
+    }
+}
+
+/// Caller-side state of a group, shared with the shards holding subscribers.
+#[derive(Debug)]
+struct GroupShared {
+    id: GroupId,
+    options: GroupOptions,
+    /// Subscribers per shard: publishes skip shards without any.
+    per_shard: Vec<AtomicUsize>,
+    /// Subscribers above half the limit, over all shards.
+    lagging: AtomicUsize,
+    /// Bytes of this group's publishes in each shard's queue, not yet
+    /// taken: part of `Group::writable`.
+    pending: Vec<AtomicUsize>,
+}
+
+impl GroupShared {
+    /// Shard `shard` took a publish of `len` bytes from its queue.
+    fn taken(&self, shard: usize, len: usize, pressure: &Pressure) {
+        let quarter = self.options.limit / 4;
+        let before = self.pending[shard].fetch_sub(len, Ordering::SeqCst);
+        if before > quarter && before - len <= quarter {
+            pressure.notify();
+        }
+    }
+}
+
+/// Where blocked producers wait for "writable again": notified only on
+/// those transitions, and only when someone waits.
+#[derive(Debug, Default)]
+struct Pressure {
+    lock: Mutex<()>,
+    cv: Condvar,
+    waiters: AtomicUsize,
+}
+
+impl Pressure {
+    /// Blocks until `ready()` or `deadline` (spurious returns allowed).
+    fn wait_until(&self, deadline: Instant, ready: impl Fn() -> bool) {
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // Checked under the lock, after announcing ourselves: a transition
+        // after this check notifies under the same lock, so it is not lost.
+        if !ready() {
+            if let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                let _ = self.cv.wait_timeout(guard, left);
+            }
+        }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Something became writable: wake the waiting producers, if any.
+    fn notify(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// State every thread shares.
+#[derive(Debug)]
+struct Inner {
+    shards: Vec<ShardLink>,
+    queue_limit: usize,
+    /// Where placement's round-robin tie-break starts next.
+    next: AtomicUsize,
+    next_group: AtomicU32,
+    pressure: Pressure,
+    /// `Shards::shutdown` was called: publishes and sends are refused.
+    stopped: AtomicBool,
+}
+
+/// A producer's view of one shard.
+#[derive(Debug)]
+struct ShardLink {
+    tx: Sender<Cmd>,
+    waker: Waker,
+    /// The shard is asleep or about to be: whoever hands it work next must
+    /// write its eventfd. Changed only by `swap`/`store` with the fences
+    /// described in `push` and `Shard::park`.
+    sleeping: AtomicBool,
+    /// Bytes charged for messages in its queue.
+    queued: AtomicUsize,
+    /// A producer was refused for a full queue: report writable again.
+    over: AtomicBool,
+    conns: AtomicUsize,
+    rounds: AtomicU64,
+    sleeps: AtomicU64,
+    wakes: AtomicU64,
+    messages: AtomicU64,
+}
+
+impl ShardLink {
+    fn new(tx: Sender<Cmd>, waker: Waker) -> ShardLink {
+        ShardLink {
+            tx,
+            waker,
+            sleeping: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            over: AtomicBool::new(false),
+            conns: AtomicUsize::new(0),
+            rounds: AtomicU64::new(0),
+            sleeps: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Inner {
+    fn link(&self, shard: usize) -> Result<&ShardLink, PublishErrorKind> {
+        self.shards.get(shard).ok_or(PublishErrorKind::UnknownShard)
+    }
+
+    /// Whether shard `shard`'s queue takes another message. When it does
+    /// not, marks it so the shard reports [`Event::ShardWritable`].
+    fn room(&self, shard: usize) -> Result<(), PublishErrorKind> {
+        let link = self.link(shard)?;
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(PublishErrorKind::ShutDown);
+        }
+        let queued = link.queued.load(Ordering::SeqCst);
+        if queued < self.queue_limit {
+            return Ok(());
+        }
+        link.over.store(true, Ordering::SeqCst);
+        // The shard checks `over` after draining (with a fence between): if
+        // this load still sees a full queue, the shard's later check sees
+        // `over`; if the queue drained meanwhile, say so ourselves.
+        fence(Ordering::SeqCst);
+        let queued = link.queued.load(Ordering::SeqCst);
+        if queued <= self.queue_limit / 2 && link.over.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(PublishErrorKind::Full {
+            shard,
+            queued,
+            limit: self.queue_limit,
+        })
+    }
+
+    /// Hands `cmd` to shard `shard`, charging `cost` against its queue, and
+    /// wakes it if it may be asleep. `Err` gives the command back when the
+    /// shard has stopped.
+    fn push(&self, shard: usize, cmd: Cmd, cost: usize) -> Result<(), Cmd> {
+        let Ok(link) = self.link(shard) else {
+            return Err(cmd);
+        };
+        link.queued.fetch_add(cost, Ordering::Relaxed);
+        if let Err(mpsc::SendError(cmd)) = link.tx.send(cmd) {
+            link.queued.fetch_sub(cost, Ordering::Relaxed);
+            return Err(cmd);
+        }
+        // Pairs with the fence in `Shard::park` (store-buffering): either
+        // the shard's re-check of its queue sees this message, or this
+        // sees it asleep and wakes it. Only the producer that flips
+        // `sleeping` back writes the eventfd.
+        fence(Ordering::SeqCst);
+        if link.sleeping.swap(false, Ordering::SeqCst) {
+            link.wakes.fetch_add(1, Ordering::Relaxed);
+            // Fails only on a closed fd, which the shard keeps open.
+            let _ = link.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// A control message (never refused for a full queue).
+    fn control(&self, shard: usize, cmd: Cmd) -> io::Result<()> {
+        if shard >= self.shards.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no shard {shard}"),
+            ));
+        }
+        self.push(shard, cmd, 0).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("shard {shard} has stopped"),
+            )
+        })
+    }
+}
+
+/// Waits for a shard's answer to a control message.
+fn answer<T>(shard: usize, rx: Receiver<T>) -> io::Result<T> {
+    rx.recv().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("shard {shard} stopped before answering"),
+        )
+    })
+}
+
+/// What producers hand a shard.
+enum Cmd {
+    Attach {
+        fd: OwnedFd,
+        reply: SyncSender<io::Result<Conn>>,
+    },
+    Detach {
+        conn: Conn,
+        reply: SyncSender<io::Result<Detached>>,
+    },
+    Send {
+        conn: Conn,
+        packet: Packet,
+    },
+    Subscribe {
+        group: Arc<GroupShared>,
+        conn: Conn,
+        reply: SyncSender<io::Result<()>>,
+    },
+    Unsubscribe {
+        group: GroupId,
+        conn: Conn,
+        reply: SyncSender<io::Result<()>>,
+    },
+    Publish {
+        group: Arc<GroupShared>,
+        packet: Packet,
+    },
+    Shutdown {
+        deadline: Instant,
+    },
+}
+
+impl Cmd {
+    /// The queue bytes it was charged.
+    fn cost(&self) -> usize {
+        match self {
+            Cmd::Send { packet, .. } | Cmd::Publish { packet, .. } => packet.cost(),
+            _ => 0,
+        }
+    }
+
+    fn into_packet(self) -> Packet {
+        match self {
+            Cmd::Send { packet, .. } | Cmd::Publish { packet, .. } => packet,
+            _ => Packet::new(std::iter::empty()),
+        }
+    }
+}
+
+/// A shard's sending half of the events channel.
+#[derive(Debug)]
+struct EventTx {
+    tx: SyncSender<Event>,
+    lost: Arc<AtomicU64>,
+}
+
+impl EventTx {
+    fn send(&self, ev: Event) {
+        match self.tx.try_send(ev) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A subscriber's standing in one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubState {
+    /// At most half the limit queued (or back under a quarter).
+    Normal,
+    /// Above half the limit: counted in the group's `lagging`.
+    Lagging,
+    /// Lagging for longer than the group's stall: no longer counted.
+    Slow,
+    /// Over the limit under `SlowPolicy::Drop`: skipping packets until it
+    /// is back under a quarter.
+    Dropping,
+}
+
+#[derive(Debug)]
+struct Sub {
+    conn: Conn,
+    state: SubState,
+    /// When it last started lagging.
+    since: Instant,
+}
+
+/// A group as one shard sees it: its subscribers there.
+#[derive(Debug)]
+struct ShardGroup {
+    shared: Arc<GroupShared>,
+    subs: Vec<Sub>,
+    index: HashMap<Conn, usize>,
+}
+
+/// What a shard keeps per connection.
+#[derive(Debug)]
+struct ConnInfo {
+    conn: Conn,
+    groups: Vec<GroupId>,
+    /// Memberships not `Normal`, plus one while a send was refused:
+    /// completions are only inspected for these.
+    flagged: usize,
+    /// The byte limit a refused send hit: writable again at half.
+    refused_at: Option<usize>,
+}
+
+/// One shard: its thread's engine and the connections on it.
+struct Shard {
+    index: usize,
+    mover: Mover,
+    rx: Receiver<Cmd>,
+    inner: Arc<Inner>,
+    events: EventTx,
+    report_writes: bool,
+    /// By `Conn::index()`.
+    conns: Vec<Option<ConnInfo>>,
+    groups: HashMap<GroupId, ShardGroup>,
+    done: Vec<Completion>,
+    /// Packets skipped this round, per (group, subscriber).
+    drops: HashMap<(GroupId, Conn), (u64, u64)>,
+    /// A message taken while deciding whether to sleep.
+    pending: Option<Cmd>,
+    /// Shutting down: flush until then.
+    stop: Option<Instant>,
+    report: ShardReport,
+}
+
+impl Shard {
+    fn new(
+        index: usize,
+        mover: Mover,
+        rx: Receiver<Cmd>,
+        inner: Arc<Inner>,
+        events: EventTx,
+        report_writes: bool,
+    ) -> Shard {
+        Shard {
+            index,
+            mover,
+            rx,
+            inner,
+            events,
+            report_writes,
+            conns: Vec::new(),
+            groups: HashMap::new(),
+            done: Vec::new(),
+            drops: HashMap::new(),
+            pending: None,
+            stop: None,
+            report: ShardReport {
+                shard: index,
+                ..ShardReport::default()
+            },
+        }
+    }
+
+    fn link(&self) -> &ShardLink {
+        &self.inner.shards[self.index]
+    }
+
+    fn handle(&self, conn: Conn) -> ShardConn {
+        ShardConn {
+            shard: self.index as u32,
+            conn,
+        }
+    }
+
+    /// The shard's loop: take what the queue holds (up to a round), queue it
+    /// on the connections, flush once, then reap completions, sleeping in
+    /// the kernel when there is nothing else to do.
+    fn run(mut self) -> ShardReport {
+        if let Err(e) = self.serve() {
+            self.events.send(Event::ShardFailed {
+                shard: self.index,
+                error: io::Error::new(e.kind(), e.to_string()),
+            });
+            self.report.error = Some(e);
+        }
+        self.close_all();
+        // Anything still queued (or sent until the receiver drops) is refused.
+        self.reject_rest();
+        self.report
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        loop {
+            let took = self.take_round();
+            self.mover.flush()?;
+            self.emit_drops();
+            self.link().rounds.fetch_add(1, Ordering::Relaxed);
+            self.check_room();
+            if let Some(deadline) = self.stop {
+                if self.flushed() || Instant::now() >= deadline {
+                    return Ok(());
+                }
+                self.mover.wait(&mut self.done, Some(Duration::ZERO))?;
+                if took == 0 && self.done.is_empty() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.mover.wait(&mut self.done, Some(left))?;
+                }
+            } else if took == ROUND {
+                // More is queued: reap without sleeping, then go on.
+                self.mover.wait(&mut self.done, Some(Duration::ZERO))?;
+            } else {
+                self.park()?;
+            }
+            self.completions();
+        }
+    }
+
+    /// Sleeps in the kernel until a completion or a producer's wake, unless
+    /// the queue turns out not to be empty after all.
+    fn park(&mut self) -> io::Result<()> {
+        let link = &self.inner.shards[self.index];
+        link.sleeping.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `Inner::push`: a message pushed before
+        // this is seen by the try_recv below; one pushed after sees
+        // `sleeping` and writes the eventfd.
+        fence(Ordering::SeqCst);
+        let busy = match self.rx.try_recv() {
+            Ok(cmd) => {
+                self.pending = Some(cmd);
+                true
+            }
+            Err(TryRecvError::Empty) => self.room_pending(),
+            // Every producer handle is gone (only when `Shards` is being
+            // dropped, which sends `Shutdown` first).
+            Err(TryRecvError::Disconnected) => true,
+        };
+        if busy {
+            link.sleeping.store(false, Ordering::SeqCst);
+            return self.mover.wait(&mut self.done, Some(Duration::ZERO));
+        }
+        link.sleeps.fetch_add(1, Ordering::Relaxed);
+        let res = self.mover.wait(&mut self.done, None);
+        self.inner.shards[self.index]
+            .sleeping
+            .store(false, Ordering::SeqCst);
+        res
+    }
+
+    /// Takes up to a round of messages from the queue.
+    fn take_round(&mut self) -> usize {
+        let mut took = 0;
+        while took < ROUND {
+            let cmd = match self.pending.take() {
+                Some(c) => c,
+                None => match self.rx.try_recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                },
+            };
+            took += 1;
+            let cost = cmd.cost();
+            self.command(cmd);
+            let link = self.link();
+            link.messages.fetch_add(1, Ordering::Relaxed);
+            if cost > 0 {
+                link.queued.fetch_sub(cost, Ordering::SeqCst);
+            }
+        }
+        took
+    }
+
+    /// A producer was refused for a full queue that has drained to half.
+    fn room_pending(&self) -> bool {
+        let link = self.link();
+        link.over.load(Ordering::SeqCst)
+            && link.queued.load(Ordering::SeqCst) <= self.inner.queue_limit / 2
+    }
+
+    /// Reports [`Event::ShardWritable`] once the queue drained after a refusal.
+    fn check_room(&self) {
+        // Pairs with the fence in `Inner::room`.
+        fence(Ordering::SeqCst);
+        if self.room_pending() && self.link().over.swap(false, Ordering::SeqCst) {
+            self.events.send(Event::ShardWritable { shard: self.index });
+            self.inner.pressure.notify();
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        if self.stop.is_some() {
+            return self.reject(cmd);
+        }
+        match cmd {
+            Cmd::Attach { fd, reply } => {
+                let res = self.mover.attach(fd);
+                if let Ok(conn) = res {
+                    let i = conn.index() as usize;
+                    if self.conns.len() <= i {
+                        self.conns.resize_with(i + 1, || None);
+                    }
+                    self.conns[i] = Some(ConnInfo {
+                        conn,
+                        groups: Vec::new(),
+                        flagged: 0,
+                        refused_at: None,
+                    });
+                    self.link().conns.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = reply.send(res);
+            }
+            Cmd::Detach { conn, reply } => {
+                let res = self.mover.detach(conn);
+                if res.is_ok() {
+                    self.forget(conn);
+                }
+                let _ = reply.send(res);
+            }
+            Cmd::Send { conn, packet } => {
+                if let Err(e) = self.mover.send(conn, packet.pieces.iter().cloned()) {
+                    if let SendErrorKind::BackPressure { limit, .. } = e.kind {
+                        if let Some(info) = self.info_mut(conn) {
+                            if info.refused_at.is_none() {
+                                info.flagged += 1;
+                            }
+                            info.refused_at = Some(limit);
+                        }
+                    }
+                    let error = io::Error::from(crate::mover::SendError {
+                        kind: e.kind,
+                        bufs: (),
+                    });
+                    self.events.send(Event::Refused {
+                        conn: self.handle(conn),
+                        error,
+                        packet,
+                    });
+                }
+            }
+            Cmd::Subscribe { group, conn, reply } => {
+                let _ = reply.send(self.subscribe(group, conn));
+            }
+            Cmd::Unsubscribe { group, conn, reply } => {
+                let res = if self.leave(group, conn) {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{} is not subscribed to {group}", self.handle(conn)),
+                    ))
+                };
+                let _ = reply.send(res);
+            }
+            Cmd::Publish { group, packet } => {
+                self.publish(group.id, &packet);
+                group.taken(self.index, packet.len(), &self.inner.pressure);
+            }
+            Cmd::Shutdown { deadline } => self.stop = Some(deadline),
+        }
+    }
+
+    /// A message that arrived after `Shutdown`: counted, and its fd closed.
+    fn reject(&mut self, cmd: Cmd) {
+        let stopped = || io::Error::new(io::ErrorKind::BrokenPipe, "the shard is shutting down");
+        match cmd {
+            Cmd::Attach { reply, .. } => {
+                let _ = reply.send(Err(stopped()));
+            }
+            Cmd::Detach { reply, .. } => {
+                let _ = reply.send(Err(stopped()));
+            }
+            Cmd::Subscribe { reply, .. } | Cmd::Unsubscribe { reply, .. } => {
+                let _ = reply.send(Err(stopped()));
+            }
+            Cmd::Send { packet, .. } => self.report.rejected_bytes += packet.len() as u64,
+            Cmd::Publish { group, packet } => {
+                self.report.rejected_bytes += packet.len() as u64;
+                group.taken(self.index, packet.len(), &self.inner.pressure);
+            }
+            Cmd::Shutdown { .. } => {}
+        }
+    }
+
+    fn reject_rest(&mut self) {
+        self.stop.get_or_insert_with(Instant::now);
+        while let Some(cmd) = self.pending.take().or_else(|| self.rx.try_recv().ok()) {
+            let cost = cmd.cost();
+            self.reject(cmd);
+            self.link().queued.fetch_sub(cost, Ordering::SeqCst);
+        }
+        self.check_room();
+    }
+
+    fn info_mut(&mut self, conn: Conn) -> Option<&mut ConnInfo> {
+        self.conns
+            .get_mut(conn.index() as usize)?
+            .as_mut()
+            .filter(|i| i.conn == conn)
+    }
+
+    fn subscribe(&mut self, group: Arc<GroupShared>, conn: Conn) -> io::Result<()> {
+        let id = group.id;
+        let handle = self.handle(conn);
+        let Some(info) = self
+            .conns
+            .get_mut(conn.index() as usize)
+            .and_then(Option::as_mut)
+            .filter(|i| i.conn == conn)
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{handle}: unknown or detached connection"),
+            ));
+        };
+        if info.groups.contains(&id) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{handle} is already subscribed to {id}"),
+            ));
+        }
+        info.groups.push(id);
+        let g = self.groups.entry(id).or_insert_with(|| ShardGroup {
+            shared: group,
+            subs: Vec::new(),
+            index: HashMap::new(),
+        });
+        g.index.insert(conn, g.subs.len());
+        g.subs.push(Sub {
+            conn,
+            state: SubState::Normal,
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Removes `conn` from group `id` here; false if it was not in it.
+    fn leave(&mut self, id: GroupId, conn: Conn) -> bool {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return false;
+        };
+        let Some(i) = g.index.remove(&conn) else {
+            return false;
+        };
+        let sub = g.subs.swap_remove(i);
+        if let Some(moved) = g.subs.get(i) {
+            g.index.insert(moved.conn, i);
+        }
+        if sub.state == SubState::Lagging {
+            unlag(&g.shared, &self.inner.pressure);
+        }
+        g.shared.per_shard[self.index].fetch_sub(1, Ordering::SeqCst);
+        if g.subs.is_empty() {
+            self.groups.remove(&id);
+        }
+        if let Some(info) = self.info_mut(conn) {
+            info.groups.retain(|&g| g != id);
+            if sub.state != SubState::Normal {
+                info.flagged -= 1;
+            }
+        }
+        true
+    }
+
+    /// `conn` is gone from the engine: leave every group, stop counting it.
+    fn forget(&mut self, conn: Conn) {
+        let groups = match self.info_mut(conn) {
+            Some(info) => info.groups.clone(),
+            None => return,
+        };
+        for id in groups {
+            self.leave(id, conn);
+        }
+        self.conns[conn.index() as usize] = None;
+        self.link().conns.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Queues `packet` on every subscriber of `id` held here, applying the
+    /// group's limit.
+    fn publish(&mut self, id: GroupId, packet: &Packet) {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return;
+        };
+        let GroupOptions {
+            limit,
+            policy,
+            stall,
+        } = g.shared.options;
+        let len = packet.len();
+        let mut slow = Vec::new();
+        let mut now = None;
+        for sub in &mut g.subs {
+            if sub.state == SubState::Lagging
+                && now
+                    .get_or_insert_with(Instant::now)
+                    .duration_since(sub.since)
+                    >= stall
+            {
+                // Held producers back long enough: stop counting it.
+                sub.state = SubState::Slow;
+                unlag(&g.shared, &self.inner.pressure);
+            }
+            if sub.state == SubState::Dropping {
+                let d = self.drops.entry((id, sub.conn)).or_default();
+                d.0 += 1;
+                d.1 += len as u64;
+                continue;
+            }
+            let queued = self.mover.queued(sub.conn).unwrap_or(0);
+            let fits = queued.saturating_add(len) <= limit
+                && match self.mover.send(sub.conn, packet.pieces.iter().cloned()) {
+                    Ok(()) => true,
+                    // The engine's own per-connection limit: as over ours.
+                    Err(e) if matches!(e.kind, SendErrorKind::BackPressure { .. }) => false,
+                    // Failed: its completion reports it (then it leaves).
+                    Err(_) => continue,
+                };
+            if fits {
+                if sub.state == SubState::Normal && queued + len > limit / 2 {
+                    sub.state = SubState::Lagging;
+                    sub.since = Instant::now();
+                    g.shared.lagging.fetch_add(1, Ordering::SeqCst);
+                    flag(&mut self.conns, sub.conn, 1);
+                }
+                continue;
+            }
+            // Over the limit: the policy decides.
+            match sub.state {
+                SubState::Lagging => unlag(&g.shared, &self.inner.pressure),
+                SubState::Normal => flag(&mut self.conns, sub.conn, 1),
+                SubState::Slow | SubState::Dropping => {}
+            }
+            match policy {
+                SlowPolicy::Drop => {
+                    sub.state = SubState::Dropping;
+                    let d = self.drops.entry((id, sub.conn)).or_default();
+                    d.0 += 1;
+                    d.1 += len as u64;
+                }
+                SlowPolicy::Disconnect => {
+                    // Leaves the group below; `Dropping` so `leave` does not
+                    // count it as lagging twice.
+                    sub.state = SubState::Dropping;
+                    slow.push(sub.conn);
+                }
+            }
+        }
+        for conn in slow {
+            let mut dropped = len as u64;
+            if let Ok(d) = self.mover.detach(conn) {
+                dropped += d.unsent.iter().map(|b| b.len() as u64).sum::<u64>();
+            }
+            self.forget(conn);
+            self.events.send(Event::Disconnected {
+                group: id,
+                conn: self.handle(conn),
+                dropped_bytes: dropped,
+            });
+        }
+    }
+
+    /// One [`Event::Dropped`] per subscriber that skipped packets this round.
+    fn emit_drops(&mut self) {
+        for ((group, conn), (packets, bytes)) in self.drops.drain() {
+            self.events.send(Event::Dropped {
+                group,
+                conn: ShardConn {
+                    shard: self.index as u32,
+                    conn,
+                },
+                packets,
+                bytes,
+            });
+        }
+    }
+
+    /// Handles what `wait` reaped: failures, and catching up.
+    fn completions(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        for c in done.drain(..) {
+            let conn = c.conn;
+            if let Some(err) = c.error {
+                // Detach frees the slot and closes the fd; the queue was
+                // already handed back in the completion.
+                let mut unsent = err.unsent;
+                if let Ok(d) = self.mover.detach(conn) {
+                    unsent.extend(d.unsent);
+                }
+                self.forget(conn);
+                self.events.send(Event::Failed {
+                    conn: self.handle(conn),
+                    error: err.error,
+                    unsent,
+                });
+                continue;
+            }
+            if self.report_writes {
+                self.events.send(Event::Written {
+                    conn: self.handle(conn),
+                    written: c.written,
+                    queued: c.queued,
+                });
+            }
+            if self.info_mut(conn).is_some_and(|i| i.flagged > 0) {
+                self.caught_up(conn, c.queued);
+            }
+        }
+        self.done = done;
+    }
+
+    /// `conn` has `queued` bytes left: clear the states it has left behind.
+    fn caught_up(&mut self, conn: Conn, queued: usize) {
+        let handle = self.handle(conn);
+        let Some(info) = self
+            .conns
+            .get_mut(conn.index() as usize)
+            .and_then(Option::as_mut)
+            .filter(|i| i.conn == conn)
+        else {
+            return;
+        };
+        if let Some(limit) = info.refused_at {
+            if queued <= limit / 2 {
+                info.refused_at = None;
+                info.flagged -= 1;
+                self.events.send(Event::Writable {
+                    conn: handle,
+                    group: None,
+                });
+            }
+        }
+        for id in &info.groups {
+            let Some(g) = self.groups.get_mut(id) else {
+                continue;
+            };
+            let Some(&i) = g.index.get(&conn) else {
+                continue;
+            };
+            let sub = &mut g.subs[i];
+            if sub.state == SubState::Normal || queued > g.shared.options.limit / 4 {
+                continue;
+            }
+            match sub.state {
+                SubState::Lagging => unlag(&g.shared, &self.inner.pressure),
+                SubState::Dropping => self.events.send(Event::Writable {
+                    conn: handle,
+                    group: Some(*id),
+                }),
+                SubState::Normal | SubState::Slow => {}
+            }
+            sub.state = SubState::Normal;
+            info.flagged -= 1;
+        }
+    }
+
+    /// Every connection's queue is empty and nothing is in flight.
+    fn flushed(&self) -> bool {
+        self.mover.in_flight() == 0
+            && self
+                .conns
+                .iter()
+                .flatten()
+                .all(|i| self.mover.queued(i.conn).unwrap_or(0) == 0)
+    }
+
+    /// Detaches every connection (closing it), recording what it had not sent.
+    fn close_all(&mut self) {
+        let conns: Vec<Conn> = self.conns.iter().flatten().map(|i| i.conn).collect();
+        for conn in conns {
+            if let Ok(d) = self.mover.detach(conn) {
+                if d.unsent.iter().any(|b| !b.is_empty()) {
+                    self.report.unsent.push((self.handle(conn), d.unsent));
+                }
+            }
+            self.forget(conn);
+        }
+    }
+}
+
+/// A subscriber stopped lagging: the group may be writable again.
+fn unlag(group: &GroupShared, pressure: &Pressure) {
+    if group.lagging.fetch_sub(1, Ordering::SeqCst) == 1 {
+        pressure.notify();
+    }
+}
+
+fn flag(conns: &mut [Option<ConnInfo>], conn: Conn, by: usize) {
+    if let Some(info) = conns
+        .get_mut(conn.index() as usize)
+        .and_then(Option::as_mut)
+        .filter(|i| i.conn == conn)
+    {
+        info.flagged += by;
+    }
+}
+
+impl fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            Cmd::Attach { .. } => "Attach",
+            Cmd::Detach { .. } => "Detach",
+            Cmd::Send { .. } => "Send",
+            Cmd::Subscribe { .. } => "Subscribe",
+            Cmd::Unsubscribe { .. } => "Unsubscribe",
+            Cmd::Publish { .. } => "Publish",
+            Cmd::Shutdown { .. } => "Shutdown",
+        };
+        f.write_str(name)
+    }
+}
