@@ -80,8 +80,8 @@ pub struct Args {
 
 /// Serves every connection that comes until killed; prints the address.
 pub fn run(args: &Args) -> anyhow::Result<crate::Outcome> {
-    let listener = TcpListener::bind(args.listen)
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("listening on {}", listener.local_addr()?);
     serve(listener, None)?;
     Ok(crate::Outcome::Success)

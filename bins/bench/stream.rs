@@ -114,7 +114,10 @@ fn worker(
             baseline(strategy, socks, pkt, opts.queue, stop, calls)
         }
         Strategy::Write | Strategy::Copy => {
-            bail!("{} runs only in lock-step rounds (--queue 0)", strategy.name())
+            bail!(
+                "{} runs only in lock-step rounds (--queue 0)",
+                strategy.name()
+            )
         }
     }
 }
@@ -259,7 +262,11 @@ fn baseline(
                         if q.packets == 0 {
                             break Turn::Emptied;
                         }
-                        let packets = if strategy == Strategy::Writev { 1 } else { q.packets };
+                        let packets = if strategy == Strategy::Writev {
+                            1
+                        } else {
+                            q.packets
+                        };
                         fill(&mut iov, pkt, packets, q.offset);
                         nix::sys::uio::writev(fd, &iov)
                     }

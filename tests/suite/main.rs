@@ -34,5 +34,6 @@ mod recv;
 #[cfg(target_os = "linux")]
 mod seccomp;
 mod send;
+mod stream;
 mod util;
 mod zerocopy;
