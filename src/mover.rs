@@ -710,9 +710,11 @@ impl Mover {
         if !datagram && (self.zero_copy == ZeroCopy::Never || st.copy_only) {
             // Copy small, reference large; never copy registered memory.
             let pool = self.pool.as_ref();
+            let registered =
+                |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
             st.outbox.set_copy_threshold(self.copy_threshold);
             st.outbox
-                .prepare(|s| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some()));
+                .prepare(pool.map(|_| &registered as &dyn Fn(&[u8]) -> bool));
         }
         let mut n = 0;
         while n < chain {

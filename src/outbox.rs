@@ -52,6 +52,13 @@ enum Entry {
 }
 
 impl Entry {
+    fn len(&self) -> usize {
+        match self {
+            Entry::One(b) => b.len(),
+            Entry::Packet(p) => p.len(),
+        }
+    }
+
     fn pieces(&self) -> &[Bytes] {
         match self {
             Entry::One(b) => std::slice::from_ref(b),
@@ -103,6 +110,27 @@ enum Src {
 impl Stage {
     fn active(&self) -> bool {
         self.next < self.segs.len()
+    }
+
+    /// Grows the last segment if it is a staged run (the bytes go right
+    /// after it in `buf`).
+    fn extend_run(&mut self, len: usize) -> bool {
+        match self.segs.last_mut() {
+            Some(seg) if matches!(seg.src, Src::Staged { .. }) => {
+                seg.len += len;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Appends a segment; false when the plan already has [`IOV_MAX`].
+    fn push(&mut self, len: usize, src: Src) -> bool {
+        if self.segs.len() == IOV_MAX {
+            return false;
+        }
+        self.segs.push(Seg { len, src });
+        true
     }
 
     /// `n` more bytes of the plan were written; the plan ends when all were.
@@ -285,48 +313,63 @@ impl Outbox {
     /// Plans the next write of a stream (call it only while no write of
     /// this outbox is in flight): with a copy threshold set and no write
     /// being resumed, copies runs of pieces shorter than the threshold into
-    /// the staging buffer, up to [`STAGE_CAP`] bytes and [`IOV_MAX`]
-    /// segments, leaving larger pieces and those for which `never_copy`
-    /// answers true (registered buffers) referenced. `fill_iovecs` then
+    /// the staging buffer, up to [`STAGE_CAP`] bytes (small pieces past
+    /// that go by reference) and [`IOV_MAX`] segments, leaving larger
+    /// pieces and those for which `never_copy` answers true (registered
+    /// buffers; `None`: there are none) referenced. `fill_iovecs` then
     /// follows the plan until `advance` has consumed all of it; partial
     /// writes resume inside it without copying again.
-    pub fn prepare(&mut self, never_copy: impl Fn(&[u8]) -> bool) {
+    pub fn prepare(&mut self, never_copy: Option<&dyn Fn(&[u8]) -> bool>) {
         let st = &mut self.stage;
         if st.threshold == 0 || self.framing == Framing::Datagram || st.active() {
             return;
         }
         st.segs.clear();
         st.buf.clear();
+        st.buf.reserve(self.queued.min(STAGE_CAP));
         (st.next, st.done, st.popped) = (0, 0, 0);
         let mut skip = self.front_piece;
         let mut offset = self.front_offset;
-        'walk: for (entry, e) in self.entries.iter().enumerate() {
+        for (entry, e) in self.entries.iter().enumerate() {
+            // A whole packet of small pieces: one run, copied without
+            // deciding piece by piece.
+            if let Entry::Packet(p) = e {
+                if skip == 0
+                    && offset == 0
+                    && never_copy.is_none()
+                    && p.max_piece() < st.threshold
+                    && st.buf.len() + p.len() <= STAGE_CAP
+                {
+                    if !st.extend_run(p.len())
+                        && !st.push(p.len(), Src::Staged { at: st.buf.len() })
+                    {
+                        return;
+                    }
+                    for piece in p.pieces() {
+                        st.buf.extend_from_slice(piece);
+                    }
+                    continue;
+                }
+            }
             for (piece, p) in e.pieces().iter().enumerate().skip(skip) {
                 let start = std::mem::take(&mut offset);
                 let s = &p[start..];
-                let staged = s.len() < st.threshold && !never_copy(s);
-                if staged && st.buf.len() + s.len() > STAGE_CAP {
-                    break 'walk;
-                }
-                let run = st
-                    .segs
-                    .last_mut()
-                    .filter(|g| staged && matches!(g.src, Src::Staged { .. }));
-                if let Some(run) = run {
-                    run.len += s.len();
-                } else if st.segs.len() == IOV_MAX {
-                    break 'walk;
+                // Once the buffer is full, small pieces go by reference.
+                let staged = s.len() < st.threshold
+                    && st.buf.len() + s.len() <= STAGE_CAP
+                    && !never_copy.is_some_and(|f| f(s));
+                let planned = if staged {
+                    st.extend_run(s.len()) || st.push(s.len(), Src::Staged { at: st.buf.len() })
                 } else {
-                    let src = if staged {
-                        Src::Staged { at: st.buf.len() }
-                    } else {
-                        Src::Piece {
-                            entry,
-                            piece,
-                            start,
-                        }
+                    let src = Src::Piece {
+                        entry,
+                        piece,
+                        start,
                     };
-                    st.segs.push(Seg { len: s.len(), src });
+                    st.push(s.len(), src)
+                };
+                if !planned {
+                    return;
                 }
                 if staged {
                     st.buf.extend_from_slice(s);
@@ -452,6 +495,14 @@ impl Outbox {
                         break;
                     };
                     let count = front.pieces().len();
+                    // A whole entry written: release it at once.
+                    if self.front_piece == 0 && self.front_offset == 0 && left >= front.len() {
+                        left -= front.len();
+                        self.pieces -= count;
+                        self.entries.pop_front();
+                        self.stage.popped += 1;
+                        continue;
+                    }
                     let rest = front.pieces()[self.front_piece].len() - self.front_offset;
                     if left < rest {
                         self.front_offset += left;
@@ -735,7 +786,7 @@ mod tests {
         ]);
         o.push_packet(pkt, None);
         o.push([b(b"x"), b(b"yz")], None);
-        o.prepare(|s| inside(&reg, s));
+        o.prepare(Some(&|s| inside(&reg, s)));
         let mut iov = Vec::new();
         let batch = o.fill_iovecs(&mut iov, IOV_MAX);
         assert_eq!((batch.iovecs, batch.bytes), (5, 5075));
@@ -769,7 +820,7 @@ mod tests {
             o.set_copy_threshold(1024);
             o.push_packet(pkt.clone(), None);
             assert_eq!((o.queued_bytes(), o.front_pieces()), (800, 8));
-            o.prepare(|_| false);
+            o.prepare(None);
         }
         assert!(pkt.pieces().iter().all(|p| p.is_unique()));
         for o in &mut boxes {
@@ -932,7 +983,7 @@ mod tests {
                 if step == stop {
                     break;
                 }
-                o.prepare(|s| inside(&reg, s));
+                o.prepare(Some(&|s| inside(&reg, s)));
                 let mut iov = Vec::new();
                 let batch = o.fill_iovecs(&mut iov, IOV_MAX);
                 prop_assert!(batch.iovecs <= o.front_pieces().min(IOV_MAX));

@@ -26,6 +26,9 @@ pub struct Packet(Option<Arc<Inner>>);
 struct Inner {
     pieces: Box<[Bytes]>,
     len: usize,
+    /// The longest piece: below the copy threshold, the whole packet is
+    /// staged in one go.
+    max_piece: usize,
 }
 
 impl Packet {
@@ -36,7 +39,12 @@ impl Packet {
             return Packet(None);
         }
         let len = pieces.iter().map(Bytes::len).sum();
-        Packet(Some(Arc::new(Inner { pieces, len })))
+        let max_piece = pieces.iter().map(Bytes::len).max().unwrap_or(0);
+        Packet(Some(Arc::new(Inner {
+            pieces,
+            len,
+            max_piece,
+        })))
     }
 
     /// Total bytes.
@@ -47,6 +55,10 @@ impl Packet {
     /// No bytes at all.
     pub fn is_empty(&self) -> bool {
         self.0.is_none()
+    }
+
+    pub(crate) fn max_piece(&self) -> usize {
+        self.0.as_ref().map_or(0, |i| i.max_piece)
     }
 
     /// The pieces, none of them empty.
