@@ -21,7 +21,7 @@ use crate::backend::{Backend, BackendChoice, Selection};
 use crate::driver::{Driver, Event, Token, WriteOp};
 use crate::fixed::{FixedBufMut, FixedBufPool};
 use crate::opcode::Opcode;
-use crate::outbox::{Framing, Outbox, IOV_MAX};
+use crate::outbox::{Framing, NeverCopy, Outbox, IOV_MAX};
 use crate::packet::Packet;
 use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
@@ -714,7 +714,7 @@ impl Mover {
                 |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
             st.outbox.set_copy_threshold(self.copy_threshold);
             st.outbox
-                .prepare(pool.map(|_| &registered as &dyn Fn(&[u8]) -> bool));
+                .prepare(pool.map(|_| &registered as &NeverCopy<'_>));
         }
         let mut n = 0;
         while n < chain {

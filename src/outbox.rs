@@ -67,6 +67,9 @@ impl Entry {
     }
 }
 
+/// Answers true for memory that must never be copied (registered buffers).
+pub type NeverCopy<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
 /// Most bytes one write stages (see [`Outbox::set_copy_threshold`]).
 pub const STAGE_CAP: usize = 64 << 10;
 
@@ -319,7 +322,7 @@ impl Outbox {
     /// buffers; `None`: there are none) referenced. `fill_iovecs` then
     /// follows the plan until `advance` has consumed all of it; partial
     /// writes resume inside it without copying again.
-    pub fn prepare(&mut self, never_copy: Option<&dyn Fn(&[u8]) -> bool>) {
+    pub fn prepare(&mut self, never_copy: Option<&NeverCopy<'_>>) {
         let st = &mut self.stage;
         if st.threshold == 0 || self.framing == Framing::Datagram || st.active() {
             return;
