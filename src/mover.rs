@@ -705,8 +705,6 @@ impl Mover {
         } else {
             1
         };
-        // How many ops to fill: a chain stops before a datagram too big to
-        // send in one call (it fails the connection once it is the front).
         if !datagram && (self.zero_copy == ZeroCopy::Never || st.copy_only) {
             // Copy small, reference large; never copy registered memory.
             let pool = self.pool.as_ref();
@@ -716,6 +714,8 @@ impl Mover {
             st.outbox
                 .prepare(pool.map(|_| &registered as &NeverCopy<'_>));
         }
+        // How many ops to fill: a chain stops before a datagram too big to
+        // send in one call (it fails the connection once it is the front).
         let mut n = 0;
         while n < chain {
             if st.ops.len() == n {
