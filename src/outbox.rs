@@ -348,9 +348,7 @@ impl Outbox {
                     {
                         return;
                     }
-                    for piece in p.pieces() {
-                        st.buf.extend_from_slice(piece);
-                    }
+                    p.copy_to(&mut st.buf);
                     continue;
                 }
             }

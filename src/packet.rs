@@ -1,7 +1,7 @@
 //! A packet: one message of many pieces, shared by every connection it is
 //! queued on.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
@@ -29,6 +29,10 @@ struct Inner {
     /// The longest piece: below the copy threshold, the whole packet is
     /// staged in one go.
     max_piece: usize,
+    /// The pieces glued, made the first time a shared packet of small
+    /// pieces is staged: each connection then copies one run, not a
+    /// piece at a time.
+    glued: OnceLock<Box<[u8]>>,
 }
 
 impl Packet {
@@ -44,6 +48,7 @@ impl Packet {
             pieces,
             len,
             max_piece,
+            glued: OnceLock::new(),
         })))
     }
 
@@ -59,6 +64,19 @@ impl Packet {
 
     pub(crate) fn max_piece(&self) -> usize {
         self.0.as_ref().map_or(0, |i| i.max_piece)
+    }
+
+    /// Copies the packet to the end of `buf`: for a packet others share
+    /// too (a fan-out), from its glued form, made once for all of them.
+    pub(crate) fn copy_to(&self, buf: &mut Vec<u8>) {
+        let Some(inner) = &self.0 else { return };
+        if Arc::strong_count(inner) > 1 {
+            buf.extend_from_slice(inner.glued.get_or_init(|| inner.pieces.concat().into()));
+        } else {
+            for p in inner.pieces.iter() {
+                buf.extend_from_slice(p);
+            }
+        }
     }
 
     /// The pieces, none of them empty.
