@@ -944,8 +944,13 @@ mod tests {
             writes in prop::collection::vec(any::<u32>(), 1..=40),
             stop in any::<u32>(),
             seed in any::<u64>(),
+            use_reg in any::<bool>(),
+            shared in any::<bool>(),
         ) {
             let reg = registered(1000);
+            // Clones held elsewhere, as a fan-out does (packets then stage
+            // from their glued form).
+            let mut held = Vec::new();
             let mut o = Outbox::new(Framing::Stream);
             o.set_copy_threshold(threshold);
             let mut input = Vec::new();
@@ -968,7 +973,7 @@ mod tests {
                         .map(|x| x.iter().map(|&c| c % 0xEE).collect())
                         .collect();
                     for (k, x) in bufs.iter_mut().enumerate() {
-                        if regs & (1 << (k % 8)) != 0 {
+                        if use_reg && regs & (1 << (k % 8)) != 0 {
                             let n = x.len().min(reg.len());
                             *x = reg.slice(..n);
                         }
@@ -976,7 +981,11 @@ mod tests {
                     input.extend_from_slice(&flat(&bufs));
                     originals.extend(bufs.iter().filter(|x| !x.is_empty()).cloned());
                     if as_packet {
-                        o.push_packet(Packet::new(bufs), None);
+                        let pkt = Packet::new(bufs);
+                        if shared {
+                            held.push(pkt.clone());
+                        }
+                        o.push_packet(pkt, None);
                     } else {
                         o.push(bufs, None);
                     }
@@ -984,7 +993,8 @@ mod tests {
                 if step == stop {
                     break;
                 }
-                o.prepare(Some(&|s| inside(&reg, s)));
+                let never_copy = |s: &[u8]| inside(&reg, s);
+                o.prepare(use_reg.then_some(&never_copy as &NeverCopy<'_>));
                 let mut iov = Vec::new();
                 let batch = o.fill_iovecs(&mut iov, IOV_MAX);
                 prop_assert!(batch.iovecs <= o.front_pieces().min(IOV_MAX));
