@@ -456,6 +456,62 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 /// assert!(done.iter().all(|c| c.error.is_none()));
 /// # Ok(()) }
 /// ```
+///
+/// # Streaming
+///
+/// A server producing continuously (a media stream fanned out to viewers, a
+/// broker's subscribers) keeps each connection topped up instead of
+/// waiting for every write: while [`is_writable`](Self::is_writable),
+/// queue packets with [`send_packet`](Self::send_packet) (one reference
+/// count per packet, however many pieces, and the same [`Packet`] shared by
+/// every subscriber); then `flush`, and `wait` with a timeout for
+/// completions. Whatever a connection queued while its last write was in
+/// flight leaves as its next write. A completion with
+/// [`Completion::writable_again`] says a connection that reached its high
+/// watermark is back at its low one: resume producing for it
+/// ([`MoverBuilder::write_watermarks`]; `send` refuses only at the hard
+/// byte limit). When a write is prepared, pieces under the copy threshold
+/// ([`MoverBuilder::copy_threshold`], 1 KiB) are copied into the
+/// connection's staging buffer (at most 64 KiB per write, freed when the
+/// queue empties), so the kernel copies a few large segments rather than
+/// hundreds of tiny iovecs; larger pieces and registered buffers go by
+/// reference, and zero-copy writes never stage. Exact accounting is
+/// unchanged: partial writes resume at the exact byte, and `unsent` (on
+/// failure or `detach`) is the original pieces, never the staged copies.
+/// `examples/stream.rs` is a complete producer.
+///
+/// ```no_run
+/// use bytes::Bytes;
+/// use ringmover::{Mover, Packet};
+/// # fn main() -> std::io::Result<()> {
+/// let mut mover = Mover::builder().write_watermarks(64 << 10, 256 << 10).build()?;
+/// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+/// let payload = Bytes::from(vec![0u8; 1 << 20]);
+/// let (mut at, mut done) = (0, Vec::new());
+/// loop {
+///     while mover.is_writable(conn) == Some(true) {
+///         let pkt = Packet::new([Bytes::from_static(b"HDR"), payload.slice(at..at + 1024)]);
+///         mover.send_packet(conn, pkt)?;
+///         at = (at + 1024) % payload.len();
+///     }
+///     mover.flush()?;
+///     mover.wait(&mut done, Some(std::time::Duration::from_millis(10)))?;
+///     if let Some(e) = done.drain(..).find_map(|c| c.error) {
+///         return Err(e.error); // writable_again needs no action here:
+///     }                        // is_writable says it on the next turn
+/// }
+/// # }
+/// ```
+///
+/// # Threading
+///
+/// One `Mover` is one thread's engine: on io_uring it owns one ring, set
+/// up single-issuer where the kernel allows, and the first thread that
+/// submits becomes its issuer. A `Mover` may be built on one thread and
+/// moved to another before its first `flush` (it is `Send`); once it has
+/// submitted, driving it from another thread fails with a clear error.
+/// To use every core, run one `Mover` per thread, each with its own share
+/// of the connections (`bench gather --threads N` does that).
 #[derive(Debug)]
 pub struct Mover {
     // Declared first so it drops first: the ring goes before the pool whose
