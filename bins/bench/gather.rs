@@ -395,13 +395,7 @@ fn rounds<'a>(
         }
         Strategy::Coalesce | Strategy::Glue => bail!("{} needs --queue", strategy.name()),
         Strategy::Mover(backend) => {
-            let mut builder = Mover::builder()
-                .backend(BackendChoice::Force(backend))
-                .queue_depth(socks.len().next_power_of_two().clamp(8, 4096) as u32);
-            if let Some(t) = copy_threshold {
-                builder = builder.copy_threshold(t);
-            }
-            let mut mover = builder.build()?;
+            let mut mover = build_mover(backend, socks.len(), copy_threshold)?;
             let packet = Packet::new(pkt.iter().cloned());
             let handles = socks
                 .into_iter()
@@ -424,6 +418,21 @@ fn rounds<'a>(
             })
         }
     })
+}
+
+/// A `Mover` on `backend` sized for `conns` connections.
+pub fn build_mover(
+    backend: Backend,
+    conns: usize,
+    copy_threshold: Option<usize>,
+) -> std::io::Result<Mover> {
+    let mut builder = Mover::builder()
+        .backend(BackendChoice::Force(backend))
+        .queue_depth(conns.next_power_of_two().clamp(8, 4096) as u32);
+    if let Some(t) = copy_threshold {
+        builder = builder.copy_threshold(t);
+    }
+    builder.build()
 }
 
 fn measure(

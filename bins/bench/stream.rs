@@ -15,9 +15,9 @@ use bytes::Bytes;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use ringmover::outbox::IOV_MAX;
-use ringmover::{Backend, BackendChoice, Mover, Packet};
+use ringmover::{Backend, Packet};
 
-use super::gather::{Measured, Strategy};
+use super::gather::{build_mover, Measured, Strategy};
 use super::sink::Sink;
 use super::{bytes_acked, peak_rss, reset_peak_rss, CpuMeter};
 
@@ -133,13 +133,7 @@ fn mover(
     stop: &AtomicBool,
     calls: &AtomicU64,
 ) -> anyhow::Result<u64> {
-    let mut builder = Mover::builder()
-        .backend(BackendChoice::Force(backend))
-        .queue_depth(socks.len().next_power_of_two().clamp(8, 4096) as u32);
-    if let Some(t) = opts.copy_threshold {
-        builder = builder.copy_threshold(t);
-    }
-    let mut mover = builder.build()?;
+    let mut mover = build_mover(backend, socks.len(), opts.copy_threshold)?;
     let packet = Packet::new(pkt.iter().cloned());
     let mut need = socks
         .into_iter()
