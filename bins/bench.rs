@@ -4,6 +4,7 @@
 mod gather;
 mod recv;
 mod sink;
+mod stream;
 mod zerocopy;
 
 use std::time::Duration;
@@ -25,6 +26,9 @@ enum Which {
     Recv(recv::Args),
     Zerocopy(zerocopy::ZcArgs),
     Fanout(zerocopy::FanoutArgs),
+    /// The benches' discarding TCP sink as its own process, for `--to`.
+    #[command(hide = true)]
+    Sink(sink::Args),
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -33,6 +37,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Which::Recv(a) => recv::run(a),
         Which::Zerocopy(a) => zerocopy::run_zc(a),
         Which::Fanout(a) => zerocopy::run_fanout(a),
+        Which::Sink(a) => sink::run(a),
     }
 }
 
@@ -179,5 +184,30 @@ pub fn set_rcvlowat(fd: &impl std::os::fd::AsRawFd, bytes: i32) -> std::io::Resu
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Bytes the peer of TCP socket `fd` has acknowledged (`tcpi_bytes_acked`,
+/// Linux 4.1): what its kernel received, whatever is still queued in the
+/// sender, in user space or in flight. 0 if the kernel cannot say.
+pub fn bytes_acked(fd: std::os::fd::RawFd) -> u64 {
+    // SAFETY: all-zero is a valid tcp_info (integers only).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a live tcp_info and `len` its size; the kernel
+    // writes at most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        info.tcpi_bytes_acked
+    } else {
+        0
     }
 }

@@ -28,6 +28,7 @@ pub mod fixed;
 pub mod mover;
 pub mod opcode;
 pub mod outbox;
+mod packet;
 pub mod probe;
 pub mod recv;
 pub mod send;
@@ -41,9 +42,10 @@ pub use backend::{Backend, BackendChoice, OpFallback, Selection, BACKEND_ENV};
 pub use fixed::{FixedBufMut, FixedBufPool};
 pub use mover::{
     Completion, Conn, ConnError, Detached, Mover, MoverBuilder, SendError, SendErrorKind, Stats,
-    ZeroCopy,
+    ZeroCopy, DEFAULT_COPY_THRESHOLD,
 };
 pub use opcode::Opcode;
+pub use packet::Packet;
 pub use probe::{KernelReport, RingSupport, RingUnavailable};
 pub use shard::{Group, Shards};
 pub use wake::Waker;

@@ -22,7 +22,8 @@ use crate::backend::{Backend, BackendChoice, Selection};
 use crate::driver::{Driver, Event, Token, WriteOp};
 use crate::fixed::{FixedBufMut, FixedBufPool};
 use crate::opcode::Opcode;
-use crate::outbox::{Framing, Outbox, IOV_MAX};
+use crate::outbox::{Framing, NeverCopy, Outbox, IOV_MAX};
+use crate::packet::Packet;
 use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
 use crate::wake::Waker;
@@ -80,6 +81,10 @@ pub struct Completion {
     pub queued: usize,
     /// Set when the connection failed; it accepts no more sends.
     pub error: Option<ConnError>,
+    /// This write took the connection's queue from at or above the high
+    /// watermark down to the low one or below: it is writable again (see
+    /// [`MoverBuilder::write_watermarks`]). Reported once per flip.
+    pub writable_again: bool,
 }
 
 impl Completion {
@@ -199,6 +204,8 @@ pub struct MoverBuilder {
     max_queued: usize,
     fixed: Option<(usize, usize)>,
     zero_copy: ZeroCopy,
+    copy_threshold: usize,
+    watermarks: Option<(usize, usize)>,
 }
 
 impl Default for MoverBuilder {
@@ -209,9 +216,15 @@ impl Default for MoverBuilder {
             max_queued: 64 << 20,
             fixed: None,
             zero_copy: ZeroCopy::Never,
+            copy_threshold: DEFAULT_COPY_THRESHOLD,
+            watermarks: None,
         }
     }
 }
+
+/// [`MoverBuilder::copy_threshold`]'s default: pieces under 1 KiB are
+/// copied into the staging buffer, larger ones referenced (docs/benchmarks.md).
+pub const DEFAULT_COPY_THRESHOLD: usize = 1 << 10;
 
 /// When sends avoid the copy into the kernel (io_uring `SEND_ZC`, 6.0, and
 /// `SENDMSG_ZC`, 6.1). Elsewhere, and where the opcodes are missing, every
@@ -282,6 +295,42 @@ impl MoverBuilder {
         self
     }
 
+    /// Copy small, reference large: when a write is prepared, runs of queued
+    /// pieces shorter than `bytes` are copied into the connection's staging
+    /// buffer (at most 64 KiB per write) so the kernel sees a few large
+    /// segments instead of many tiny iovecs; larger pieces, and slices of
+    /// registered buffers whatever their size, are sent by reference. Writes
+    /// that go zero-copy never stage. 0 turns staging off. Default 1 KiB.
+    pub fn copy_threshold(mut self, bytes: usize) -> Self {
+        self.copy_threshold = bytes;
+        self
+    }
+
+    /// Writability watermarks (Netty's `WriteBufferWaterMark`): a connection
+    /// whose queue reaches `high` bytes becomes unwritable
+    /// ([`Mover::is_writable`] answers false; `send` still accepts up to
+    /// the byte limit), and the completion whose write brings it back to
+    /// `low` bytes or fewer says [`Completion::writable_again`]. Default:
+    /// half the byte limit and the byte limit, so `writable_again` follows
+    /// a `BackPressure` refusal. `build` fails if `low > high` or `high` is 0.
+    pub fn write_watermarks(mut self, low: usize, high: usize) -> Self {
+        self.watermarks = Some((low, high));
+        self
+    }
+
+    fn watermarks(&self) -> io::Result<(usize, usize)> {
+        match self.watermarks {
+            None => Ok((self.max_queued / 2, self.max_queued.max(1))),
+            Some((low, high)) if low <= high && high > 0 => Ok((low, high)),
+            Some((low, high)) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "write_watermarks: low ({low}) must not exceed high ({high}), and high must be at least 1"
+                ),
+            )),
+        }
+    }
+
     /// Selects the backend and sets it up.
     pub fn build(self) -> io::Result<Mover> {
         let choice = match self.choice {
@@ -317,6 +366,8 @@ impl MoverBuilder {
             completions: Vec::new(),
             in_flight: 0,
             max_queued: self.max_queued,
+            copy_threshold: self.copy_threshold,
+            watermarks: self.watermarks()?,
             submissions: 0,
             writes: 0,
             bytes: 0,
@@ -359,6 +410,8 @@ struct ConnState {
     copy_only: bool,
     /// `Auto`: what this connection has learnt about zero-copy.
     zc_probe: ZcProbe,
+    /// Queue reached the high watermark and not yet back to the low one.
+    unwritable: bool,
 }
 
 /// `ZeroCopy::Auto` learns per connection: one zero-copy send first (the
@@ -387,6 +440,22 @@ fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
         return None;
     }
     slot.state.as_mut()
+}
+
+/// Why `st` refuses a send now, if it does.
+fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<SendErrorKind> {
+    if st.failed {
+        Some(SendErrorKind::Failed)
+    } else if dest.is_some() && st.kind != FdKind::DatagramSocket {
+        Some(SendErrorKind::NotDatagram)
+    } else if st.outbox.queued_bytes() >= limit {
+        Some(SendErrorKind::BackPressure {
+            queued: st.outbox.queued_bytes(),
+            limit,
+        })
+    } else {
+        None
+    }
 }
 
 /// The batched-send engine.
@@ -421,6 +490,62 @@ fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
 /// assert!(done.iter().all(|c| c.error.is_none()));
 /// # Ok(()) }
 /// ```
+///
+/// # Streaming
+///
+/// A server producing continuously (a media stream fanned out to viewers, a
+/// broker's subscribers) keeps each connection topped up instead of
+/// waiting for every write: while [`is_writable`](Self::is_writable),
+/// queue packets with [`send_packet`](Self::send_packet) (one reference
+/// count per packet, however many pieces, and the same [`Packet`] shared by
+/// every subscriber); then `flush`, and `wait` with a timeout for
+/// completions. Whatever a connection queued while its last write was in
+/// flight leaves as its next write. A completion with
+/// [`Completion::writable_again`] says a connection that reached its high
+/// watermark is back at its low one: resume producing for it
+/// ([`MoverBuilder::write_watermarks`]; `send` refuses only at the hard
+/// byte limit). When a write is prepared, pieces under the copy threshold
+/// ([`MoverBuilder::copy_threshold`], 1 KiB) are copied into the
+/// connection's staging buffer (at most 64 KiB per write, freed when the
+/// queue empties), so the kernel copies a few large segments rather than
+/// hundreds of tiny iovecs; larger pieces and registered buffers go by
+/// reference, and zero-copy writes never stage. Exact accounting is
+/// unchanged: partial writes resume at the exact byte, and `unsent` (on
+/// failure or `detach`) is the original pieces, never the staged copies.
+/// `examples/stream.rs` is a complete producer.
+///
+/// ```no_run
+/// use bytes::Bytes;
+/// use ringmover::{Mover, Packet};
+/// # fn main() -> std::io::Result<()> {
+/// let mut mover = Mover::builder().write_watermarks(64 << 10, 256 << 10).build()?;
+/// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+/// let payload = Bytes::from(vec![0u8; 1 << 20]);
+/// let (mut at, mut done) = (0, Vec::new());
+/// loop {
+///     while mover.is_writable(conn) == Some(true) {
+///         let pkt = Packet::new([Bytes::from_static(b"HDR"), payload.slice(at..at + 1024)]);
+///         mover.send_packet(conn, pkt)?;
+///         at = (at + 1024) % payload.len();
+///     }
+///     mover.flush()?;
+///     mover.wait(&mut done, Some(std::time::Duration::from_millis(10)))?;
+///     if let Some(e) = done.drain(..).find_map(|c| c.error) {
+///         return Err(e.error); // writable_again needs no action here:
+///     }                        // is_writable says it on the next turn
+/// }
+/// # }
+/// ```
+///
+/// # Threading
+///
+/// One `Mover` is one thread's engine: on io_uring it owns one ring, set
+/// up single-issuer where the kernel allows, and the first thread that
+/// submits becomes its issuer. A `Mover` may be built on one thread and
+/// moved to another before its first `flush` (it is `Send`); once it has
+/// submitted, driving it from another thread fails with a clear error.
+/// To use every core, run one `Mover` per thread, each with its own share
+/// of the connections (`bench gather --threads N` does that).
 #[derive(Debug)]
 pub struct Mover {
     // Declared first so it drops first: the ring goes before the pool whose
@@ -438,6 +563,9 @@ pub struct Mover {
     completions: Vec<Completion>,
     in_flight: usize,
     max_queued: usize,
+    copy_threshold: usize,
+    /// (low, high) writability watermarks.
+    watermarks: (usize, usize),
     submissions: u64,
     writes: u64,
     bytes: u64,
@@ -520,6 +648,7 @@ impl Mover {
             failed: false,
             copy_only: false,
             zc_probe: ZcProbe::Untried,
+            unwritable: false,
         });
         Ok(conn)
     }
@@ -564,28 +693,19 @@ impl Mover {
         dest: Option<SocketAddr>,
     ) -> Result<(), SendError<I>> {
         let limit = self.max_queued;
+        let high = self.watermarks.1;
         let Some(st) = self.state_mut(conn) else {
             return Err(SendError {
                 kind: SendErrorKind::UnknownConn,
                 bufs,
             });
         };
-        let refuse = if st.failed {
-            Some(SendErrorKind::Failed)
-        } else if dest.is_some() && st.kind != FdKind::DatagramSocket {
-            Some(SendErrorKind::NotDatagram)
-        } else if st.outbox.queued_bytes() >= limit {
-            Some(SendErrorKind::BackPressure {
-                queued: st.outbox.queued_bytes(),
-                limit,
-            })
-        } else {
-            None
-        };
+        let refuse = refusal(st, dest, limit);
         if let Some(kind) = refuse {
             return Err(SendError { kind, bufs });
         }
         st.outbox.push(bufs, dest);
+        st.unwritable |= st.outbox.queued_bytes() >= high;
         if st.kind != FdKind::DatagramSocket && st.outbox.queued_bytes() == 0 {
             // Only empty buffers on a stream: nothing to write, nothing to keep.
             st.outbox.take_unsent();
@@ -601,6 +721,43 @@ impl Mover {
     /// Bytes queued on `conn` and not yet written (`None` if unknown).
     pub fn queued(&self, conn: Conn) -> Option<usize> {
         self.state(conn).map(|s| s.outbox.queued_bytes())
+    }
+
+    /// Queues `packet` on `conn` as `send` queues its pieces, but by one
+    /// reference for the whole packet however many pieces it has: queue
+    /// the same packet on a thousand connections with a thousand atomic
+    /// increments, and release it with as many decrements once written.
+    /// Refuses, handing the packet back, exactly when `send` would.
+    pub fn send_packet(&mut self, conn: Conn, packet: Packet) -> Result<(), SendError<Packet>> {
+        let (limit, high) = (self.max_queued, self.watermarks.1);
+        let Some(st) = self.state_mut(conn) else {
+            return Err(SendError {
+                kind: SendErrorKind::UnknownConn,
+                bufs: packet,
+            });
+        };
+        if let Some(kind) = refusal(st, None, limit) {
+            return Err(SendError { kind, bufs: packet });
+        }
+        let datagram = st.kind == FdKind::DatagramSocket;
+        if packet.is_empty() && !datagram {
+            return Ok(());
+        }
+        st.outbox.push_packet(packet, None);
+        st.unwritable |= st.outbox.queued_bytes() >= high;
+        if st.in_flight == 0 && !st.scheduled {
+            st.scheduled = true;
+            self.dirty.push(conn);
+        }
+        Ok(())
+    }
+
+    /// Whether `conn` is below its high watermark, or back to its low one
+    /// since it reached it (see [`MoverBuilder::write_watermarks`]); `None`
+    /// if unknown. A streaming producer sends while this holds, then waits
+    /// for a completion with [`Completion::writable_again`].
+    pub fn is_writable(&self, conn: Conn) -> Option<bool> {
+        self.state(conn).map(|s| !s.unwritable)
     }
 
     /// Starts a write for every connection with queued data and none in
@@ -699,6 +856,15 @@ impl Mover {
             st.scheduled = true;
             return Ok(Started::NoRoom);
         }
+        if !datagram && (self.zero_copy == ZeroCopy::Never || st.copy_only) {
+            // Copy small, reference large; never copy registered memory.
+            let pool = self.pool.as_ref();
+            let registered =
+                |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
+            st.outbox.set_copy_threshold(self.copy_threshold);
+            st.outbox
+                .prepare(pool.map(|_| &registered as &NeverCopy<'_>));
+        }
         // How many ops to fill: a chain stops before a datagram too big to
         // send in one call (it fails the connection once it is the front).
         let mut n = 0;
@@ -760,7 +926,8 @@ impl Mover {
         }
         // SAFETY: `st.ops[..n]` are boxed and none is touched again until
         // every `Done` of this chain has been seen (`in_flight` back to 0);
-        // the `Bytes` their iovecs point at stay in `st.outbox`, which only
+        // the `Bytes` (and staged copies) their iovecs point at stay in
+        // `st.outbox`, which only
         // advances on these writes' `Done`s; `Drop` and `detach` wait for
         // every in-flight write before freeing either. On error nothing was
         // started.
@@ -794,6 +961,7 @@ impl Mover {
             written: 0,
             queued: 0,
             error: Some(ConnError { error, unsent }),
+            writable_again: false,
         });
     }
 
@@ -826,11 +994,15 @@ impl Mover {
                                 st.outbox.advance(n);
                                 self.bytes += n as u64;
                                 self.short_writes += u64::from(n < asked);
+                                let again =
+                                    st.unwritable && st.outbox.queued_bytes() <= self.watermarks.0;
+                                st.unwritable &= !again;
                                 self.completions.push(Completion {
                                     conn,
                                     written: n,
                                     queued: st.outbox.queued_bytes(),
                                     error: None,
+                                    writable_again: again,
                                 });
                             }
                             // The rest of a chain whose earlier write failed:

@@ -1,5 +1,6 @@
-//! The backend-neutral core: a per-connection queue of `Bytes`, its iovec
-//! view, and partial-write accounting. No syscalls, no `unsafe`: every
+//! The backend-neutral core: a per-connection queue of `Bytes` and
+//! [`Packet`]s, its iovec view (small pieces optionally staged into one
+//! buffer), and partial-write accounting. No syscalls, no `unsafe`: every
 //! backend and the blocking helper share this one implementation, and its
 //! tests need no kernel.
 
@@ -7,6 +8,8 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+
+use crate::packet::Packet;
 
 /// Linux `IOV_MAX`: at most this many iovecs per `writev`/`sendmsg` call.
 pub const IOV_MAX: usize = 1024;
@@ -31,7 +34,7 @@ pub struct Batch {
     pub dest: Option<SocketAddr>,
 }
 
-/// One queued datagram: the next `bufs` entries of [`Outbox::bufs`].
+/// One queued datagram: the next `bufs` entries of the queue.
 #[derive(Debug, Clone, Copy)]
 struct Message {
     /// Non-empty `Bytes` entries in this message.
@@ -41,33 +44,164 @@ struct Message {
     dest: Option<SocketAddr>,
 }
 
-/// A FIFO of `Bytes` with a cursor into the front one: what one connection
-/// has queued and not yet written. Buffers are never copied or glued.
+/// One queued item: a `Bytes`, or a whole packet held by one reference.
+#[derive(Debug)]
+enum Entry {
+    One(Bytes),
+    Packet(Packet),
+}
+
+impl Entry {
+    fn len(&self) -> usize {
+        match self {
+            Entry::One(b) => b.len(),
+            Entry::Packet(p) => p.len(),
+        }
+    }
+
+    fn pieces(&self) -> &[Bytes] {
+        match self {
+            Entry::One(b) => std::slice::from_ref(b),
+            Entry::Packet(p) => p.pieces(),
+        }
+    }
+}
+
+/// Answers true for memory that must never be copied (registered buffers).
+pub type NeverCopy<'a> = dyn Fn(&[u8]) -> bool + 'a;
+
+/// Most bytes one write stages (see [`Outbox::set_copy_threshold`]).
+pub const STAGE_CAP: usize = 64 << 10;
+
+/// The staging buffer and the plan of the write being sent: which queued
+/// bytes go from the buffer and which by reference.
+#[derive(Debug, Default)]
+struct Stage {
+    /// Pieces shorter than this are copied; 0: none.
+    threshold: usize,
+    /// Copies of small pieces. Written only by `prepare` while no plan is
+    /// active, so it never moves under iovecs handed out for the plan.
+    buf: Vec<u8>,
+    /// The plan: consecutive queued bytes from the cursor on.
+    segs: Vec<Seg>,
+    /// The first segment not wholly written, and bytes of it written.
+    next: usize,
+    done: usize,
+    /// Entries popped since the plan was made (`Src::Piece::entry`
+    /// counts from the front as it was then).
+    popped: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    len: usize,
+    src: Src,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Src {
+    /// `buf[at..at + len]`.
+    Staged { at: usize },
+    /// `entries[entry].pieces()[piece][start..start + len]`.
+    Piece {
+        entry: usize,
+        piece: usize,
+        start: usize,
+    },
+}
+
+impl Stage {
+    fn active(&self) -> bool {
+        self.next < self.segs.len()
+    }
+
+    /// Grows the last segment if it is a staged run (the bytes go right
+    /// after it in `buf`).
+    fn extend_run(&mut self, len: usize) -> bool {
+        match self.segs.last_mut() {
+            Some(seg) if matches!(seg.src, Src::Staged { .. }) => {
+                seg.len += len;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Appends a segment; false when the plan already has [`IOV_MAX`].
+    fn push(&mut self, len: usize, src: Src) -> bool {
+        if self.segs.len() == IOV_MAX {
+            return false;
+        }
+        self.segs.push(Seg { len, src });
+        true
+    }
+
+    /// `n` more bytes of the plan were written; the plan ends when all were.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 && self.active() {
+            let rest = self.segs[self.next].len - self.done;
+            if n < rest {
+                self.done += n;
+                return;
+            }
+            n -= rest;
+            self.next += 1;
+            self.done = 0;
+        }
+        if !self.active() {
+            self.segs.clear();
+            (self.next, self.done, self.popped) = (0, 0, 0);
+        }
+    }
+
+    /// Forgets the plan and, if large, the buffer (an idle connection
+    /// keeps no staging memory).
+    fn reset(&mut self) {
+        self.consume(usize::MAX);
+        if self.buf.capacity() > 4096 {
+            self.buf = Vec::new();
+        }
+    }
+}
+
+/// A FIFO of `Bytes` and [`Packet`]s with a cursor into the front piece:
+/// what one connection has queued and not yet written. Queued buffers are
+/// never modified; with a copy threshold set, [`prepare`](Self::prepare)
+/// copies runs of small pieces into a staging buffer for the next write.
 ///
-/// Invariants: `bufs` holds no empty `Bytes`; `front_offset` is 0 for
-/// datagrams and, for streams, less than the front buffer's length (0 when
-/// `bufs` is empty); `queued` is the sum of unwritten bytes.
+/// Invariants: no piece is empty; for streams the cursor (`front_piece`,
+/// `front_offset`) points inside the front entry's pieces (both 0 when
+/// empty), for datagrams it stays at 0; `queued` is the sum of unwritten
+/// bytes and `pieces` the number of pieces not wholly written.
 #[derive(Debug)]
 pub struct Outbox {
     framing: Framing,
-    bufs: VecDeque<Bytes>,
-    /// Bytes of `bufs[0]` already written (streams only).
+    entries: VecDeque<Entry>,
+    /// The first unwritten piece is `entries[0].pieces()[front_piece]`,
+    /// of which `front_offset` bytes are written (streams only).
+    front_piece: usize,
     front_offset: usize,
     /// Unwritten bytes in total.
     queued: usize,
+    /// Pieces not wholly written.
+    pieces: usize,
     /// Message boundaries (datagrams only).
     messages: VecDeque<Message>,
+    stage: Stage,
 }
 
 impl Outbox {
-    /// An empty outbox.
+    /// An empty outbox (copy threshold 0: nothing is ever copied).
     pub fn new(framing: Framing) -> Outbox {
         Outbox {
             framing,
-            bufs: VecDeque::new(),
+            entries: VecDeque::new(),
+            front_piece: 0,
             front_offset: 0,
             queued: 0,
+            pieces: 0,
             messages: VecDeque::new(),
+            stage: Stage::default(),
         }
     }
 
@@ -76,24 +210,56 @@ impl Outbox {
         self.framing
     }
 
+    /// Copy small, reference large: once set, [`prepare`](Self::prepare)
+    /// copies pieces shorter than `threshold` bytes (at most [`STAGE_CAP`]
+    /// per write) into one staging buffer, so the kernel sees a few large
+    /// segments instead of many tiny iovecs; larger pieces stay referenced.
+    /// 0 (the default) copies nothing. Streams only. Takes effect at the
+    /// next plan (a write being resumed keeps its own).
+    pub fn set_copy_threshold(&mut self, threshold: usize) {
+        self.stage.threshold = threshold;
+    }
+
+    /// The threshold [`set_copy_threshold`](Self::set_copy_threshold) set.
+    pub fn copy_threshold(&self) -> usize {
+        self.stage.threshold
+    }
+
     /// Queues buffers without copying. Stream: they continue the byte
     /// sequence (`dest` is ignored). Datagram: they form one message to
     /// `dest` (`None`: the connected peer); an all-empty push is one empty
     /// datagram. Zero-length buffers never produce an iovec.
     pub fn push<I: IntoIterator<Item = Bytes>>(&mut self, bufs: I, dest: Option<SocketAddr>) {
-        let before = self.bufs.len();
+        let before = self.entries.len();
         let mut bytes = 0;
         for b in bufs.into_iter().filter(|b| !b.is_empty()) {
             bytes += b.len();
-            self.bufs.push_back(b);
+            self.entries.push_back(Entry::One(b));
         }
+        let added = self.entries.len() - before;
         self.queued += bytes;
+        self.pieces += added;
         if self.framing == Framing::Datagram {
             self.messages.push_back(Message {
-                bufs: self.bufs.len() - before,
+                bufs: added,
                 bytes,
                 dest,
             });
+        }
+    }
+
+    /// Queues a packet as `push` queues its pieces, but by one reference
+    /// for all of them (a datagram socket gets one datagram of its pieces,
+    /// each referenced).
+    pub fn push_packet(&mut self, packet: Packet, dest: Option<SocketAddr>) {
+        match self.framing {
+            Framing::Datagram => self.push(packet.pieces().iter().cloned(), dest),
+            Framing::Stream if packet.is_empty() => {}
+            Framing::Stream => {
+                self.queued += packet.len();
+                self.pieces += packet.pieces().len();
+                self.entries.push_back(Entry::Packet(packet));
+            }
         }
     }
 
@@ -118,9 +284,19 @@ impl Outbox {
         }
     }
 
-    /// The next unsent bytes as slices, in order, from the exact byte after
-    /// what was written, never empty, at most `max_slices` of them. Stream:
-    /// as many as fit; datagram: the front message only.
+    /// Every unwritten piece from the cursor on, whole.
+    fn unwritten(&self) -> impl Iterator<Item = &Bytes> + '_ {
+        let skip = self.front_piece;
+        self.entries
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, e)| &e.pieces()[if i == 0 { skip } else { 0 }..])
+    }
+
+    /// The next unsent bytes as slices of the queued pieces, in order, from
+    /// the exact byte after what was written, never empty, at most
+    /// `max_slices` of them. Stream: as many as fit; datagram: the front
+    /// message only.
     pub fn chunks(&self, max_slices: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let offset = self.front_offset;
         self.front_bufs(max_slices)
@@ -131,21 +307,93 @@ impl Outbox {
     /// The `Bytes` behind `chunks(max_slices)`, whole (the front one not
     /// sliced at the cursor): clones keep that memory alive while the kernel
     /// may still read it, as zero-copy sends need until their notification.
+    /// They cover `fill_iovecs` only while no staged plan is active (the
+    /// engine stages only writes that are not zero-copy).
     pub fn front_bufs(&self, max_slices: usize) -> impl Iterator<Item = &Bytes> + '_ {
-        self.bufs.iter().take(self.front_pieces().min(max_slices))
+        self.unwritten().take(self.front_pieces().min(max_slices))
     }
 
-    /// Clears `out` and fills it with iovecs for exactly what
-    /// `chunks(max_iovecs)` yields (`max_iovecs` clamped to `1..=IOV_MAX`).
-    /// Datagram: the front message only, with its destination.
+    /// Plans the next write of a stream (call it only while no write of
+    /// this outbox is in flight): with a copy threshold set and no write
+    /// being resumed, copies runs of pieces shorter than the threshold into
+    /// the staging buffer, up to [`STAGE_CAP`] bytes (small pieces past
+    /// that go by reference) and [`IOV_MAX`] segments, leaving larger
+    /// pieces and those for which `never_copy` answers true (registered
+    /// buffers; `None`: there are none) referenced. `fill_iovecs` then
+    /// follows the plan until `advance` has consumed all of it; partial
+    /// writes resume inside it without copying again.
+    pub fn prepare(&mut self, never_copy: Option<&NeverCopy<'_>>) {
+        let st = &mut self.stage;
+        if st.threshold == 0 || self.framing == Framing::Datagram || st.active() {
+            return;
+        }
+        st.segs.clear();
+        st.buf.clear();
+        st.buf.reserve(self.queued.min(STAGE_CAP));
+        (st.next, st.done, st.popped) = (0, 0, 0);
+        let mut skip = self.front_piece;
+        let mut offset = self.front_offset;
+        for (entry, e) in self.entries.iter().enumerate() {
+            // A whole packet of small pieces: one run, copied without
+            // deciding piece by piece.
+            if let Entry::Packet(p) = e {
+                if skip == 0
+                    && offset == 0
+                    && never_copy.is_none()
+                    && p.max_piece() < st.threshold
+                    && st.buf.len() + p.len() <= STAGE_CAP
+                {
+                    if !st.extend_run(p.len())
+                        && !st.push(p.len(), Src::Staged { at: st.buf.len() })
+                    {
+                        return;
+                    }
+                    p.copy_to(&mut st.buf);
+                    continue;
+                }
+            }
+            for (piece, p) in e.pieces().iter().enumerate().skip(skip) {
+                let start = std::mem::take(&mut offset);
+                let s = &p[start..];
+                // Once the buffer is full, small pieces go by reference.
+                let staged = s.len() < st.threshold
+                    && st.buf.len() + s.len() <= STAGE_CAP
+                    && !never_copy.is_some_and(|f| f(s));
+                let planned = if staged {
+                    st.extend_run(s.len()) || st.push(s.len(), Src::Staged { at: st.buf.len() })
+                } else {
+                    let src = Src::Piece {
+                        entry,
+                        piece,
+                        start,
+                    };
+                    st.push(s.len(), src)
+                };
+                if !planned {
+                    return;
+                }
+                if staged {
+                    st.buf.extend_from_slice(s);
+                }
+            }
+            skip = 0;
+        }
+    }
+
+    /// Clears `out` and fills it with iovecs for the next bytes to write,
+    /// at most `max_iovecs` of them (clamped to `1..=IOV_MAX`): those of
+    /// `chunks(max_iovecs)`, or while a plan made by `prepare` is active,
+    /// the same bytes as the plan's fewer, larger segments. Datagram: the
+    /// front message only, with its destination.
     ///
-    /// The iovecs point into this outbox's `Bytes`: they stay valid until
-    /// [`advance`](Self::advance) or [`take_unsent`](Self::take_unsent)
-    /// releases those buffers or the outbox is dropped.
+    /// The iovecs point into this outbox's `Bytes` and staging buffer: they
+    /// stay valid until [`advance`](Self::advance), `prepare` after the
+    /// plan ended, or [`take_unsent`](Self::take_unsent) releases that
+    /// memory, or the outbox is dropped.
     pub fn fill_iovecs(&self, out: &mut Vec<libc::iovec>, max_iovecs: usize) -> Batch {
         out.clear();
         let mut bytes = 0;
-        for s in self.chunks(max_iovecs.clamp(1, IOV_MAX)) {
+        for s in self.batch(max_iovecs.clamp(1, IOV_MAX)) {
             bytes += s.len();
             out.push(iovec(s));
         }
@@ -157,6 +405,27 @@ impl Outbox {
                 Framing::Stream => None,
             },
         }
+    }
+
+    /// The slices `fill_iovecs` describes: the plan's, or `chunks(max)`.
+    fn batch(&self, max: usize) -> impl Iterator<Item = &[u8]> + '_ {
+        let st = &self.stage;
+        let planned = st.segs[st.next..].iter().take(max).enumerate();
+        let planned = planned.map(move |(k, seg)| {
+            let skip = if k == 0 { st.done } else { 0 };
+            match seg.src {
+                Src::Staged { at } => &st.buf[at + skip..at + seg.len],
+                Src::Piece {
+                    entry,
+                    piece,
+                    start,
+                } => {
+                    &self.entries[entry - st.popped].pieces()[piece][start + skip..start + seg.len]
+                }
+            }
+        });
+        let direct = (!st.active()).then(|| self.chunks(max));
+        planned.chain(direct.into_iter().flatten())
     }
 
     /// Datagram framing: clears `out` and fills it with iovecs for the
@@ -190,62 +459,97 @@ impl Outbox {
         }
         let m = *self.messages.get(index)?;
         let first: usize = self.messages.iter().take(index).map(|m| m.bufs).sum();
-        Some((self.bufs.range(first..first + m.bufs), m))
+        // A datagram outbox holds `Entry::One`s only (packets are split).
+        let bufs = self.entries.range(first..first + m.bufs);
+        Some((bufs.flat_map(Entry::pieces), m))
     }
 
     /// Non-empty buffers in the front datagram (more than [`IOV_MAX`] cannot
-    /// be sent in one call), or for a stream all non-empty unsent buffers.
+    /// be sent in one call), or for a stream all pieces not wholly written.
     pub fn front_pieces(&self) -> usize {
         match self.framing {
             Framing::Datagram => self.messages.front().map_or(0, |m| m.bufs),
-            Framing::Stream => self.bufs.len(),
+            Framing::Stream => self.pieces,
         }
     }
 
     /// Records that the kernel wrote `n` bytes of the last batch. Stream:
     /// the cursor moves exactly `n` bytes (clamped to what is queued),
-    /// releasing every buffer fully written; a partly written front buffer is
-    /// kept whole with an offset. Datagram: the front message is gone, since
-    /// a datagram is sent all or nothing (`n` is not needed).
+    /// releasing every buffer and packet fully written; a partly written
+    /// front piece is kept whole with an offset. Datagram: the front message
+    /// is gone, since a datagram is sent all or nothing (`n` is not needed).
     pub fn advance(&mut self, n: usize) {
         match self.framing {
             Framing::Datagram => {
                 if let Some(m) = self.messages.pop_front() {
-                    self.bufs.drain(..m.bufs);
+                    self.entries.drain(..m.bufs);
                     self.queued -= m.bytes;
+                    self.pieces -= m.bufs;
                 }
             }
             Framing::Stream => {
                 let mut left = n.min(self.queued);
                 self.queued -= left;
+                self.stage.consume(left);
                 while left > 0 {
-                    let Some(front) = self.bufs.front() else {
+                    let Some(front) = self.entries.front() else {
                         break;
                     };
-                    let rest = front.len() - self.front_offset;
+                    let count = front.pieces().len();
+                    // A whole entry written: release it at once.
+                    if self.front_piece == 0 && self.front_offset == 0 && left >= front.len() {
+                        left -= front.len();
+                        self.pieces -= count;
+                        self.entries.pop_front();
+                        self.stage.popped += 1;
+                        continue;
+                    }
+                    let rest = front.pieces()[self.front_piece].len() - self.front_offset;
                     if left < rest {
                         self.front_offset += left;
                         break;
                     }
                     left -= rest;
-                    self.bufs.pop_front();
                     self.front_offset = 0;
+                    self.front_piece += 1;
+                    self.pieces -= 1;
+                    if self.front_piece == count {
+                        self.entries.pop_front();
+                        self.front_piece = 0;
+                        self.stage.popped += 1;
+                    }
+                }
+                if self.queued == 0 {
+                    self.stage.reset();
                 }
             }
         }
     }
 
-    /// Removes and returns everything not yet written, the front buffer
-    /// sliced (no copy), so the result is exactly the unsent bytes, none of
-    /// them empty. Message boundaries are not kept. Empties the outbox.
+    /// Removes and returns everything not yet written, as the original
+    /// pieces (never the staged copies; a packet's pieces each referenced),
+    /// the front one sliced (no copy), so the result is exactly the unsent
+    /// bytes, none of them empty. Message boundaries are not kept. Empties
+    /// the outbox.
     pub fn take_unsent(&mut self) -> Vec<Bytes> {
-        let mut out: Vec<Bytes> = self.bufs.drain(..).collect();
+        let mut out = Vec::with_capacity(self.pieces);
+        let skip = self.front_piece;
+        for (i, e) in self.entries.drain(..).enumerate() {
+            let skip = if i == 0 { skip } else { 0 };
+            match e {
+                Entry::One(b) => out.push(b),
+                Entry::Packet(p) => out.extend(p.pieces()[skip..].iter().cloned()),
+            }
+        }
         if let Some(first) = out.first_mut() {
             *first = first.slice(self.front_offset..);
         }
+        self.front_piece = 0;
         self.front_offset = 0;
         self.queued = 0;
+        self.pieces = 0;
         self.messages.clear();
+        self.stage.reset();
         out
     }
 }
@@ -456,6 +760,78 @@ mod tests {
         assert!(d.is_empty());
     }
 
+    /// A 0xEE-filled "registered" allocation: its slices must never be
+    /// staged, and only they hold 0xEE (see `plain`).
+    fn registered(len: usize) -> Bytes {
+        Bytes::from(vec![0xEE; len])
+    }
+
+    fn inside(outer: &Bytes, s: &[u8]) -> bool {
+        let (a, p) = (outer.as_ptr() as usize, s.as_ptr() as usize);
+        p >= a && p + s.len() <= a + outer.len()
+    }
+
+    #[test]
+    fn small_pieces_are_staged_large_ones_referenced() {
+        let big = Bytes::from(vec![1u8; 5000]);
+        let reg = registered(64);
+        let mut o = Outbox::new(Framing::Stream);
+        o.set_copy_threshold(1024);
+        let pkt = Packet::new([
+            b(b"h1"),
+            b(b"abc"),
+            big.clone(),
+            b(b"h2"),
+            reg.clone(),
+            b(b"t"),
+        ]);
+        o.push_packet(pkt, None);
+        o.push([b(b"x"), b(b"yz")], None);
+        o.prepare(Some(&|s| inside(&reg, s)));
+        let mut iov = Vec::new();
+        let batch = o.fill_iovecs(&mut iov, IOV_MAX);
+        assert_eq!((batch.iovecs, batch.bytes), (5, 5075));
+        let got: Vec<&[u8]> = o.batch(IOV_MAX).collect();
+        for (v, s) in iov.iter().zip(&got) {
+            assert_eq!((v.iov_base as *const u8, v.iov_len), (s.as_ptr(), s.len()));
+        }
+        assert_eq!(got[0], b"h1abc");
+        assert_eq!((got[1].as_ptr(), got[1].len()), (big.as_ptr(), 5000));
+        assert_eq!(got[2], b"h2");
+        assert!(inside(&reg, got[3]) && got[3].len() == 64);
+        assert_eq!(got[4], b"txyz");
+        let staged_at = got[0].as_ptr() as usize;
+        // A partial write resumes inside the plan, without copying again.
+        o.advance(3);
+        assert_eq!(o.fill_iovecs(&mut iov, IOV_MAX).iovecs, 5);
+        assert_eq!(iov[0].iov_base as usize, staged_at + 3);
+        o.advance(2 + 5000 + 1);
+        let rest = o.fill_iovecs(&mut iov, IOV_MAX);
+        assert_eq!((rest.iovecs, rest.bytes), (3, 1 + 64 + 4));
+        // What is unsent comes back as the original pieces, the front sliced.
+        assert_eq!(o.take_unsent(), [b(b"2"), reg, b(b"t"), b(b"x"), b(b"yz")]);
+    }
+
+    #[test]
+    fn queueing_a_packet_clones_none_of_its_pieces() {
+        let pieces: Vec<Bytes> = (0..8).map(|i| Bytes::from(vec![i; 100])).collect();
+        let pkt = Packet::new(pieces);
+        let mut boxes: Vec<Outbox> = (0..100).map(|_| Outbox::new(Framing::Stream)).collect();
+        for o in &mut boxes {
+            o.set_copy_threshold(1024);
+            o.push_packet(pkt.clone(), None);
+            assert_eq!((o.queued_bytes(), o.front_pieces()), (800, 8));
+            o.prepare(None);
+        }
+        assert!(pkt.pieces().iter().all(|p| p.is_unique()));
+        for o in &mut boxes {
+            o.advance(800);
+            assert!(o.is_empty());
+        }
+        drop(boxes);
+        assert!(pkt.pieces().iter().all(|p| p.is_unique()));
+    }
+
     proptest! {
         /// A simulated writer that takes a random prefix of each batch, with
         /// new pushes in between, reproduces the flat input exactly.
@@ -553,6 +929,99 @@ mod tests {
             }
             prop_assert!(d.is_empty());
             prop_assert_eq!(d.queued_bytes(), 0);
+        }
+        /// Bytes and packets, staged or not, with registered pieces mixed
+        /// in, under random partial writes and pushes: the output is the
+        /// flat input, no registered byte is ever copied, and `take_unsent`
+        /// is the flat remainder as original (unstaged) pieces.
+        #[test]
+        fn staged_packets_reproduce_the_input(
+            items in prop::collection::vec(
+                (prop::collection::vec(0usize..=700, 0..=12), any::<bool>(), any::<u8>()),
+                1..=60,
+            ),
+            threshold in prop_oneof![Just(0usize), 1usize..=800, Just(100_000)],
+            writes in prop::collection::vec(any::<u32>(), 1..=40),
+            stop in any::<u32>(),
+            seed in any::<u64>(),
+            use_reg in any::<bool>(),
+            shared in any::<bool>(),
+        ) {
+            let reg = registered(1000);
+            // Clones held elsewhere, as a fan-out does (packets then stage
+            // from their glued form).
+            let mut held = Vec::new();
+            let mut o = Outbox::new(Framing::Stream);
+            o.set_copy_threshold(threshold);
+            let mut input = Vec::new();
+            let mut originals = Vec::new();
+            let mut items = items.into_iter().enumerate();
+            let mut output = Vec::new();
+            let stop = stop as usize % 50;
+            for step in 0.. {
+                let r = writes[step % writes.len()] as usize;
+                if r % 2 == 0 || o.is_empty() {
+                    let (i, (sizes, as_packet, regs)) = match items.next() {
+                        Some(item) => item,
+                        None if o.is_empty() => break,
+                        // Nothing left to push: keep writing.
+                        None => (0, (Vec::new(), false, 0)),
+                    };
+                    // Plain bytes never 0xEE; piece k is registered if bit k is set.
+                    let mut bufs: Vec<Bytes> = buffers(&sizes, seed ^ i as u64)
+                        .into_iter()
+                        .map(|x| x.iter().map(|&c| c % 0xEE).collect())
+                        .collect();
+                    for (k, x) in bufs.iter_mut().enumerate() {
+                        if use_reg && regs & (1 << (k % 8)) != 0 {
+                            let n = x.len().min(reg.len());
+                            *x = reg.slice(..n);
+                        }
+                    }
+                    input.extend_from_slice(&flat(&bufs));
+                    originals.extend(bufs.iter().filter(|x| !x.is_empty()).cloned());
+                    if as_packet {
+                        let pkt = Packet::new(bufs);
+                        if shared {
+                            held.push(pkt.clone());
+                        }
+                        o.push_packet(pkt, None);
+                    } else {
+                        o.push(bufs, None);
+                    }
+                }
+                if step == stop {
+                    break;
+                }
+                let never_copy = |s: &[u8]| inside(&reg, s);
+                o.prepare(use_reg.then_some(&never_copy as &NeverCopy<'_>));
+                let mut iov = Vec::new();
+                let batch = o.fill_iovecs(&mut iov, IOV_MAX);
+                prop_assert!(batch.iovecs <= o.front_pieces().min(IOV_MAX));
+                prop_assert!(batch.bytes <= o.queued_bytes());
+                let k = if step % writes.len() == writes.len() - 1 { batch.bytes } else { r % (batch.bytes + 1) };
+                let mut left = k;
+                let slices: Vec<&[u8]> = o.batch(IOV_MAX).collect();
+                prop_assert_eq!(slices.len(), iov.len());
+                for (v, s) in iov.iter().zip(slices) {
+                    prop_assert_eq!((v.iov_base as *const u8, v.iov_len), (s.as_ptr(), s.len()));
+                    prop_assert!(!s.is_empty());
+                    prop_assert!(inside(&reg, s) || !s.contains(&0xEE), "registered bytes copied");
+                    let take = left.min(s.len());
+                    output.extend_from_slice(&s[..take]);
+                    left -= take;
+                }
+                o.advance(k);
+                prop_assert_eq!(o.queued_bytes(), input.len() - output.len());
+            }
+            let rest = o.take_unsent();
+            prop_assert!(o.is_empty() && o.front_pieces() == 0);
+            prop_assert_eq!(&output[..], &input[..output.len()]);
+            prop_assert_eq!(flat(&rest), &input[output.len()..]);
+            // Every unsent piece is a slice of an original one, not a copy.
+            for x in &rest {
+                prop_assert!(originals.iter().any(|p| inside(p, x)));
+            }
         }
     }
 }

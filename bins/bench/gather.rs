@@ -1,5 +1,7 @@
-//! `ringmover bench gather`: one packet per connection per round (headers
-//! interleaved with slices of one payload), sent by each strategy in turn.
+//! `ringmover bench gather`: packets (headers interleaved with slices of
+//! one payload) to many connections, sent by each strategy in turn:
+//! streaming (every connection kept topped up, `stream.rs`) or in
+//! lock-step rounds of one packet per connection (`--queue 0`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use ringmover::outbox::{Framing, Outbox};
-use ringmover::{Backend, BackendChoice, Mover};
+use ringmover::{Backend, BackendChoice, Mover, Packet};
 use serde_json::json;
 
 use super::sink::connect;
@@ -25,13 +27,25 @@ use crate::Outcome;
 /// sender's softirqs defer), syscalls (or io_uring_enter calls) per MB, and
 /// peak RSS.
 ///
-/// Strategies: write (one write(2) per header and per piece), copy (glue
-/// the packet into one buffer per connection, then write), writev (one
-/// writev per connection per packet: Go's net.Buffers), and ringmover on
-/// the uring, epoll and poll backends (queue every connection, one flush).
+/// Streaming (--queue BYTES, default 64K): every connection is kept topped
+/// up with at least that many bytes of queued packets; the sender refills,
+/// writes and takes completions, and GB/s counts what the sink's kernel
+/// acknowledged. Strategies: writev (one writev per packet: Go's
+/// net.Buffers), coalesce (everything queued on a connection in one writev,
+/// IOV_MAX at a time: nats-server), glue (everything queued copied into one
+/// buffer, one write), each on non-blocking sockets in an epoll loop per
+/// thread; and ringmover on the uring, epoll and poll backends (one
+/// send_packet per packet, one flush, completions refill). --threads N
+/// shares the connections among N threads (ringmover: one Mover each).
+///
+/// Lock-step rounds (--queue 0): one packet per connection, then wait for
+/// all. Strategies: write (one write(2) per header and per piece), copy
+/// (glue the packet, then write), writev, and ringmover (queue every
+/// connection, one flush, drain).
 ///
 /// By default the built-in sink on loopback reads with MSG_TRUNC (no copy)
-/// and checks it received every byte; --to sends to an external sink.
+/// and checks it received every byte; --to sends to an external sink (e.g.
+/// `ringmover bench sink --listen ADDR` in another process).
 #[derive(Debug, clap::Args)]
 #[command(long_about)]
 pub struct Args {
@@ -39,13 +53,25 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     conns: Vec<usize>,
 
-    /// Strategies to run: write, copy, writev, uring, epoll, poll.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "write,copy,writev,uring,epoll,poll"
-    )]
+    /// Strategies to run (default: writev,coalesce,glue,uring,epoll,poll
+    /// when streaming, write,copy,writev,uring,epoll,poll with --queue 0).
+    #[arg(long, value_delimiter = ',')]
     strategy: Vec<String>,
+
+    /// Bytes of packets each connection is kept topped up with; 0: one
+    /// packet per connection per round, in lock-step.
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    queue: u64,
+
+    /// Sender threads when streaming (connections shared out among them).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+
+    /// ringmover's copy threshold: pieces shorter than this are copied
+    /// into a staging buffer, longer ones referenced (default: the
+    /// library's; 0: never copy).
+    #[arg(long, value_parser = parse_size)]
+    copy_threshold: Option<u64>,
 
     /// Packet shapes: srs (156 KiB payload in 10 KiB pieces) and small
     /// (512 B in 128 B pieces), each piece behind a 12-byte header.
@@ -74,10 +100,12 @@ pub struct Args {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Strategy {
+pub enum Strategy {
     Write,
     Copy,
     Writev,
+    Coalesce,
+    Glue,
     Mover(Backend),
 }
 
@@ -87,20 +115,24 @@ impl Strategy {
             "write" | "write-per-piece" => Strategy::Write,
             "copy" => Strategy::Copy,
             "writev" => Strategy::Writev,
+            "coalesce" => Strategy::Coalesce,
+            "glue" => Strategy::Glue,
             "uring" => Strategy::Mover(Backend::Uring),
             "epoll" => Strategy::Mover(Backend::Epoll),
             "poll" => Strategy::Mover(Backend::Poll),
             other => bail!(
-                "unknown strategy {other:?}: expected write, copy, writev, uring, epoll or poll"
+                "unknown strategy {other:?}: expected write, copy, writev, coalesce, glue, uring, epoll or poll"
             ),
         })
     }
 
-    fn name(self) -> String {
+    pub fn name(self) -> String {
         match self {
             Strategy::Write => "write".into(),
             Strategy::Copy => "copy".into(),
             Strategy::Writev => "writev".into(),
+            Strategy::Coalesce => "coalesce".into(),
+            Strategy::Glue => "glue".into(),
             Strategy::Mover(b) => format!("ringmover-{b}"),
         }
     }
@@ -155,21 +187,59 @@ fn packet(shape: &Shape) -> Vec<Bytes> {
 }
 
 #[derive(Debug)]
-struct Measured {
-    bytes: u64,
-    packets: u64,
-    wall: Duration,
-    cpu: Duration,
-    syscalls: u64,
-    peak_rss: u64,
+pub struct Measured {
+    pub bytes: u64,
+    pub packets: u64,
+    pub wall: Duration,
+    pub cpu: Duration,
+    pub syscalls: u64,
+    pub peak_rss: u64,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
-    let strategies = args
-        .strategy
+    let queue = usize::try_from(args.queue)?;
+    let defaults = if queue > 0 {
+        "writev,coalesce,glue,uring,epoll,poll"
+    } else {
+        "write,copy,writev,uring,epoll,poll"
+    };
+    let named: Vec<String> = match args.strategy.is_empty() {
+        true => defaults.split(',').map(String::from).collect(),
+        false => args.strategy.clone(),
+    };
+    let strategies = named
         .iter()
         .map(|s| Strategy::parse(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    for &s in &strategies {
+        match (s, queue) {
+            (Strategy::Write | Strategy::Copy, q) if q > 0 => bail!(
+                "strategy {}: lock-step rounds only (--queue 0); streaming has writev, coalesce and glue",
+                s.name()
+            ),
+            (Strategy::Coalesce | Strategy::Glue, 0) => bail!(
+                "strategy {}: needs --queue (one packet per round has nothing to coalesce)",
+                s.name()
+            ),
+            _ => {}
+        }
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    if args.threads > 1 && queue == 0 {
+        bail!("--threads needs streaming (--queue greater than 0)");
+    }
+    if let Some(&n) = args.conns.iter().find(|&&n| n < args.threads) {
+        bail!("--conns {n} is fewer than --threads {}", args.threads);
+    }
+    let opts = super::stream::Opts {
+        queue,
+        threads: args.threads,
+        copy_threshold: args.copy_threshold.map(usize::try_from).transpose()?,
+        warmup: args.run.warmup,
+        seconds: args.run.seconds,
+    };
     let shapes = match args.payload {
         Some(payload) => {
             let payload = usize::try_from(payload)?;
@@ -215,8 +285,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             let mut writev_pps = None;
             let mut rows = Vec::new();
             for &s in &strategies {
-                let m = measure(s, shape, conns, &args.run, args.to)
-                    .with_context(|| format!("{} with {conns} connections", s.name()))?;
+                let m = if queue > 0 {
+                    let (socks, sink) = connect(conns, args.to)?;
+                    super::stream::measure(s, &packet(shape), socks, sink, &opts)
+                } else {
+                    measure(s, shape, conns, &args.run, args.to, opts.copy_threshold)
+                }
+                .with_context(|| format!("{} with {conns} connections", s.name()))?;
                 let pps = m.packets as f64 / m.wall.as_secs_f64();
                 if s == Strategy::Writev {
                     writev_pps = Some(pps);
@@ -234,6 +309,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         "piece": shape.piece,
                         "header": shape.header,
                         "conns": conns,
+                        "queue": queue,
+                        "threads": args.threads,
                         "strategy": s.name(),
                         "bytes": m.bytes,
                         "packets": m.packets,
@@ -276,6 +353,7 @@ fn rounds<'a>(
     strategy: Strategy,
     socks: Vec<std::net::TcpStream>,
     pkt: &'a [Bytes],
+    copy_threshold: Option<usize>,
 ) -> anyhow::Result<Round<'a>> {
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
     Ok(match strategy {
@@ -315,11 +393,10 @@ fn rounds<'a>(
                 Ok(socks.len() as u64)
             })
         }
+        Strategy::Coalesce | Strategy::Glue => bail!("{} needs --queue", strategy.name()),
         Strategy::Mover(backend) => {
-            let mut mover = Mover::builder()
-                .backend(BackendChoice::Force(backend))
-                .queue_depth(socks.len().next_power_of_two().clamp(8, 4096) as u32)
-                .build()?;
+            let mut mover = build_mover(backend, socks.len(), copy_threshold)?;
+            let packet = Packet::new(pkt.iter().cloned());
             let handles = socks
                 .into_iter()
                 .map(|s| mover.attach(s))
@@ -329,7 +406,7 @@ fn rounds<'a>(
                 let before = mover.stats().syscalls;
                 for &c in &handles {
                     mover
-                        .send(c, pkt.iter().cloned())
+                        .send_packet(c, packet.clone())
                         .map_err(std::io::Error::from)?;
                 }
                 mover.drain(&mut done)?;
@@ -343,18 +420,34 @@ fn rounds<'a>(
     })
 }
 
+/// A `Mover` on `backend` sized for `conns` connections.
+pub fn build_mover(
+    backend: Backend,
+    conns: usize,
+    copy_threshold: Option<usize>,
+) -> std::io::Result<Mover> {
+    let mut builder = Mover::builder()
+        .backend(BackendChoice::Force(backend))
+        .queue_depth(conns.next_power_of_two().clamp(8, 4096) as u32);
+    if let Some(t) = copy_threshold {
+        builder = builder.copy_threshold(t);
+    }
+    builder.build()
+}
+
 fn measure(
     strategy: Strategy,
     shape: &Shape,
     conns: usize,
     run: &super::RunArgs,
     to: Option<SocketAddr>,
+    copy_threshold: Option<usize>,
 ) -> anyhow::Result<Measured> {
     let (socks, sink) = connect(conns, to)?;
     let pkt = packet(shape);
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
     debug_assert_eq!(pkt_len, shape.packet_bytes());
-    let mut round = rounds(strategy, socks, &pkt)?;
+    let mut round = rounds(strategy, socks, &pkt, copy_threshold)?;
     let mut warm_packets = 0u64;
     let warm = Instant::now();
     while warm.elapsed() < run.warmup {

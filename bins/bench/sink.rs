@@ -1,6 +1,7 @@
 //! The benches' built-in loopback sink: one thread, epoll, `recv(MSG_TRUNC)`
 //! so the data is discarded in the kernel without a copy, counting bytes so
-//! each bench can check that everything sent arrived.
+//! each bench can check that everything sent arrived. `ringmover bench
+//! sink` runs it as its own process.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
@@ -29,7 +30,7 @@ impl Sink {
             .name("sink".into())
             .spawn(move || {
                 let _ = tx.send(super::gettid());
-                serve(listener, n)
+                serve(listener, Some(n))
             })?;
         let tid = rx
             .recv()
@@ -68,43 +69,100 @@ pub fn connect(n: usize, to: Option<SocketAddr>) -> anyhow::Result<(Vec<TcpStrea
     Ok((socks, sink))
 }
 
-fn serve(listener: TcpListener, n: usize) -> anyhow::Result<u64> {
+/// `ringmover bench sink`: the same sink as its own process, so the
+/// senders' CPU accounting and the sink's are separate (`bench ... --to`).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to listen on, e.g. 127.0.0.1:7000 (port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+}
+
+/// Serves every connection that comes until killed; prints the address.
+pub fn run(args: &Args) -> anyhow::Result<crate::Outcome> {
+    let listener =
+        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    eprintln!("listening on {}", listener.local_addr()?);
+    serve(listener, None)?;
+    Ok(crate::Outcome::Success)
+}
+
+/// Epoll token of the listener.
+const LISTENER: u64 = u64::MAX;
+
+/// Accepts and drains connections: `Some(n)` until `n` have come and all
+/// of them closed (returning the bytes received), `None` forever.
+fn serve(listener: TcpListener, n: Option<usize>) -> anyhow::Result<u64> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    let mut socks = Vec::with_capacity(n);
-    for i in 0..n {
-        let (s, _) = listener.accept().context("sink: accepting")?;
-        s.set_nonblocking(true)?;
-        // Wake only once 64 KiB wait (or at EOF): the sink stays cheap, so
-        // the sender, not the sink, is what the bench measures.
-        super::set_rcvlowat(&s, 64 << 10)?;
-        epoll.add(s.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
-        socks.push(Some(s));
-    }
-    let mut open = n;
+    listener.set_nonblocking(true)?;
+    epoll.add(
+        listener.as_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, LISTENER),
+    )?;
+    let mut socks: Vec<Option<TcpStream>> = Vec::new();
+    let mut free = Vec::new();
+    let (mut accepted, mut open) = (0usize, 0usize);
     let mut total = 0u64;
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut buf = vec![0u8; 4 << 20];
-    while open > 0 {
+    while n.map_or(true, |n| accepted < n || open > 0) {
         let k = match epoll.wait(&mut events, 1000u16) {
             Ok(k) => k,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
         for ev in &events[..k] {
+            if ev.data() == LISTENER {
+                while n.map_or(true, |n| accepted < n) {
+                    let s = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        // A standalone sink outlives a client that gave up.
+                        Err(e) if n.is_none() => {
+                            eprintln!("sink: accepting: {e}");
+                            break;
+                        }
+                        Err(e) => return Err(e).context("sink: accepting"),
+                    };
+                    s.set_nonblocking(true)?;
+                    // Wake only once 64 KiB wait (or at EOF): the sink stays
+                    // cheap, so the sender, not the sink, is what is measured.
+                    super::set_rcvlowat(&s, 64 << 10)?;
+                    let i = free.pop().unwrap_or_else(|| {
+                        socks.push(None);
+                        socks.len() - 1
+                    });
+                    epoll.add(s.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+                    socks[i] = Some(s);
+                    accepted += 1;
+                    open += 1;
+                }
+                continue;
+            }
             let i = ev.data() as usize;
             let Some(s) = socks[i].as_ref() else { continue };
             // One recv per readiness report: level-triggered epoll says
             // again if more is left, so no extra EAGAIN round trip.
             // TCP with MSG_TRUNC: the kernel discards, nothing is copied.
-            match recv(s.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC) {
-                Ok(0) => {
-                    epoll.delete(s.as_fd())?;
-                    socks[i] = None;
-                    open -= 1;
+            let closed = match recv(s.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC) {
+                Ok(0) => true,
+                Ok(m) => {
+                    total += m as u64;
+                    false
                 }
-                Ok(m) => total += m as u64,
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+                // A standalone sink drops a reset connection, nothing more.
+                Err(e) if n.is_none() => {
+                    eprintln!("sink: recv: {e}");
+                    true
+                }
                 Err(e) => return Err(e).context("sink: recv"),
+            };
+            if closed {
+                epoll.delete(s.as_fd())?;
+                socks[i] = None;
+                free.push(i);
+                open -= 1;
             }
         }
     }

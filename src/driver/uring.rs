@@ -699,9 +699,8 @@ impl UringDriver {
         // as long as the engine (it owns the Waker that owns the fd), and
         // closing it with the poll armed is safe anyway (the kernel holds
         // its own reference to the file).
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| {
-            io::Error::other("io_uring submission queue full after making room")
-        })?;
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("io_uring submission queue full after making room"))?;
         self.unsubmitted += 1;
         self.stats.sqes += 1;
         Ok(())

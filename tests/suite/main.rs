@@ -55,5 +55,6 @@ mod seccomp;
 mod send;
 mod send_cli;
 mod shards;
+mod stream;
 mod util;
 mod zerocopy;

@@ -1,0 +1,319 @@
+//! `bench gather --queue`: streaming sends. Every connection is kept topped
+//! up with at least `queue` bytes of packets while the sender refills,
+//! writes and takes completions; throughput is what the sink's kernel
+//! acknowledged (`tcpi_bytes_acked`), so bytes still queued in the sender,
+//! in user space or in flight, never count.
+
+use std::io::IoSlice;
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use ringmover::outbox::IOV_MAX;
+use ringmover::{Backend, Packet};
+
+use super::gather::{build_mover, Measured, Strategy};
+use super::sink::Sink;
+use super::{bytes_acked, peak_rss, reset_peak_rss, CpuMeter};
+
+/// How a streaming cell runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Opts {
+    /// Bytes each connection is kept topped up with.
+    pub queue: usize,
+    /// Sender threads; connections are shared out among them.
+    pub threads: usize,
+    /// ringmover's copy threshold (`None`: the library default).
+    pub copy_threshold: Option<usize>,
+    pub warmup: Duration,
+    pub seconds: Duration,
+}
+
+/// Runs `strategy` over `socks` on `opts.threads` threads: warm up, then
+/// measure for `opts.seconds`, then stop, let ringmover finish what it
+/// queued, close, and check the built-in sink got every byte written.
+pub fn measure(
+    strategy: Strategy,
+    pkt: &[Bytes],
+    socks: Vec<TcpStream>,
+    sink: Option<Sink>,
+    opts: &Opts,
+) -> anyhow::Result<Measured> {
+    let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
+    let fds: Vec<RawFd> = socks.iter().map(AsRawFd::as_raw_fd).collect();
+    let acked = || fds.iter().map(|&fd| bytes_acked(fd)).sum::<u64>();
+    let stop = AtomicBool::new(false);
+    let calls: Vec<AtomicU64> = (0..opts.threads).map(|_| AtomicU64::new(0)).collect();
+    let calls_now = || calls.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    let mut shares: Vec<Vec<TcpStream>> = (0..opts.threads).map(|_| Vec::new()).collect();
+    for (i, s) in socks.into_iter().enumerate() {
+        shares[i % opts.threads].push(s);
+    }
+    let exclude = Sink::tids(&sink);
+    let (window, written) = std::thread::scope(|scope| {
+        let workers: Vec<_> = shares
+            .into_iter()
+            .zip(&calls)
+            .map(|(share, calls)| {
+                let stop = &stop;
+                scope.spawn(move || worker(strategy, share, pkt, opts, stop, calls))
+            })
+            .collect();
+        std::thread::sleep(opts.warmup);
+        let (a0, c0) = (acked(), calls_now());
+        reset_peak_rss();
+        let meter = CpuMeter::start(&exclude);
+        let t0 = Instant::now();
+        std::thread::sleep(opts.seconds);
+        let (cpu, wall, peak) = (meter.elapsed(), t0.elapsed(), peak_rss());
+        let (a1, c1) = (acked(), calls_now());
+        stop.store(true, Ordering::Relaxed);
+        let mut written = 0u64;
+        for w in workers {
+            written += w
+                .join()
+                .map_err(|_| anyhow::anyhow!("a sender thread panicked"))??;
+        }
+        let bytes = a1.saturating_sub(a0);
+        let window = Measured {
+            bytes,
+            packets: bytes / pkt_len as u64,
+            wall,
+            cpu,
+            syscalls: c1 - c0,
+            peak_rss: peak,
+        };
+        anyhow::Ok((window, written))
+    })?;
+    if let Some(sink) = sink {
+        let got = sink.finish()?;
+        if got != written {
+            bail!("the sink received {got} bytes of the {written} written");
+        }
+    }
+    Ok(window)
+}
+
+/// One sender thread; returns the bytes it wrote (sockets closed on return).
+fn worker(
+    strategy: Strategy,
+    socks: Vec<TcpStream>,
+    pkt: &[Bytes],
+    opts: &Opts,
+    stop: &AtomicBool,
+    calls: &AtomicU64,
+) -> anyhow::Result<u64> {
+    match strategy {
+        Strategy::Mover(b) => mover(b, socks, pkt, opts, stop, calls),
+        Strategy::Writev | Strategy::Coalesce | Strategy::Glue => {
+            baseline(strategy, socks, pkt, opts.queue, stop, calls)
+        }
+        Strategy::Write | Strategy::Copy => {
+            bail!(
+                "{} runs only in lock-step rounds (--queue 0)",
+                strategy.name()
+            )
+        }
+    }
+}
+
+/// ringmover: refill every connection whose write completed up to `queue`
+/// bytes (one `send_packet` per packet: one reference count), flush, wait
+/// for completions.
+fn mover(
+    backend: Backend,
+    socks: Vec<TcpStream>,
+    pkt: &[Bytes],
+    opts: &Opts,
+    stop: &AtomicBool,
+    calls: &AtomicU64,
+) -> anyhow::Result<u64> {
+    let mut mover = build_mover(backend, socks.len(), opts.copy_threshold)?;
+    let packet = Packet::new(pkt.iter().cloned());
+    let mut need = socks
+        .into_iter()
+        .map(|s| mover.attach(s))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    // Indexed by `Conn::index`: already in `need`.
+    let mut listed = vec![true; need.len()];
+    let mut done = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for c in need.drain(..) {
+            listed[c.index() as usize] = false;
+            while mover.queued(c).unwrap_or(usize::MAX) < opts.queue {
+                mover
+                    .send_packet(c, packet.clone())
+                    .map_err(std::io::Error::from)?;
+            }
+        }
+        mover.flush()?;
+        mover.wait(&mut done, Some(Duration::from_millis(10)))?;
+        for d in done.drain(..) {
+            if let Some(e) = &d.error {
+                bail!("a connection failed: {}", e.error);
+            }
+            let i = d.conn.index() as usize;
+            if !std::mem::replace(&mut listed[i], true) {
+                need.push(d.conn);
+            }
+        }
+        calls.store(mover.stats().syscalls, Ordering::Relaxed);
+    }
+    mover.drain(&mut done)?;
+    if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
+        bail!("a connection failed: {}", e.error);
+    }
+    Ok(mover.stats().bytes)
+}
+
+/// A baseline connection's queue: `packets` whole packets, of which the
+/// first has `offset` bytes written; the glueing writer's copy of them.
+#[derive(Debug, Default)]
+struct Queue {
+    packets: usize,
+    offset: usize,
+    glued: Vec<u8>,
+    at: usize,
+}
+
+impl Queue {
+    fn bytes(&self, pkt_len: usize) -> usize {
+        self.packets * pkt_len - self.offset + (self.glued.len() - self.at)
+    }
+
+    /// `n` bytes of the packets were written.
+    fn advance(&mut self, n: usize, pkt_len: usize) {
+        let total = self.offset + n;
+        self.packets -= total / pkt_len;
+        self.offset = total % pkt_len;
+    }
+}
+
+/// What one turn on a connection ended with.
+enum Turn {
+    /// Everything queued went out: still writable.
+    Emptied,
+    /// `EAGAIN`: epoll reports it when writable.
+    Blocked,
+}
+
+/// The baselines, on non-blocking sockets in an edge-triggered epoll loop:
+/// each turn a connection is topped up to `queue` bytes and written until
+/// it is empty or the socket is full. Topping up is only a count (no
+/// per-packet work), so these mark the kernel's floor more than a server.
+fn baseline(
+    strategy: Strategy,
+    socks: Vec<TcpStream>,
+    pkt: &[Bytes],
+    queue: usize,
+    stop: &AtomicBool,
+    calls: &AtomicU64,
+) -> anyhow::Result<u64> {
+    let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    for (i, s) in socks.iter().enumerate() {
+        s.set_nonblocking(true)?;
+        let ev = EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLET, i as u64);
+        epoll.add(s.as_fd(), ev)?;
+    }
+    let mut queues: Vec<Queue> = socks.iter().map(|_| Queue::default()).collect();
+    let mut ready: Vec<usize> = (0..socks.len()).collect();
+    let mut next = Vec::new();
+    let mut events = vec![EpollEvent::empty(); 1024];
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOV_MAX);
+    let (mut written, mut syscalls) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        for &i in &ready {
+            let q = &mut queues[i];
+            while q.bytes(pkt_len) < queue {
+                q.packets += 1;
+            }
+            let fd = socks[i].as_fd();
+            let turn = loop {
+                let n = match strategy {
+                    Strategy::Glue => {
+                        if q.at == q.glued.len() {
+                            if q.packets == 0 {
+                                break Turn::Emptied;
+                            }
+                            q.glued.clear();
+                            q.at = 0;
+                            for _ in 0..q.packets {
+                                for b in pkt {
+                                    q.glued.extend_from_slice(b);
+                                }
+                            }
+                            q.packets = 0;
+                        }
+                        nix::unistd::write(fd, &q.glued[q.at..])
+                    }
+                    _ => {
+                        if q.packets == 0 {
+                            break Turn::Emptied;
+                        }
+                        let packets = if strategy == Strategy::Writev {
+                            1
+                        } else {
+                            q.packets
+                        };
+                        fill(&mut iov, pkt, packets, q.offset);
+                        nix::sys::uio::writev(fd, &iov)
+                    }
+                };
+                syscalls += 1;
+                match n {
+                    Ok(n) => {
+                        written += n as u64;
+                        if strategy == Strategy::Glue {
+                            q.at += n;
+                        } else {
+                            q.advance(n, pkt_len);
+                        }
+                    }
+                    Err(Errno::EAGAIN) => break Turn::Blocked,
+                    Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e).context("writing to the sink"),
+                }
+            };
+            if let Turn::Emptied = turn {
+                next.push(i);
+            }
+        }
+        ready.clear();
+        std::mem::swap(&mut ready, &mut next);
+        let timeout = if ready.is_empty() { 10u16 } else { 0 };
+        let k = match epoll.wait(&mut events, EpollTimeout::from(timeout)) {
+            Ok(k) => k,
+            Err(Errno::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        syscalls += 1;
+        ready.extend(events[..k].iter().map(|e| e.data() as usize));
+        calls.store(syscalls, Ordering::Relaxed);
+    }
+    Ok(written)
+}
+
+/// `iov` := `packets` copies of `pkt`, the first `offset` bytes skipped,
+/// at most `IOV_MAX` slices.
+fn fill<'a>(iov: &mut Vec<IoSlice<'a>>, pkt: &'a [Bytes], packets: usize, mut offset: usize) {
+    iov.clear();
+    for _ in 0..packets {
+        for b in pkt {
+            if offset >= b.len() {
+                offset -= b.len();
+                continue;
+            }
+            iov.push(IoSlice::new(&b[offset..]));
+            offset = 0;
+            if iov.len() == IOV_MAX {
+                return;
+            }
+        }
+    }
+}
