@@ -105,7 +105,7 @@ fn serve(listener: TcpListener, n: Option<usize>) -> anyhow::Result<u64> {
     let mut total = 0u64;
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut buf = vec![0u8; 4 << 20];
-    while n.map_or(true, |n| accepted < n || open > 0) {
+    while n.is_none_or(|n| accepted < n || open > 0) {
         let k = match epoll.wait(&mut events, 1000u16) {
             Ok(k) => k,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -113,7 +113,7 @@ fn serve(listener: TcpListener, n: Option<usize>) -> anyhow::Result<u64> {
         };
         for ev in &events[..k] {
             if ev.data() == LISTENER {
-                while n.map_or(true, |n| accepted < n) {
+                while n.is_none_or(|n| accepted < n) {
                     let s = match listener.accept() {
                         Ok((s, _)) => s,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
