@@ -46,11 +46,15 @@ demo: build
 	  printf '%-6s sha256 ok  %s\n' "$$b" "$$(cat "$$work/recv-$$b.json")"; \
 	done
 	@echo
-	@echo "== batched sends: one packet per connection per round, every strategy side by side"
+	@echo "== streaming sends: every connection kept 64 KiB deep, every strategy side by side"
 	$(BIN) bench gather --seconds 0.3 --conns 1,100 --shape small,srs
 	@echo
-	@echo "== fan-out of one registered 1 MiB buffer vs a copy per connection"
+	@echo "== fan-out of one 1 MiB buffer through the broadcast API vs a copy per connection"
 	$(BIN) bench fanout --seconds 0.3 --conns 1,100
+	@echo
+	@echo "== the library examples: streaming with back-pressure, broadcast on every core"
+	$(CARGO) run --release --example stream
+	$(CARGO) run --release --example broadcast
 
 # The recv tests drive real clients (nc, socat) and count fsyncs with
 # strace: install them on a fresh
