@@ -64,7 +64,7 @@ fn completions_for_every_shell() {
         assert!(text.contains(marker), "{shell}:\n{text}");
         // Subcommands and their options are completed.
         assert!(
-            text.contains("recv") && text.contains("--max-bytes"),
+            text.contains("recv") && text.contains("max-bytes"),
             "{shell}"
         );
     }
