@@ -15,12 +15,18 @@ PORTABLE_TARGETS := x86_64-unknown-freebsd x86_64-apple-darwin
 # The declared minimum Rust version, read from Cargo.toml.
 MSRV := $(shell sed -n 's/^rust-version = "\(.*\)"$$/\1/p' Cargo.toml)
 
-.PHONY: all build demo test deps fmt lint portable portable-targets portable-check print-portable-targets msrv print-msrv bench clean
+.PHONY: all build man demo test deps fmt lint portable portable-targets portable-check print-portable-targets msrv print-msrv bench clean
 
 all: build
 
 build:
 	$(CARGO) build --release --bins
+
+# The man page (every subcommand in one roff document).
+man: build
+	mkdir -p target/man
+	$(BIN) man > target/man/ringmover.1
+	@echo "wrote target/man/ringmover.1 (man -l target/man/ringmover.1)"
 
 demo: build
 	@echo "== ringmover probe: what this kernel supports and which backend we get"
@@ -86,7 +92,7 @@ test: deps fmt lint
 	$(CARGO) build --examples
 	# a library user (no default features) compiles no CLI crate
 	$(CARGO) check --lib --no-default-features
-	@if $(CARGO) tree -e normal --no-default-features --prefix none | grep -E '^(clap|anyhow|serde_json) '; then \
+	@if $(CARGO) tree -e normal --no-default-features --prefix none | grep -E '^(clap|clap_complete|clap_mangen|anyhow|serde|serde_json|indicatif) '; then \
 	  echo "the library without the cli feature depends on the CLI crates above" >&2; exit 1; \
 	fi
 

@@ -13,18 +13,63 @@ use crate::Outcome;
 
 /// Measure ringmover against the usual ways of doing the same job.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = AFTER_HELP)]
 pub struct Args {
     #[command(subcommand)]
     which: Which,
 }
 
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover bench gather --seconds 0.3 --conns 1,100 --shape small,srs
+  ringmover bench recv --bytes 256MiB --runs 3
+  ringmover bench zerocopy --sizes 4K,64K,1M --transport tcp
+  ringmover bench fanout --conns 1,100 --json
+
+Every bench prints a table, or with --json one line per row (`bench-gather`,
+`bench-recv`, `bench-zerocopy`, `bench-fanout`; see docs/cli-json.md).
+
+Exit status:
+  0  every cell ran
+  1  a cell failed (named on stderr)
+  2  bad command line";
+
 #[derive(Debug, clap::Subcommand)]
 enum Which {
+    #[command(after_long_help = concat!(
+        "Examples:\n",
+        "  ringmover bench gather\n",
+        "  ringmover bench gather --seconds 0.3 --conns 1,100 --shape small,srs\n",
+        "  ringmover bench gather --payload 1MiB --piece 16KiB --header 64 --json\n\n",
+        "Exit status:\n",
+        "  0  every cell ran\n",
+        "  1  a cell failed (named on stderr)\n",
+        "  2  bad command line",
+    ))]
     Gather(gather::Args),
     /// A loopback TCP stream into a page-cache file: each backend against a
     /// read/write loop with a 64 KiB buffer.
     Recv(recv::Args),
+    #[command(after_long_help = concat!(
+        "Examples:\n",
+        "  ringmover bench zerocopy\n",
+        "  ringmover bench zerocopy --sizes 4K,64K,1M --strategy copy,zerocopy --transport tcp\n",
+        "  sudo ringmover bench zerocopy --transport udp-veth --json\n\n",
+        "Exit status:\n",
+        "  0  every cell ran (udp-veth is skipped, with a note, where it cannot be set up)\n",
+        "  1  a cell failed (named on stderr)\n",
+        "  2  bad command line",
+    ))]
     Zerocopy(zerocopy::ZcArgs),
+    #[command(after_long_help = concat!(
+        "Examples:\n",
+        "  ringmover bench fanout\n",
+        "  ringmover bench fanout --conns 1,100 --payload 4MiB --json\n\n",
+        "Exit status:\n",
+        "  0  every cell ran\n",
+        "  1  a cell failed (named on stderr)\n",
+        "  2  bad command line",
+    ))]
     Fanout(zerocopy::FanoutArgs),
     /// The benches' discarding TCP sink as its own process, for `--to`.
     #[command(hide = true)]
@@ -54,7 +99,8 @@ pub struct RunArgs {
     #[arg(long, value_parser = crate::units::parse_duration, default_value = "500ms")]
     pub warmup: Duration,
 
-    /// One JSON object per result line.
+    /// One JSON line per result row (`bench-gather`, `bench-zerocopy`,
+    /// `bench-fanout`; see docs/cli-json.md).
     #[arg(long)]
     pub json: bool,
 }

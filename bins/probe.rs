@@ -5,8 +5,10 @@ use std::io::{self, Write};
 use anyhow::Context;
 use ringmover::probe::{feature_names, RingSupport};
 use ringmover::{KernelReport, Opcode};
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use crate::json::{self, Line};
+use crate::units::human_bytes;
 use crate::Outcome;
 
 /// Report what the running kernel supports for ringmover: io_uring opcodes
@@ -15,14 +17,11 @@ use crate::Outcome;
 ///
 /// Works without io_uring too: it then says why a ring cannot be set up
 /// (ENOSYS, EPERM from the sysctl or a seccomp filter, ENOMEM).
-///
-/// Exit status: 0 on success; with --require, 1 when an opcode is missing and
-/// 2 for an unknown opcode name. 1 when RINGMOVER_BACKEND forces a backend
-/// that cannot work here.
 #[derive(Debug, clap::Args)]
-#[command(long_about)]
+#[command(long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
-    /// Print JSON (schema "ringmover.probe/1", see docs/probe-json.md).
+    /// Print one `probe` JSON line (schema "ringmover.probe/1", see
+    /// docs/probe-json.md); with --require, one `probe-require` line.
     #[arg(long)]
     json: bool,
 
@@ -31,6 +30,19 @@ pub struct Args {
     #[arg(long, value_name = "OP[,OP...]", value_delimiter = ',')]
     require: Vec<String>,
 }
+
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover probe
+  ringmover probe --json | jq .backend
+  ringmover probe --require send_zc,splice && echo zero-copy ready
+  RINGMOVER_BACKEND=epoll ringmover probe
+
+Exit status:
+  0  the report was printed (with --require: every opcode is supported)
+  1  --require: an opcode is missing; or RINGMOVER_BACKEND forces a backend
+     that cannot work here
+  2  bad command line, or --require names an unknown opcode";
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let report = KernelReport::collect();
@@ -42,8 +54,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     }
 
     if args.json {
-        let text = serde_json::to_string_pretty(&to_json(&report))?;
-        writeln!(out, "{text}").context("writing to stdout")?;
+        json::write(&mut out, &to_json(&report)).context("writing to stdout")?;
     } else {
         write_text(&report, &mut out).context("writing to stdout")?;
     }
@@ -87,12 +98,12 @@ fn require(
             .join(", ")
     };
     if json {
-        let v = json!({
-            "required": wanted.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "missing": missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "ok": missing.is_empty(),
-        });
-        writeln!(out, "{v}").context("writing to stdout")?;
+        let line = Require {
+            required: wanted.iter().map(ToString::to_string).collect(),
+            missing: missing.iter().map(ToString::to_string).collect(),
+            ok: missing.is_empty(),
+        };
+        json::write(out, &line).context("writing to stdout")?;
     } else if missing.is_empty() {
         writeln!(out, "supported: {}", list(&wanted)).context("writing to stdout")?;
     }
@@ -110,18 +121,20 @@ fn require(
     Ok(Outcome::Failed)
 }
 
-fn bytes_human(n: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-    for (unit, size) in UNITS {
-        if n >= size && n % size == 0 {
-            return format!("{} {unit}", n / size);
-        }
-    }
-    format!("{n} B")
+/// The `probe-require` JSON line.
+#[derive(Debug, Serialize)]
+struct Require {
+    required: Vec<String>,
+    missing: Vec<String>,
+    ok: bool,
+}
+
+impl Line for Require {
+    const TYPE: &'static str = "probe-require";
 }
 
 fn limit_human(v: Option<u64>) -> String {
-    v.map_or_else(|| String::from("unlimited"), bytes_human)
+    v.map_or_else(|| String::from("unlimited"), human_bytes)
 }
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
@@ -185,7 +198,7 @@ fn write_text(r: &KernelReport, out: &mut impl Write) -> io::Result<()> {
         out,
         "pipe-max-size",
         &r.pipe_max_size
-            .map_or_else(|| String::from("absent"), bytes_human),
+            .map_or_else(|| String::from("absent"), human_bytes),
     )?;
     match &r.selection {
         Ok(s) => {
@@ -199,66 +212,169 @@ fn write_text(r: &KernelReport, out: &mut impl Write) -> io::Result<()> {
     Ok(())
 }
 
-fn to_json(r: &KernelReport) -> Value {
+/// The `probe` JSON line, schema `ringmover.probe/1` (docs/probe-json.md).
+#[derive(Debug, Serialize)]
+struct Probe {
+    schema: &'static str,
+    kernel: Kernel,
+    sysctl: Sysctl,
+    io_uring: IoUring,
+    limits: Limits,
+    backend: BackendJson,
+}
+
+impl Line for Probe {
+    const TYPE: &'static str = "probe";
+}
+
+#[derive(Debug, Serialize)]
+struct Kernel {
+    release: String,
+    machine: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Sysctl {
+    io_uring_disabled: Option<u32>,
+    io_uring_group: Option<i64>,
+    pipe_max_size: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct IoUring {
+    available: bool,
+    error: Option<RingError>,
+    probe_supported: bool,
+    opcodes: Vec<OpcodeJson>,
+    features: Vec<String>,
+    features_raw: u32,
+    setup_flags: Vec<SetupFlagJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct RingError {
+    errno: Option<i32>,
+    cause: &'static str,
+    explanation: String,
+}
+
+#[derive(Debug, Serialize)]
+struct OpcodeJson {
+    code: u8,
+    name: String,
+}
+
+#[derive(Debug, Serialize)]
+struct SetupFlagJson {
+    name: &'static str,
+    since: &'static str,
+    supported: bool,
+    errno: Option<i32>,
+}
+
+#[derive(Debug, Serialize)]
+struct Limits {
+    memlock_soft: Option<u64>,
+    memlock_hard: Option<u64>,
+    registrable_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendJson {
+    selected: Option<&'static str>,
+    forced: bool,
+    reason: Option<String>,
+    fallbacks: Vec<FallbackJson>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct FallbackJson {
+    op: String,
+    instead: String,
+}
+
+fn to_json(r: &KernelReport) -> Probe {
     let io_uring = match &r.ring {
-        RingSupport::Available { features, opcodes } => json!({
-            "available": true,
-            "error": Value::Null,
-            "probe_supported": opcodes.is_some(),
-            "opcodes": r.opcodes().iter().map(|op| json!({"code": op.0, "name": op.to_string()})).collect::<Vec<_>>(),
-            "features": feature_names(*features),
-            "features_raw": features,
-            "setup_flags": r.setup_flags.iter().map(|f| json!({
-                "name": f.flag.name,
-                "since": f.flag.since,
-                "supported": f.supported,
-                "errno": f.errno,
-            })).collect::<Vec<_>>(),
-        }),
-        RingSupport::Unavailable(why) => json!({
-            "available": false,
-            "error": {
-                "errno": why.errno(),
-                "cause": why.code(),
-                "explanation": why.to_string(),
-            },
-            "probe_supported": false,
-            "opcodes": [],
-            "features": [],
-            "features_raw": 0,
-            "setup_flags": [],
-        }),
+        RingSupport::Available { features, opcodes } => IoUring {
+            available: true,
+            error: None,
+            probe_supported: opcodes.is_some(),
+            opcodes: r
+                .opcodes()
+                .iter()
+                .map(|op| OpcodeJson {
+                    code: op.0,
+                    name: op.to_string(),
+                })
+                .collect(),
+            features: feature_names(*features),
+            features_raw: *features,
+            setup_flags: r
+                .setup_flags
+                .iter()
+                .map(|f| SetupFlagJson {
+                    name: f.flag.name,
+                    since: f.flag.since,
+                    supported: f.supported,
+                    errno: f.errno,
+                })
+                .collect(),
+        },
+        RingSupport::Unavailable(why) => IoUring {
+            available: false,
+            error: Some(RingError {
+                errno: why.errno(),
+                cause: why.code(),
+                explanation: why.to_string(),
+            }),
+            probe_supported: false,
+            opcodes: Vec::new(),
+            features: Vec::new(),
+            features_raw: 0,
+            setup_flags: Vec::new(),
+        },
     };
     let backend = match &r.selection {
-        Ok(s) => json!({
-            "selected": s.backend.name(),
-            "forced": s.forced,
-            "reason": s.reason,
-            "fallbacks": s.fallbacks.iter().map(|f| json!({"op": f.op.to_string(), "instead": f.instead})).collect::<Vec<_>>(),
-            "error": Value::Null,
-        }),
-        Err(e) => json!({
-            "selected": Value::Null,
-            "forced": true,
-            "reason": Value::Null,
-            "fallbacks": [],
-            "error": e,
-        }),
+        Ok(s) => BackendJson {
+            selected: Some(s.backend.name()),
+            forced: s.forced,
+            reason: Some(s.reason.clone()),
+            fallbacks: s
+                .fallbacks
+                .iter()
+                .map(|f| FallbackJson {
+                    op: f.op.to_string(),
+                    instead: f.instead.to_string(),
+                })
+                .collect(),
+            error: None,
+        },
+        Err(e) => BackendJson {
+            selected: None,
+            forced: true,
+            reason: None,
+            fallbacks: Vec::new(),
+            error: Some(e.to_string()),
+        },
     };
-    json!({
-        "schema": "ringmover.probe/1",
-        "kernel": {"release": r.kernel_release, "machine": r.machine},
-        "sysctl": {
-            "io_uring_disabled": r.io_uring_disabled,
-            "io_uring_group": r.io_uring_group,
-            "pipe_max_size": r.pipe_max_size,
+    Probe {
+        schema: "ringmover.probe/1",
+        kernel: Kernel {
+            release: r.kernel_release.clone(),
+            machine: r.machine.clone(),
         },
-        "io_uring": io_uring,
-        "limits": {
-            "memlock_soft": r.memlock.and_then(|m| m.soft),
-            "memlock_hard": r.memlock.and_then(|m| m.hard),
-            "registrable_bytes": r.registrable_bytes(),
+        sysctl: Sysctl {
+            io_uring_disabled: r.io_uring_disabled,
+            io_uring_group: r.io_uring_group,
+            pipe_max_size: r.pipe_max_size,
         },
-        "backend": backend,
-    })
+        io_uring,
+        limits: Limits {
+            memlock_soft: r.memlock.and_then(|m| m.soft),
+            memlock_hard: r.memlock.and_then(|m| m.hard),
+            registrable_bytes: r.registrable_bytes(),
+        },
+        backend,
+    }
 }

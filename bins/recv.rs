@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -13,10 +13,12 @@ use anyhow::{bail, Context};
 use ringmover::recv::{self, ConnId, Event, Finished, Receiver, RecvOptions};
 use ringmover::Backend;
 use ringmover::Selection;
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use crate::json::{self, Line};
+use crate::progress::{Meter, ProgressArgs};
 use crate::signals::Interrupt;
-use crate::units::{gbps, human_bytes, parse_count, parse_size, parse_timeout, utc_stamp};
+use crate::units::{human_bytes, human_rate, parse_count, parse_size, parse_timeout, utc_stamp};
 use crate::Outcome;
 
 /// Receive TCP connections into files.
@@ -35,10 +37,9 @@ use crate::Outcome;
 /// the transfers.
 ///
 /// The first line on stderr is `listening on ADDR:PORT` (the real port when
-/// :0 was given). Exit status 0 iff every connection completed; 2 for a bad
-/// option; 128 + the signal number when interrupted.
+/// :0 was given), the second `backend: NAME (why)`.
 #[derive(Debug, clap::Args)]
-#[command(long_about)]
+#[command(long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
@@ -53,8 +54,9 @@ pub struct Args {
     once: bool,
 
     /// Fail a connection whose peer sends more than this many bytes (e.g.
-    /// 10M); the .part file keeps exactly this many.
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    /// 10GB = 10^10 bytes, 10GiB or 10G = 10 * 2^30); the .part file keeps
+    /// exactly this many.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_bytes: Option<u64>,
 
     /// Accept this many connections (at least 1), then exit once they have
@@ -77,12 +79,76 @@ pub struct Args {
     overwrite: bool,
 
     #[command(flatten)]
-    progress: crate::units::ProgressArgs,
+    progress: ProgressArgs,
 
-    /// Print one JSON object per connection on stdout: peer, path, bytes,
-    /// seconds, gbps (Gbit/s), backend, outcome, error.
+    /// Print one `recv-connection` JSON line per connection on stdout as it
+    /// ends: peer, path, bytes, seconds, gb_per_s, backend, outcome, error
+    /// (see docs/cli-json.md).
     #[arg(long)]
     json: bool,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover recv --out /srv/incoming                       # one file per connection
+  ringmover recv --listen 0.0.0.0:7000 --out backup.tar    # one connection, then exit
+  ringmover recv --listen [::]:7000 --out in/ --max-bytes 10GiB --idle-timeout 30s
+  ringmover recv --listen 127.0.0.1:0 --out in/ --max-conns 4 --json --no-progress
+
+Sizes: K, M, G, T and KiB, MiB, GiB, TiB are powers of 1024; KB, MB, GB,
+TB powers of 1000 (10GB = 10000000000 bytes).
+
+Progress: on a terminal, one line redrawn in place with bytes, rate and the
+live connections; elsewhere nothing unless --progress (then a line every
+second).
+
+Exit status:
+  0    every connection completed
+  1    a connection failed (its .part kept), or recv could not start
+  2    bad command line
+  130  interrupted by SIGINT (143: SIGTERM); live connections reported
+       as `interrupted`";
+
+/// The `recv-connection` JSON line (docs/cli-json.md).
+#[derive(Debug, Serialize)]
+struct Connection {
+    peer: String,
+    /// Lossy: JSON strings are Unicode, file names need not be.
+    path: String,
+    bytes: u64,
+    seconds: f64,
+    gb_per_s: f64,
+    backend: &'static str,
+    outcome: &'static str,
+    error: Option<String>,
+}
+
+impl Line for Connection {
+    const TYPE: &'static str = "recv-connection";
+}
+
+impl Connection {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        peer: SocketAddr,
+        path: &Path,
+        bytes: u64,
+        seconds: f64,
+        backend: Backend,
+        outcome: &'static str,
+        error: Option<String>,
+    ) -> Connection {
+        Connection {
+            peer: peer.to_string(),
+            path: path.to_string_lossy().into_owned(),
+            bytes,
+            seconds,
+            gb_per_s: json::gb_per_s(bytes, seconds),
+            backend: backend.name(),
+            outcome,
+            error,
+        }
+    }
 }
 
 /// Where connections go.
@@ -103,6 +169,9 @@ struct Output {
 
 /// How often the loop looks at the signal flag while nothing happens.
 const TICK: Duration = Duration::from_millis(100);
+
+/// How often the progress line is brought up to date.
+const PROGRESS_TICK: Duration = Duration::from_millis(250);
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     // Before any other thread starts (they inherit the blocked signals).
@@ -137,11 +206,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .with_context(|| format!("reading the address bound for {addr}"))?;
     let mut console = Console::new(args.json);
     console.say(format_args!("listening on {local}"));
-
-    let progress = args.progress.enabled();
-    if progress {
-        console.say(format_args!("backend: {backend} ({})", selection.reason));
-    }
+    // Always: which path the bytes take, and why (the JSON lines say it too).
+    console.say(format_args!("backend: {backend} ({})", selection.reason));
     let options = RecvOptions {
         max_bytes: args.max_bytes,
         idle_timeout: args.idle_timeout,
@@ -158,11 +224,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .with_context(|| format!("watching the listener on {local}"))?;
 
     let mut outputs: HashMap<ConnId, Output> = HashMap::new();
-    let mut rates: HashMap<ConnId, u64> = HashMap::new();
     let mut failed = 0u64;
     let mut events = Vec::new();
+    // Progress: bytes of finished connections, plus the live ones'.
+    console.meter = Meter::new(args.progress.mode(), local.to_string(), None);
+    let started = Instant::now();
+    let (mut done_bytes, mut done_conns) = (0u64, 0u64);
     let mut last_tick = Instant::now();
-    let tick = Duration::from_secs(1);
 
     while receiver.is_listening() || receiver.active() > 0 {
         if let Some(sig) = interrupt.received() {
@@ -203,11 +271,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             // Only this connection fails; the server goes on.
                             failed += 1;
                             console.say(format_args!("ringmover: {peer}: {e}"));
-                            console.record(&json!({
-                                "peer": peer.to_string(), "path": path.to_string_lossy(),
-                                "bytes": 0, "seconds": 0.0, "gbps": 0.0,
-                                "backend": backend.name(), "outcome": outcome, "error": e,
-                            }));
+                            console.record(&Connection::new(
+                                peer,
+                                &path,
+                                0,
+                                0.0,
+                                backend,
+                                outcome,
+                                Some(e),
+                            ));
                         }
                     }
                 }
@@ -215,7 +287,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     let Some(output) = outputs.remove(&done.id) else {
                         continue;
                     };
-                    rates.remove(&done.id);
+                    done_bytes += done.bytes;
+                    done_conns += 1;
                     let dir_mode = matches!(dest, Destination::Dir(_));
                     let ok = finish(done, &output, args, dir_mode, backend, &mut console);
                     if !ok {
@@ -228,21 +301,19 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        if progress && last_tick.elapsed() >= tick {
-            let secs = last_tick.elapsed().as_secs_f64();
+        if console.meter.enabled() && last_tick.elapsed() >= PROGRESS_TICK {
             last_tick = Instant::now();
-            for p in receiver.progress() {
-                let before = rates.insert(p.id, p.bytes).unwrap_or(0);
-                let rate = p.bytes.saturating_sub(before) as f64 / secs;
-                console.say(format_args!(
-                    "{}: {} ({}/s)",
-                    p.peer,
-                    human_bytes(p.bytes),
-                    human_bytes(rate as u64)
-                ));
-            }
+            let live = receiver.progress();
+            let bytes = done_bytes + live.iter().map(|p| p.bytes).sum::<u64>();
+            let note = format!("{} live, {done_conns} done", live.len());
+            console.meter.update(bytes, &note);
         }
     }
+    console.meter.finish(Some(format_args!(
+        "received {} in {done_conns} connection(s), {failed} failed, in {}",
+        human_bytes(done_bytes),
+        crate::progress::clock(started.elapsed())
+    )));
     Ok(if failed == 0 {
         Outcome::Success
     } else {
@@ -263,6 +334,7 @@ fn interrupted(
     // Closes the listener and every connection; after this no byte moves,
     // so the .part sizes below are final.
     drop(receiver);
+    console.meter.finish(None);
     let why = format!("interrupted by {}", sig.as_str());
     for p in live {
         let Some(output) = outputs.remove(&p.id) else {
@@ -275,16 +347,15 @@ fn interrupted(
             p.peer,
             output.part.display()
         ));
-        console.record(&json!({
-            "peer": p.peer.to_string(),
-            "path": output.part.to_string_lossy(),
-            "bytes": bytes,
-            "seconds": secs,
-            "gbps": gbps(bytes, secs),
-            "backend": backend.name(),
-            "outcome": "interrupted",
-            "error": why,
-        }));
+        console.record(&Connection::new(
+            p.peer,
+            &output.part,
+            bytes,
+            secs,
+            backend,
+            "interrupted",
+            Some(why.clone()),
+        ));
     }
     Outcome::Signal(sig)
 }
@@ -293,11 +364,13 @@ fn interrupted(
 /// us (`recv --json | head -1`): a failed write is never fatal, since the
 /// transfers matter more than their reports. The first failure on stdout
 /// is said once on stderr, if that is still open.
+/// Progress (when shown) is drawn on stderr below the messages.
 #[derive(Debug)]
 struct Console {
     json: bool,
     stdout_open: bool,
     stderr_open: bool,
+    meter: Meter,
 }
 
 impl Console {
@@ -306,22 +379,23 @@ impl Console {
             json,
             stdout_open: true,
             stderr_open: true,
+            meter: Meter::new(crate::progress::Mode::Off, "", None),
         }
     }
 
-    /// A line on stderr.
+    /// A line on stderr (above the progress line).
     fn say(&mut self, line: fmt::Arguments<'_>) {
-        if self.stderr_open && writeln!(io::stderr(), "{line}").is_err() {
+        if self.stderr_open && !self.meter.println(line) {
             self.stderr_open = false;
         }
     }
 
-    /// A JSON record on stdout (with --json).
-    fn record(&mut self, v: &Value) {
+    /// A JSON line on stdout (with --json).
+    fn record(&mut self, line: &Connection) {
         if !self.json || !self.stdout_open {
             return;
         }
-        if let Err(e) = writeln!(io::stdout().lock(), "{v}") {
+        if let Err(e) = json::write(&mut io::stdout().lock(), line) {
             self.stdout_open = false;
             self.say(format_args!(
                 "ringmover: writing to stdout: {e}; still receiving, \
@@ -357,27 +431,20 @@ fn finish(
             done.bytes,
             path.display()
         ));
-    } else if args.progress.enabled() {
+    } else if console.meter.enabled() {
         console.say(format_args!(
-            "{}: done, {} in {secs:.2} s ({:.2} Gbit/s) -> {}",
+            "{}: done, {} in {secs:.2} s ({}) -> {}",
             done.peer,
             human_bytes(done.bytes),
-            gbps(done.bytes, secs),
+            human_rate(done.bytes as f64 / secs),
             path.display()
         ));
     }
-    console.record(&json!({
-        "peer": done.peer.to_string(),
-        // Lossy: JSON strings are Unicode, file names need not be.
-        "path": path.to_string_lossy(),
-        "bytes": done.bytes,
-        "seconds": secs,
-        "gbps": gbps(done.bytes, secs),
-        "backend": backend.name(),
-        "outcome": outcome,
-        "error": error,
-    }));
-    error.is_none()
+    let ok = error.is_none();
+    console.record(&Connection::new(
+        done.peer, &path, done.bytes, secs, backend, outcome, error,
+    ));
+    ok
 }
 
 /// fsync (when asked) and rename NAME.part to NAME; returns the final path.
@@ -662,18 +729,19 @@ pub fn raise_nofile_limit() {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("ringmover-recv-unit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A scratch directory, removed when dropped (also when a test fails).
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("ringmover-recv-unit-{name}-"))
+            .tempdir()
+            .expect("creating a scratch directory")
     }
 
     /// Taken names (final or .part) get `-1`, `-2`, ...
     #[test]
     fn colliding_names_get_suffixes() {
-        let dir = scratch("collide");
+        let tmp = scratch("collide");
+        let dir = tmp.path();
         let base = dir.join("stamp_127.0.0.1_9");
         std::fs::write(&base, b"taken").unwrap();
         std::fs::write(part_path(&suffixed(&base, 1)), b"in use").unwrap();
@@ -686,14 +754,14 @@ mod tests {
             std::fs::read(part_path(&suffixed(&base, 1))).unwrap(),
             b"in use"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Directory mode never replaces: a name taken after the .part was
     /// made moves the rename to `-1`; without a fallback it fails.
     #[test]
     fn rename_never_overwrites() {
-        let dir = scratch("rename");
+        let tmp = scratch("rename");
+        let dir = tmp.path();
         let path = dir.join("name");
         let part = part_path(&path);
         std::fs::write(&part, b"new").unwrap();
@@ -708,13 +776,13 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
         assert_eq!(std::fs::read(suffixed(&path, 1)).unwrap(), b"also taken");
         assert!(!part.exists());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// `--overwrite` replaces a regular file but never a symlink or FIFO.
     #[test]
     fn replace_only_regular_files() {
-        let dir = scratch("replace");
+        let tmp = scratch("replace");
+        let dir = tmp.path();
         let path = dir.join("name");
         let part = part_path(&path);
         let victim = dir.join("victim");
@@ -738,6 +806,5 @@ mod tests {
         assert!(e.to_string().contains("--overwrite"), "{e}");
         create_part(&part, true).unwrap();
         assert_eq!(std::fs::read(&part).unwrap(), b"");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

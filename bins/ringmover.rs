@@ -4,7 +4,9 @@
 // tools (epoll sink, veth namespaces, per-thread rusage, /proc).
 #[cfg(target_os = "linux")]
 mod bench;
+mod json;
 mod probe;
+mod progress;
 mod recv;
 mod send;
 mod signals;
@@ -13,7 +15,7 @@ mod units;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Move bytes between memory, sockets and files with as few copies and
 /// system calls as the kernel allows (io_uring, with epoll/poll fallback).
@@ -21,11 +23,28 @@ use clap::{Parser, Subcommand};
 /// The backend is chosen at run time; set RINGMOVER_BACKEND=uring|epoll|poll
 /// to force one (forcing uring where it cannot work is an error).
 #[derive(Debug, Parser)]
-#[command(name = "ringmover", version, about, long_about)]
+#[command(name = "ringmover", version, about, long_about, after_long_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover probe                                   # what this kernel supports, which backend
+  ringmover recv --listen 0.0.0.0:7000 --out /srv/incoming
+  ringmover send backup.tar --to host:7000
+  ringmover bench recv --bytes 256MiB
+  ringmover completions bash > /etc/bash_completion.d/ringmover
+
+`ringmover COMMAND --help` gives each command's examples and exit status.
+--json output: one object per line, each with a `type` (docs/cli-json.md).
+
+Exit status (every command):
+  0    success
+  1    failure (said on stderr)
+  2    bad command line
+  130  interrupted by SIGINT, 143 by SIGTERM (recv, send)";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -34,6 +53,50 @@ enum Command {
     Send(send::Args),
     #[cfg(target_os = "linux")]
     Bench(bench::Args),
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on stdout: `ringmover man > ringmover.1`.
+    #[command(hide = true)]
+    Man,
+}
+
+/// Print a shell completion script on stdout.
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Examples:
+  ringmover completions bash > ~/.local/share/bash-completion/completions/ringmover
+  ringmover completions zsh > ~/.zfunc/_ringmover
+  ringmover completions fish > ~/.config/fish/completions/ringmover.fish
+
+Exit status:
+  0  the script was printed
+  2  bad command line (an unknown shell)")]
+struct CompletionsArgs {
+    /// The shell: bash, elvish, fish, powershell or zsh.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+fn completions(args: &CompletionsArgs) -> anyhow::Result<Outcome> {
+    let mut out = Vec::new();
+    clap_complete::generate(args.shell, &mut Cli::command(), "ringmover", &mut out);
+    std::io::stdout().write_all(&out)?;
+    Ok(Outcome::Success)
+}
+
+/// The man page of ringmover and of every subcommand, one roff document.
+fn man() -> anyhow::Result<Outcome> {
+    let mut out = Vec::new();
+    let cmd = Cli::command();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let sub = sub
+            .clone()
+            .display_name(format!("ringmover-{}", sub.get_name()))
+            .bin_name(format!("ringmover {}", sub.get_name()));
+        clap_mangen::Man::new(sub).render(&mut out)?;
+    }
+    std::io::stdout().write_all(&out)?;
+    Ok(Outcome::Success)
 }
 
 /// How a subcommand ended, when it did not fail outright.
@@ -57,6 +120,8 @@ fn main() -> ExitCode {
         Command::Send(args) => send::run(&args),
         #[cfg(target_os = "linux")]
         Command::Bench(args) => bench::run(&args),
+        Command::Completions(args) => completions(&args),
+        Command::Man => man(),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
@@ -82,9 +147,31 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     #[test]
     fn cli_is_well_formed() {
-        use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    /// Every command (and subcommand) has examples and an exit status in
+    /// its long help.
+    #[test]
+    fn every_command_has_examples_and_exit_status() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            let path = format!("{path} {}", cmd.get_name());
+            if !cmd.is_hide_set() && cmd.get_name() != "help" {
+                let after = cmd
+                    .get_after_long_help()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                assert!(after.contains("Examples:"), "{path}: no examples");
+                assert!(after.contains("Exit status"), "{path}: no exit status");
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path);
+            }
+        }
+        walk(&super::Cli::command(), "");
     }
 }

@@ -5,15 +5,17 @@ use std::io::{self, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ringmover::send::{reset_on_close, Format, SendPath, Sender};
-use serde_json::json;
+use serde::Serialize;
 
+use crate::json::{self, Line};
+use crate::progress::{Meter, ProgressArgs};
 use crate::signals;
-use crate::units::{gbps, human_bytes, parse_limit, Limit};
+use crate::units::{human_bytes, human_rate, parse_limit, Limit};
 use crate::Outcome;
 
 /// Send FILE (or stdin, given `-`) to a TCP address, then wait for the
@@ -24,16 +26,15 @@ use crate::Outcome;
 /// short at any point, even by SIGKILL, never looks complete to it. --raw
 /// sends the bytes alone, for any other receiver.
 ///
-/// Exit status 0 only when every byte was sent and the receiver then closed
-/// the connection cleanly. On any error, SIGINT or SIGTERM the connection
-/// is reset (never closed with a FIN), so the receiver sees the failure.
-/// The input is opened before connecting: a missing file never connects.
+/// On any error, SIGINT or SIGTERM the connection is reset (never closed
+/// with a FIN), so the receiver sees the failure. The input is opened
+/// before connecting: a missing file never connects.
 ///
 /// On Linux, regular files go with sendfile(2); stdin, devices, files
 /// sendfile cannot read, and everything on other Unix go through a 64 KiB
 /// read/write loop.
-#[derive(Debug, clap::Args)]
-#[command(long_about)]
+#[derive(Debug, Clone, clap::Args)]
+#[command(long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
     /// The file to send, or `-` for stdin.
     #[arg(value_name = "FILE|-")]
@@ -56,38 +57,124 @@ pub struct Args {
     idle_timeout: Limit,
 
     #[command(flatten)]
-    progress: crate::units::ProgressArgs,
+    progress: ProgressArgs,
 
-    /// Print one JSON object on stdout after a successful send: to, path,
-    /// bytes, seconds, gbps (Gbit/s), method.
+    /// Print one `send-summary` JSON line on stdout when the send ends,
+    /// whether it succeeded or not (see docs/cli-json.md).
     #[arg(long)]
     json: bool,
 }
 
-/// What the signal watcher needs to abort: the connection (a duplicate of
-/// its fd) once there is one, and the bytes sent so far.
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover send backup.tar --to host:7000
+  tar c dir | ringmover send - --to host:7000
+  ringmover send disk.img --to host:7000 --json --no-progress
+  ringmover send notes.txt --raw --to host:9000     # to `nc -l -N 9000`
+
+Progress: on a terminal, one line redrawn in place with bytes, rate,
+percentage and ETA (when the size is known); elsewhere nothing unless
+--progress (then a line every second).
+
+Exit status:
+  0    every byte was sent and the receiver then closed the connection cleanly
+  1    the send failed (input, connection, timeout, reset by the receiver)
+  2    bad command line
+  130  interrupted by SIGINT (143: SIGTERM); the connection was reset";
+
+/// The `send-summary` JSON line (docs/cli-json.md).
+#[derive(Debug, Serialize)]
+struct Summary<'a> {
+    to: &'a str,
+    /// The input as given (`-` for stdin; lossy UTF-8).
+    path: String,
+    /// Payload bytes sent (all of them on success).
+    bytes: u64,
+    seconds: f64,
+    gb_per_s: f64,
+    /// `sendfile` or `read-write`; null when the send failed.
+    method: Option<&'static str>,
+    /// `complete`, `failed` or `interrupted`.
+    outcome: &'static str,
+    error: Option<String>,
+}
+
+impl Line for Summary<'_> {
+    const TYPE: &'static str = "send-summary";
+}
+
+impl Args {
+    fn summary(
+        &self,
+        bytes: u64,
+        seconds: f64,
+        method: Option<&'static str>,
+        outcome: &'static str,
+        error: Option<String>,
+    ) -> Summary<'_> {
+        Summary {
+            to: &self.to,
+            path: self.input.to_string_lossy().into_owned(),
+            bytes,
+            seconds,
+            gb_per_s: json::gb_per_s(bytes, seconds),
+            method,
+            outcome,
+            error,
+        }
+    }
+
+    /// Prints `summary` with --json. A closed stdout loses only the report.
+    fn report(&self, summary: &Summary<'_>) {
+        if self.json {
+            let _ = json::write(&mut io::stdout().lock(), summary);
+        }
+    }
+}
+
+/// What the signal watcher and the failure report need: the connection (a
+/// duplicate of its fd) once there is one, when sending started, the bytes
+/// sent so far, and the progress bar to clear.
 #[derive(Debug, Default)]
 struct Abort {
     socket: Mutex<Option<TcpStream>>,
+    started: OnceLock<Instant>,
     sent: AtomicU64,
+    bar: OnceLock<indicatif::ProgressBar>,
+}
+
+impl Abort {
+    fn seconds(&self) -> f64 {
+        self.started
+            .get()
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     // Errors are reported here, never handed to main: a broken pipe from
     // the socket is a failed send, not a closed stdout.
-    match send(args) {
+    let abort = Arc::new(Abort::default());
+    match send(args, &abort) {
         Ok(()) => Ok(Outcome::Success),
         Err(e) => {
             let _ = writeln!(io::stderr(), "ringmover: {e:#}");
+            let sent = abort.sent.load(Ordering::SeqCst);
+            args.report(&args.summary(
+                sent,
+                abort.seconds(),
+                None,
+                "failed",
+                Some(format!("{e:#}")),
+            ));
             Ok(Outcome::Failed)
         }
     }
 }
 
-fn send(args: &Args) -> anyhow::Result<()> {
-    let abort = Arc::new(Abort::default());
+fn send(args: &Args, abort: &Arc<Abort>) -> anyhow::Result<()> {
     let on_signal = abort.clone();
-    let to = args.to.clone();
+    let report_args = args.clone();
     signals::watch(move |sig| {
         // Reset, never FIN: the receiver must not take this for an end.
         let sent = on_signal.sent.load(Ordering::SeqCst);
@@ -95,24 +182,34 @@ fn send(args: &Args) -> anyhow::Result<()> {
             Ok(guard) => guard.as_ref().map(reset_on_close).is_some(),
             Err(_) => false,
         };
+        if let Some(bar) = on_signal.bar.get() {
+            bar.finish_and_clear();
+        }
         let what = if connected {
-            format!("; reset the connection to {to} after {sent} bytes")
+            format!(
+                "; reset the connection to {} after {sent} bytes",
+                report_args.to
+            )
         } else {
             String::new()
         };
-        let _ = writeln!(
-            io::stderr(),
-            "ringmover: interrupted by {}{what}",
-            sig.as_str()
-        );
+        let why = format!("interrupted by {}{what}", sig.as_str());
+        let _ = writeln!(io::stderr(), "ringmover: {why}");
+        report_args.report(&report_args.summary(
+            sent,
+            on_signal.seconds(),
+            None,
+            "interrupted",
+            Some(why),
+        ));
         std::process::exit(signals::exit_status(sig).into());
     })
     .context("watching SIGINT and SIGTERM")?;
 
     // The input first: a missing file or a directory never connects.
     let is_stdin = args.input.as_os_str() == "-";
-    let file = if is_stdin {
-        None
+    let (file, size) = if is_stdin {
+        (None, None)
     } else {
         let file =
             File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
@@ -122,7 +219,9 @@ fn send(args: &Args) -> anyhow::Result<()> {
         if meta.is_dir() {
             bail!("{} is a directory", args.input.display());
         }
-        Some(file)
+        // Size 0 (/proc, devices) says nothing about what will be read.
+        let size = (meta.is_file() && meta.len() > 0).then_some(meta.len());
+        (Some(file), size)
     };
     let name = if is_stdin {
         "stdin".to_owned()
@@ -137,11 +236,16 @@ fn send(args: &Args) -> anyhow::Result<()> {
             *slot = Some(dup);
         }
     }
-    let started = Instant::now();
-    let result = transfer(args, &socket, file.as_ref(), &abort);
+    let started = *abort.started.get_or_init(Instant::now);
+    let mut meter = Meter::new(args.progress.mode(), args.to.clone(), size);
+    if let Some(bar) = meter.bar() {
+        let _ = abort.bar.set(bar);
+    }
+    let result = transfer(args, &socket, file.as_ref(), abort, &mut meter);
     let (bytes, method) = match result {
         Ok(done) => done,
         Err((sent, e)) => {
+            meter.finish(None);
             // Best effort: if SO_LINGER cannot be set, the close is a FIN,
             // and the framing still tells a ringmover receiver.
             let _ = reset_on_close(&socket);
@@ -154,27 +258,17 @@ fn send(args: &Args) -> anyhow::Result<()> {
         }
     };
     let secs = started.elapsed().as_secs_f64();
-    if args.progress.enabled() {
-        let _ = writeln!(
-            io::stderr(),
-            "{}: sent {} in {secs:.2} s ({:.2} Gbit/s)",
-            args.to,
-            human_bytes(bytes),
-            gbps(bytes, secs)
-        );
-    }
-    if args.json {
-        let v = json!({
-            "to": args.to,
-            "path": if is_stdin { "-".into() } else { args.input.to_string_lossy() },
-            "bytes": bytes,
-            "seconds": secs,
-            "gbps": gbps(bytes, secs),
-            "method": match method { SendPath::Sendfile => "sendfile", SendPath::Copy => "read-write" },
-        });
-        // A closed stdout loses only this report: the transfer succeeded.
-        let _ = writeln!(io::stdout(), "{v}");
-    }
+    meter.finish(Some(format_args!(
+        "{}: sent {} in {secs:.2} s ({})",
+        args.to,
+        human_bytes(bytes),
+        human_rate(bytes as f64 / secs)
+    )));
+    let method = match method {
+        SendPath::Sendfile => "sendfile",
+        SendPath::Copy => "read-write",
+    };
+    args.report(&args.summary(bytes, secs, Some(method), "complete", None));
     Ok(())
 }
 
@@ -185,22 +279,11 @@ fn transfer(
     socket: &TcpStream,
     file: Option<&File>,
     abort: &Abort,
+    meter: &mut Meter,
 ) -> Result<(u64, SendPath), (u64, anyhow::Error)> {
-    let show = args.progress.enabled();
-    let mut last = (Instant::now(), 0u64);
     let mut progress = |total: u64| {
         abort.sent.store(total, Ordering::SeqCst);
-        if show && last.0.elapsed() >= Duration::from_secs(1) {
-            let rate = (total - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            let _ = writeln!(
-                io::stderr(),
-                "{}: {} ({}/s)",
-                args.to,
-                human_bytes(total),
-                human_bytes(rate as u64)
-            );
-            last = (Instant::now(), total);
-        }
+        meter.update(total, "");
     };
     let format = if args.raw {
         Format::Raw

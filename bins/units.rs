@@ -1,27 +1,7 @@
-//! Units on the command line and in reports: durations, byte sizes, rates.
+//! Units on the command line and in reports: durations, byte sizes, rates
+//! (for people; JSON units are in `json.rs`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// `--progress` / `--no-progress`, shared by `recv` and `send`.
-#[derive(Debug, Clone, Copy, clap::Args)]
-pub struct ProgressArgs {
-    /// Print the rate on stderr every second (default when stderr is a
-    /// terminal).
-    #[arg(long, overrides_with = "no_progress")]
-    progress: bool,
-
-    /// Never print progress.
-    #[arg(long)]
-    no_progress: bool,
-}
-
-impl ProgressArgs {
-    /// Whether to print progress: asked for, or stderr is a terminal.
-    pub fn enabled(&self) -> bool {
-        use std::io::IsTerminal;
-        !self.no_progress && (self.progress || std::io::stderr().is_terminal())
-    }
-}
 
 /// Parses `30s`, `500ms`, `2m`, `1h` or a plain number of seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -88,52 +68,68 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses a byte count: `1000`, `64K`/`64KiB`, `10M`, `2G` (binary units).
+/// Parses a byte count as dd(1) does: `1000`; `64K`, `64KiB`, `2G`,
+/// `2GiB` (powers of 1024); `64KB`, `10GB` (powers of 1000). Case does not
+/// matter.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let upper = t.to_ascii_uppercase();
-    let body = upper
-        .strip_suffix("IB")
-        .or_else(|| upper.strip_suffix('B'))
-        .unwrap_or(&upper);
-    let (num, shift) = match body.chars().last() {
-        Some('K') => (&body[..body.len() - 1], 10),
-        Some('M') => (&body[..body.len() - 1], 20),
-        Some('G') => (&body[..body.len() - 1], 30),
-        Some('T') => (&body[..body.len() - 1], 40),
-        _ => (body, 0),
+    let (body, base) = if let Some(b) = upper.strip_suffix("IB") {
+        (b, 1024u64)
+    } else if let Some(b) = upper.strip_suffix('B') {
+        (b, 1000)
+    } else {
+        (upper.as_str(), 1024)
+    };
+    let (num, power) = match body.chars().last() {
+        Some('K') => (&body[..body.len() - 1], 1),
+        Some('M') => (&body[..body.len() - 1], 2),
+        Some('G') => (&body[..body.len() - 1], 3),
+        Some('T') => (&body[..body.len() - 1], 4),
+        // A bare `B` is bytes; a bare `iB` is nothing.
+        _ if base == 1000 || body == upper => (body, 0),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: expected e.g. 1000, 64K, 10GB, 2GiB"
+            ))
+        }
     };
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 1000, 64K, 10M, 2G"))?;
-    n.checked_mul(1u64 << shift)
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 1000, 64K, 10GB, 2GiB"))?;
+    n.checked_mul(base.pow(power))
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// `1.5 MiB`-style sizes.
+/// The CLI's one byte formatter, in powers of 1024: `512 B`, `64 KiB`
+/// (exact), `1.5 MiB` (one decimal otherwise).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
+    while i + 1 < UNITS.len() && n >= 1u64 << (10 * (i + 1)) {
         i += 1;
     }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
+    let unit = 1u64 << (10 * i);
+    if n % unit == 0 {
+        return format!("{} {}", n / unit, UNITS[i]);
     }
+    let v = n as f64 / unit as f64;
+    // 1023.97 KiB would print as "1024.0 KiB".
+    if v >= 1023.95 && i + 1 < UNITS.len() {
+        return format!("{:.1} {}", v / 1024.0, UNITS[i + 1]);
+    }
+    format!("{v:.1} {}", UNITS[i])
 }
 
-/// Gigabits per second.
-pub fn gbps(bytes: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        bytes as f64 * 8.0 / secs / 1e9
+/// A rate for people: `human_bytes` per second.
+pub fn human_rate(bytes_per_s: f64) -> String {
+    let n = if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
+        bytes_per_s as u64
     } else {
-        0.0
-    }
+        0
+    };
+    format!("{}/s", human_bytes(n))
 }
 
 /// The current UTC time as `20261123T101507.123456Z`.
@@ -200,7 +196,30 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(65536));
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("64kB"), Ok(64_000));
+        assert_eq!(parse_size("1TB"), Ok(1_000_000_000_000));
+        assert_eq!(parse_size("512B"), Ok(512));
         assert!(parse_size("lots").is_err());
+        assert!(parse_size("5iB").is_err());
+        assert!(parse_size("GB").is_err());
+        assert!(parse_size("99999999999T").is_err(), "too large, not a wrap");
+    }
+
+    #[test]
+    fn byte_formatter() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(8 << 20), "8 MiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes((1 << 20) - 1), "1.0 MiB");
+        assert!(
+            human_bytes(u64::MAX).ends_with(" PiB"),
+            "no panic at the top"
+        );
+        assert_eq!(human_rate(1048576.0), "1 MiB/s");
+        assert_eq!(human_rate(f64::NAN), "0 B/s");
     }
 
     #[test]

@@ -15,8 +15,9 @@ use anyhow::{bail, Context};
 use nix::sys::resource::UsageWho;
 use ringmover::recv::{Event, Receiver, RecvOptions};
 use ringmover::Backend;
-use serde_json::json;
+use serde::Serialize;
 
+use crate::json::{self, Line};
 use crate::units::{human_bytes, parse_size};
 use crate::Outcome;
 
@@ -34,10 +35,10 @@ use crate::Outcome;
 /// With --idle N: N idle connections on the io_uring backend, and how many
 /// iou-wrk threads exist meanwhile.
 #[derive(Debug, clap::Args)]
-#[command(long_about)]
+#[command(long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
-    /// Bytes per run (e.g. 2G, 256M).
-    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    /// Bytes per run (e.g. 2GiB or 2G = 2 * 2^30, 2GB = 2 * 10^9).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     bytes: u64,
 
     /// Directory for the output files (removed after each run).
@@ -67,7 +68,8 @@ pub struct Args {
     )]
     methods: Vec<String>,
 
-    /// Print JSON on stdout.
+    /// Print one `bench-recv` JSON line per method (with --idle, one
+    /// `bench-recv-idle` line) on stdout; see docs/cli-json.md.
     #[arg(long)]
     json: bool,
 
@@ -75,6 +77,55 @@ pub struct Args {
     /// connections to ADDR.
     #[arg(long, value_name = "ADDR", hide = true)]
     sender: Option<SocketAddr>,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover bench recv                             # 1 GiB, 3 runs per method
+  ringmover bench recv --bytes 256MiB --conns 16 --runs 5
+  ringmover bench recv --bytes 8GB --dir /mnt/nvme --json
+  ringmover bench recv --idle 1000                 # iou-wrk threads for idle connections
+
+Exit status:
+  0  every run received every byte
+  1  a run failed (named on stderr)
+  2  bad command line";
+
+/// The `bench-recv` JSON line: one method's median over the runs.
+#[derive(Debug, Serialize)]
+struct Row {
+    /// Bytes per run.
+    bytes: u64,
+    conns: usize,
+    runs: u32,
+    kernel: String,
+    cpus: usize,
+    method: String,
+    /// Median wall time of a run.
+    seconds: f64,
+    /// Slowest wall time over fastest.
+    spread: f64,
+    gb_per_s: f64,
+    /// Receiver CPU-seconds per 1e9 bytes (median).
+    cpu_s_per_gb: f64,
+    /// Speed relative to the read/write loop (wall time ratio).
+    vs_read_write: f64,
+}
+
+impl Line for Row {
+    const TYPE: &'static str = "bench-recv";
+}
+
+/// The `bench-recv-idle` JSON line.
+#[derive(Debug, Serialize)]
+struct IdleRow {
+    idle_connections: usize,
+    iou_wrk_threads: usize,
+    finished_after_close: usize,
+}
+
+impl Line for IdleRow {
+    const TYPE: &'static str = "bench-recv-idle";
 }
 
 /// A way to receive the stream.
@@ -170,31 +221,30 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         .find(|(m, _)| matches!(m, Method::ReadWrite))
         .unwrap_or(&rows[0])
         .1;
-    let gib = args.bytes as f64 / (1u64 << 30) as f64;
     let (release, _) = kernel();
     let cpus = thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let mut out = io::stdout().lock();
     if args.json {
         for (m, r) in &rows {
-            let v = json!({
-                "bytes": args.bytes,
-                "conns": args.conns,
-                "runs": args.runs,
-                "kernel": release,
-                "cpus": cpus,
-                "method": m.name(),
-                "seconds_median": r.secs,
-                "spread": r.spread,
-                "gb_per_s": args.bytes as f64 / r.secs / 1e9,
-                "cpu_s_per_gib": r.cpu / gib,
-                "speed_vs_read_write": base.secs / r.secs,
-            });
-            println!("{v}");
+            let row = Row {
+                bytes: args.bytes,
+                conns: args.conns,
+                runs: args.runs.max(1),
+                kernel: release.clone(),
+                cpus,
+                method: m.name(),
+                seconds: r.secs,
+                spread: r.spread,
+                gb_per_s: json::gb_per_s(args.bytes, r.secs),
+                cpu_s_per_gb: json::cpu_s_per_gb(r.cpu, args.bytes),
+                vs_read_write: base.secs / r.secs,
+            };
+            json::write(&mut out, &row)?;
         }
         return Ok(Outcome::Success);
     }
-    let mut out = io::stdout().lock();
     writeln!(
         out,
         "recv bench: {} over loopback in {} connection(s) into {} (kernel {release}, {cpus} CPUs), median of {} interleaved runs",
@@ -210,7 +260,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     writeln!(
         out,
         "{:<20} {:>8} {:>8} {:>10} {:>14} {:>12}",
-        "method", "wall s", "GB/s", "vs r/w", "CPU-s/GiB", "max/min wall"
+        "method", "wall s", "GB/s", "vs r/w", "CPU-s/GB", "max/min wall"
     )?;
     for (m, r) in &rows {
         writeln!(
@@ -218,9 +268,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             "{:<20} {:>8.3} {:>8.2} {:>9.2}x {:>14.3} {:>12.2}",
             m.name(),
             r.secs,
-            args.bytes as f64 / r.secs / 1e9,
+            json::gb_per_s(args.bytes, r.secs),
             base.secs / r.secs,
-            r.cpu / gib,
+            json::cpu_s_per_gb(r.cpu, args.bytes),
             r.spread,
         )?;
     }
@@ -449,10 +499,12 @@ fn idle(n: usize, json: bool) -> anyhow::Result<Outcome> {
             .count();
     }
     if json {
-        println!(
-            "{}",
-            json!({"idle_connections": n, "iou_wrk_threads": workers, "finished_after_close": finished})
-        );
+        let row = IdleRow {
+            idle_connections: n,
+            iou_wrk_threads: workers,
+            finished_after_close: finished,
+        };
+        json::write(&mut io::stdout().lock(), &row)?;
     } else {
         println!("{n} idle connections on io_uring: {workers} iou-wrk threads; {finished} finished after the peers closed");
     }

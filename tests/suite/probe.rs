@@ -25,7 +25,11 @@ fn probe_json(cmd: &mut Command) -> Value {
         "probe --json failed: {}",
         stderr(&out)
     );
-    serde_json::from_str(&stdout(&out)).expect("probe --json prints JSON")
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    let v: Value = serde_json::from_str(&text).expect("probe --json prints JSON");
+    assert_eq!(v["type"], "probe", "{v}");
+    v
 }
 
 /// What `IORING_REGISTER_PROBE` says, asked through the io-uring crate: an
@@ -115,6 +119,23 @@ fn require_missing_op_exits_1_naming_it() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `--require --json`: one `probe-require` line naming what is missing.
+#[test]
+fn require_json_is_one_typed_line() {
+    let out = run(ringmover().args(["probe", "--require", "op250,writev", "--json"]));
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["type"], "probe-require", "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["required"], serde_json::json!(["op250", "writev"]), "{v}");
+    assert!(v["missing"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("op250")));
 }
 
 #[test]

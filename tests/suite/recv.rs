@@ -9,12 +9,14 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+pub(crate) use crate::util::scratch;
+use crate::util::Scratch;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmover");
 
@@ -53,7 +55,7 @@ fn serve_into_dir(
     backend: Option<ringmover::Backend>,
     name: &str,
     args: &[&str],
-) -> (PathBuf, PathBuf, Server) {
+) -> (Scratch, PathBuf, Server) {
     let dir = scratch(name);
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();
@@ -61,19 +63,6 @@ fn serve_into_dir(
     all.extend_from_slice(args);
     let server = Server::start(backend.map_or("auto", |b| b.name()), &all);
     (dir, out, server)
-}
-
-/// A fresh scratch directory.
-pub(crate) fn scratch(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "ringmover-suite-{}-{name}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("creating a scratch directory");
-    dir
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
@@ -224,10 +213,13 @@ impl Server {
         };
         let stderr = self.stderr.join().unwrap();
         let stdout = self.stdout.join().unwrap();
-        let records = stdout
+        let records: Vec<Value> = stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON {l:?}: {e}")))
             .collect();
+        for r in &records {
+            assert_eq!(r["type"], "recv-connection", "{r}");
+        }
         Done {
             status,
             stderr,
@@ -362,10 +354,23 @@ fn small_transfers_are_byte_exact(backend: Option<ringmover::Backend>) {
     let done = server.finish();
     assert!(done.status.success(), "{done:?}");
     assert_eq!(done.records.len(), 3, "{done:?}");
+    // Without --progress too, the backend and why, right after the address.
+    let second = done.stderr.lines().next().unwrap_or_default();
+    assert!(
+        second.starts_with(&format!("backend: {} (", selected(backend))),
+        "{}",
+        done.stderr
+    );
     for (peer, data) in &sent {
         let r = record_for(&done, *peer);
         assert_eq!(r["outcome"], "complete", "{r}");
         assert_eq!(r["backend"], selected(backend), "{r}");
+        let secs = r["seconds"].as_f64().unwrap();
+        let rate = r["gb_per_s"].as_f64().unwrap();
+        if secs > 0.0 {
+            let want = data.len() as f64 / secs / 1e9;
+            assert!((rate - want).abs() <= want * 1e-6, "GB/s: {r}");
+        }
         assert_eq!(r["bytes"], data.len() as u64, "{r}");
         assert!(r["error"].is_null(), "{r}");
         let path = path_of(r);
@@ -376,7 +381,6 @@ fn small_transfers_are_byte_exact(backend: Option<ringmover::Backend>) {
     assert!(files_in(&out)
         .iter()
         .all(|p| !p.to_string_lossy().ends_with(".part")));
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The large source file: one fixed path in the temp directory, reused by
@@ -438,7 +442,6 @@ fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
     assert!(!dir.join("big.bin.part").exists());
     assert_eq!(&sha256_file(&out), sha);
     eprintln!("{backend}: 1 GiB in {secs:.1} s");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// 200 connections served at once: every connection's bytes reach its
@@ -447,7 +450,7 @@ fn large_transfer_with_send_is_byte_exact(backend: Option<ringmover::Backend>) {
 fn two_hundred_concurrent_connections(backend: Option<ringmover::Backend>) {
     const N: usize = 200;
     const EACH: usize = 96 * 1024;
-    let (dir, out, server) = serve_into_dir(backend, "many", &["--max-conns", &N.to_string()]);
+    let (_dir, out, server) = serve_into_dir(backend, "many", &["--max-conns", &N.to_string()]);
     // All connected before any byte goes; then bytes interleave.
     let mut socks: Vec<(TcpStream, Vec<u8>)> = (0..N)
         .map(|i| (connect(server.addr), pattern(EACH + i, i as u64 + 7)))
@@ -487,7 +490,6 @@ fn two_hundred_concurrent_connections(backend: Option<ringmover::Backend>) {
         assert!(got == *data, "{peer}: {} bytes differ", got.len());
     }
     assert_eq!(files_in(&out).len(), N, "one file per connection");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Sends `data`, waits until all of it is in `part`, then resets (RST,
@@ -550,10 +552,9 @@ fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
     let done = server.finish();
     assert_reset_kept(&done, peer, &part, &data);
     assert!(!out.exists(), "no final name after a reset");
-    fs::remove_dir_all(&dir).unwrap();
 
     // --out DIR: the .part is DIR/<time>_<peer ip>_<port>.part
-    let (dir, out, server) = serve_into_dir(backend, "reset-dir", &["--once"]);
+    let (_dir, out, server) = serve_into_dir(backend, "reset-dir", &["--once"]);
     let only_part = || {
         let files = files_in(&out);
         (files.len() == 1 && files[0].to_string_lossy().ends_with(".part"))
@@ -568,11 +569,10 @@ fn peer_reset_keeps_the_bytes_received(backend: Option<ringmover::Backend>) {
         "{name}"
     );
     assert_reset_kept(&done, peer, &part, &data);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn idle_timeout_fails_the_connection(backend: Option<ringmover::Backend>) {
-    let (dir, _out, server) =
+    let (_dir, _out, server) =
         serve_into_dir(backend, "idle", &["--once", "--idle-timeout", "300ms"]);
     let mut s = connect(server.addr);
     let peer = s.local_addr().unwrap();
@@ -591,11 +591,10 @@ fn idle_timeout_fails_the_connection(backend: Option<ringmover::Backend>) {
     assert!(part.to_string_lossy().ends_with(".part"), "{r}");
     assert_eq!(fs::read(&part).unwrap(), pattern(1000, 9));
     assert!(done.stderr.contains(&peer.to_string()) && done.stderr.contains("idle"));
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn quota_keeps_exactly_max_bytes(backend: Option<ringmover::Backend>) {
-    let (dir, _out, server) = serve_into_dir(
+    let (_dir, _out, server) = serve_into_dir(
         backend,
         "quota",
         &["--max-conns", "2", "--max-bytes", "100000"],
@@ -621,7 +620,6 @@ fn quota_keeps_exactly_max_bytes(backend: Option<ringmover::Backend>) {
     assert_eq!(r["bytes"], 100_000, "{r}");
     assert_eq!(fs::read(path_of(r)).unwrap(), &over[..100_000]);
     assert!(done.stderr.contains(&peer_over.to_string()) && done.stderr.contains("quota"));
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn unwritable_directory_fails_the_connection(backend: Option<ringmover::Backend>) {
@@ -655,7 +653,6 @@ fn unwritable_directory_fails_the_connection(backend: Option<ringmover::Backend>
         err.contains(&target.display().to_string()) && err.contains("Not a directory"),
         "{err}"
     );
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn existing_file_is_refused(backend: Option<ringmover::Backend>) {
@@ -702,7 +699,6 @@ fn existing_file_is_refused(backend: Option<ringmover::Backend>) {
     assert!(done.status.success(), "{done:?}");
     assert_eq!(fs::read(&out).unwrap(), b"replaced");
     assert!(!part.exists(), "the stale .part was replaced, then renamed");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn rlimit_fsize_is_a_write_error(backend: Option<ringmover::Backend>) {
@@ -752,7 +748,6 @@ fn rlimit_fsize_is_a_write_error(backend: Option<ringmover::Backend>) {
     );
     assert_eq!(r["bytes"], LIMIT, "{r}");
     assert_eq!(fs::read(path_of(r)).unwrap(), &data[..LIMIT as usize]);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn address_in_use_is_reported(backend: Option<ringmover::Backend>) {
@@ -770,7 +765,6 @@ fn address_in_use_is_reported(backend: Option<ringmover::Backend>) {
         err.contains(&format!("binding {addr}: Address already in use")),
         "{err}"
     );
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Finds `tool` in PATH or fails the test, saying how to install it.
@@ -829,7 +823,6 @@ fn nc_and_socat_clients(backend: Option<ringmover::Backend>) {
         assert_eq!(r["outcome"], "complete", "{r}");
         assert_eq!(sha256_file(&path_of(r)), want, "{r}");
     }
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 fn send_from_stdin_with_progress(backend: Option<ringmover::Backend>) {
@@ -861,7 +854,6 @@ fn send_from_stdin_with_progress(backend: Option<ringmover::Backend>) {
         done.stderr
     );
     assert_eq!(sha256_file(&out), sha256_file(&src));
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// io_uring only: idle connections wait in POLL_ADD, not in io-wq workers.
@@ -874,6 +866,7 @@ fn idle_connections_hold_no_io_wq_workers() {
     );
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "bench-recv-idle", "{v}");
     assert_eq!(v["idle_connections"], 1000, "{v}");
     assert_eq!(v["finished_after_close"], 1000, "{v}");
     // A blocked SPLICE per idle connection would show up to 1000 workers.
@@ -883,7 +876,7 @@ fn idle_connections_hold_no_io_wq_workers() {
 /// A reset peer and a peer over quota, at the same time as a healthy one:
 /// only they fail.
 fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
-    let (dir, _out, server) =
+    let (_dir, _out, server) =
         serve_into_dir(backend, "mixed", &["--max-conns", "3", "--max-bytes", "1M"]);
     let healthy = connect(server.addr);
     let resetting = connect(server.addr);
@@ -923,7 +916,6 @@ fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
     let r = record_for(&done, p_greedy);
     assert_eq!(r["outcome"], "quota", "{r}");
     assert_eq!(r["bytes"], 1 << 20, "{r}");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The bench runs and reports every method (so it never rots); like
@@ -953,8 +945,10 @@ fn bench_recv_reports_every_method() {
         ]
     );
     for r in &rows {
+        assert_eq!(r["type"], "bench-recv", "{r}");
+        assert_eq!(r["bytes"], 8 << 20, "{r}");
         assert!(r["gb_per_s"].as_f64().is_some(), "{r}");
-        assert!(r["cpu_s_per_gib"].as_f64().is_some(), "{r}");
+        assert!(r["cpu_s_per_gb"].as_f64().is_some(), "{r}");
         assert!(r["spread"].as_f64().unwrap() >= 1.0, "{r}");
     }
 }
@@ -970,7 +964,7 @@ fn part_of(dir: &Path, peer: SocketAddr) -> Option<PathBuf> {
 /// The quota reached exactly, then a pause: one more byte is over quota,
 /// a FIN is a complete transfer.
 fn quota_reached_exactly_then_more_or_end(backend: Option<ringmover::Backend>) {
-    let (dir, out, server) = serve_into_dir(
+    let (_dir, out, server) = serve_into_dir(
         backend,
         "quota-pause",
         &["--max-conns", "2", "--max-bytes", "1000"],
@@ -1005,7 +999,6 @@ fn quota_reached_exactly_then_more_or_end(backend: Option<ringmover::Backend>) {
     assert_eq!(r["outcome"], "complete", "{r}");
     assert!(!path_of(r).to_string_lossy().ends_with(".part"), "{r}");
     assert_eq!(fs::read(path_of(r)).unwrap(), data);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// SIGINT and SIGTERM: every live connection is reported as interrupted
@@ -1014,7 +1007,7 @@ fn quota_reached_exactly_then_more_or_end(backend: Option<ringmover::Backend>) {
 fn interrupted_connections_are_reported(backend: Option<ringmover::Backend>) {
     use nix::sys::signal::Signal;
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        let (dir, out, server) = serve_into_dir(backend, "interrupt", &["--max-conns", "3"]);
+        let (_dir, out, server) = serve_into_dir(backend, "interrupt", &["--max-conns", "3"]);
         let mut live = Vec::new();
         for (i, len) in [1000usize, 70_000].into_iter().enumerate() {
             let mut s = connect(server.addr);
@@ -1049,7 +1042,6 @@ fn interrupted_connections_are_reported(backend: Option<ringmover::Backend>) {
         }
         // It exited (no longer accepting); a connect() to its old port
         // proves nothing, since another test may have bound it since.
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -1060,7 +1052,7 @@ fn start_with_pipes(
     backend: Option<ringmover::Backend>,
     name: &str,
 ) -> (
-    PathBuf,
+    Scratch,
     PathBuf,
     Child,
     SocketAddr,
@@ -1111,7 +1103,7 @@ fn assert_three_complete(out: &Path, sent: &[Vec<u8>]) {
 /// `recv --json | head -1`: the reader of stdout goes away after the first
 /// record; every transfer still completes, stderr says so once, exit 0.
 fn closed_stdout_costs_no_data(backend: Option<ringmover::Backend>) {
-    let (dir, out, mut child, addr, mut stdout, mut stderr) = start_with_pipes(backend, "stdout");
+    let (_dir, out, mut child, addr, mut stdout, mut stderr) = start_with_pipes(backend, "stdout");
     let sent: Vec<Vec<u8>> = (0..3).map(|i| pattern(100_000, 50 + i)).collect();
     send_bytes(addr, &sent[0]);
     let mut first = String::new();
@@ -1126,12 +1118,11 @@ fn closed_stdout_costs_no_data(backend: Option<ringmover::Backend>) {
     assert!(status.success(), "{status}: {rest}");
     assert_eq!(rest.matches("writing to stdout").count(), 1, "{rest}");
     assert_three_complete(&out, &sent);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Both report pipes closed right after start: transfers go on regardless.
 fn closed_stdout_and_stderr_cost_no_data(backend: Option<ringmover::Backend>) {
-    let (dir, out, mut child, addr, stdout, stderr) = start_with_pipes(backend, "pipes");
+    let (_dir, out, mut child, addr, stdout, stderr) = start_with_pipes(backend, "pipes");
     drop(stdout);
     drop(stderr);
     let sent: Vec<Vec<u8>> = (0..3).map(|i| pattern(100_000, 60 + i)).collect();
@@ -1141,7 +1132,6 @@ fn closed_stdout_and_stderr_cost_no_data(backend: Option<ringmover::Backend>) {
     let status = wait_child(&mut child, "ringmover recv with stdout and stderr closed");
     assert!(status.success(), "{status}");
     assert_three_complete(&out, &sent);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `--overwrite` never writes through a planted symlink and never replaces
@@ -1199,7 +1189,6 @@ fn overwrite_never_follows_links_or_replaces_special_files(backend: Option<ringm
     assert!(done.stderr.contains("symbolic link"), "{}", done.stderr);
     assert_eq!(fs::read(&victim).unwrap(), b"precious");
     assert!(!out.exists());
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Start-up creates, truncates and replaces nothing: files appear only
@@ -1227,7 +1216,6 @@ fn nothing_is_touched_before_a_connection(backend: Option<ringmover::Backend>) {
     send_bytes(server.addr, b"fresh");
     assert!(server.finish().status.success());
     assert_eq!(fs::read(&out).unwrap(), b"fresh");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Bad option values: a clear message naming the option, exit status 2,
@@ -1264,7 +1252,6 @@ fn bad_options_exit_2(backend: Option<ringmover::Backend>) {
             "{err}"
         );
     }
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A non-UTF-8 output directory: the JSON record carries the path lossily
@@ -1290,7 +1277,6 @@ fn non_utf8_output_path_with_json(backend: Option<ringmover::Backend>) {
     let files = files_in(&out);
     assert_eq!(files.len(), 1);
     assert_eq!(fs::read(&files[0]).unwrap(), b"bytes");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `--fsync` really calls fsync (file and directory), and only with the
@@ -1331,7 +1317,6 @@ fn fsync_is_called_only_with_the_flag(backend: Option<ringmover::Backend>) {
         "file and directory fsync'd with --fsync: {counts:?}"
     );
     assert_eq!(counts[1], 0, "no fsync without --fsync: {counts:?}");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// End to end, ringmover send → ringmover recv on defaults: a sender
@@ -1342,7 +1327,7 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
     use nix::sys::signal::Signal;
     let name = backend.map_or("auto", |b| b.name());
     for sig in [Signal::SIGKILL, Signal::SIGINT] {
-        let (dir, out, server) = serve_into_dir(backend, "killed", &["--once"]);
+        let (_dir, out, server) = serve_into_dir(backend, "killed", &["--once"]);
         let mut child = Command::new(BIN)
             .env("RINGMOVER_BACKEND", name)
             .args(["send", "-", "--to", &server.addr.to_string()])
@@ -1377,13 +1362,12 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
             fs::read(&part).unwrap() == first,
             "{sig}: exactly the payload"
         );
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     // `timeout 0.05`; longer if this busy machine kills send before it
     // connects (then recv, still waiting, is stopped with SIGTERM).
     for secs in ["0.05", "0.5", "5"] {
-        let (dir, out, mut server) = serve_into_dir(backend, "timeout", &["--once"]);
+        let (_dir, out, mut server) = serve_into_dir(backend, "timeout", &["--once"]);
         let o = output_within(
             Command::new("timeout")
                 .args([
@@ -1417,7 +1401,6 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
                 .all(|p| p.to_string_lossy().ends_with(".part")),
             "nothing under a final name"
         );
-        fs::remove_dir_all(&dir).unwrap();
         if connected {
             break;
         }
@@ -1425,7 +1408,7 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
     }
 
     // A missing input never connects: recv sees nothing at all.
-    let (dir, out, server) = serve_into_dir(backend, "noinput", &["--once"]);
+    let (_dir, out, server) = serve_into_dir(backend, "noinput", &["--once"]);
     let o = output_within(
         Command::new(BIN).args([
             "send",
@@ -1441,5 +1424,4 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
     assert_eq!(done.records.len(), 1, "{done:?}");
     assert_eq!(record_for(&done, peer)["outcome"], "complete");
     assert_eq!(files_in(&out).len(), 1);
-    fs::remove_dir_all(&dir).unwrap();
 }

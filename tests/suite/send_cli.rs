@@ -17,6 +17,7 @@ use ringmover::wire::{self, Deframer, Detect, Want};
 use serde_json::Value;
 
 use crate::recv::{output_within, pattern, scratch, wait_child, wait_until, Server, PATIENCE};
+use crate::util::Scratch;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmover");
 
@@ -41,7 +42,7 @@ fn send_command(backend: Option<ringmover::Backend>) -> Command {
 }
 
 /// A fresh scratch directory holding `src.bin` of `len` pattern bytes.
-fn source(name: &str, len: usize, seed: u64) -> (PathBuf, PathBuf, Vec<u8>) {
+fn source(name: &str, len: usize, seed: u64) -> (Scratch, PathBuf, Vec<u8>) {
     let dir = scratch(name);
     let data = pattern(len, seed);
     let path = dir.join("src.bin");
@@ -169,9 +170,32 @@ fn exit_and_stderr(child: &mut std::process::Child, what: &str) -> (ExitStatus, 
     (status, err)
 }
 
+/// The one `send-summary` line `send --json` printed.
 fn json_of(o: &std::process::Output) -> Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("send --json printed no JSON ({e}): {o:?}"))
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().count(), 1, "one line: {o:?}");
+    let v: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("send --json printed no JSON ({e}): {o:?}"));
+    assert_eq!(v["type"], "send-summary", "{v}");
+    let outcome = if o.status.success() {
+        "complete"
+    } else {
+        "failed"
+    };
+    assert_eq!(v["outcome"], outcome, "{v}");
+    assert_eq!(v["error"].is_null(), o.status.success(), "{v}");
+    v
+}
+
+/// A failed send's summary: `failed`, the error as on stderr, at most
+/// `at_most` bytes sent, no method.
+fn assert_failed_summary(o: &std::process::Output, at_most: u64) {
+    let v = json_of(o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let said = v["error"].as_str().expect("an error");
+    assert!(err.contains(said), "stderr {err:?} says {said:?}");
+    assert!(v["bytes"].as_u64().unwrap() <= at_most, "{v}");
+    assert!(v["method"].is_null(), "{v}");
 }
 
 fn is_reset(r: &io::Result<()>) -> bool {
@@ -249,12 +273,11 @@ fn framed_output_decodes_to_the_input(backend: Option<ringmover::Backend>) {
         d.frames
     );
     assert!(d.frames >= 2, "a frame per read: {}", d.frames);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `--raw`: the bytes alone, no magic, no frames.
 fn raw_output_is_the_input(backend: Option<ringmover::Backend>) {
-    let (dir, path, data) = source("raw", 3 << 20, 73);
+    let (_dir, path, data) = source("raw", 3 << 20, 73);
     let (addr, _, t) = reader();
     let o = output_within(
         send_command(backend)
@@ -267,7 +290,6 @@ fn raw_output_is_the_input(backend: Option<ringmover::Backend>) {
     assert!(end.is_ok(), "{end:?}");
     assert!(got == data, "raw bytes differ ({} bytes)", got.len());
     assert_eq!(json_of(&o)["bytes"], data.len() as u64);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Exit status 1 unless every byte was taken and the peer then closed
@@ -279,7 +301,7 @@ fn send_fails_unless_everything_was_accepted(backend: Option<ringmover::Backend>
         output_within(
             send_command(backend)
                 .arg(&path)
-                .args(["--to", &addr.to_string()]),
+                .args(["--json", "--to", &addr.to_string()]),
             &format!("ringmover send to {what}"),
         )
     };
@@ -302,6 +324,7 @@ fn send_fails_unless_everything_was_accepted(backend: Option<ringmover::Backend>
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("reset the connection after"), "{err}");
+    assert_failed_summary(&o, 1 << 20);
     assert_eq!(done.records[0]["outcome"], "quota", "{done:?}");
 
     // A peer that takes 64 KiB and closes.
@@ -334,7 +357,9 @@ fn send_fails_unless_everything_was_accepted(backend: Option<ringmover::Backend>
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("after the last byte"), "{err}");
-    fs::remove_dir_all(&dir).unwrap();
+    // Everything was sent, not acknowledged: the count says so.
+    let v = json_of(&o);
+    assert_eq!(v["bytes"], 1 << 20, "{v}");
 }
 
 /// A missing file or a directory fails before connecting: the receiver
@@ -345,15 +370,16 @@ fn input_is_opened_before_connecting(backend: Option<ringmover::Backend>) {
     l.set_nonblocking(true).unwrap();
     for (input, says) in [
         (dir.join("missing"), "No such file"),
-        (dir.clone(), "is a directory"),
+        (dir.to_path_buf(), "is a directory"),
     ] {
         let o = output_within(
             send_command(backend)
                 .arg(&input)
-                .args(["--to", &addr.to_string()]),
+                .args(["--json", "--to", &addr.to_string()]),
             "ringmover send of a bad input",
         );
         assert_eq!(o.status.code(), Some(1), "{o:?}");
+        assert_failed_summary(&o, 0);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             err.contains(&input.display().to_string()) && err.contains(says),
@@ -364,7 +390,6 @@ fn input_is_opened_before_connecting(backend: Option<ringmover::Backend>) {
             other => panic!("send connected anyway: {other:?}"),
         }
     }
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// SIGINT to `send -` mid-transfer, and SIGTERM from `timeout` to `send
@@ -374,9 +399,9 @@ fn signals_reset_the_connection(backend: Option<ringmover::Backend>) {
     // SIGINT after 1 MiB of 2, with stdin still open.
     let (addr, seen, t) = reader();
     let mut child = send_command(backend)
-        .args(["-", "--to", &addr.to_string()])
+        .args(["-", "--json", "--to", &addr.to_string()])
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -394,6 +419,19 @@ fn signals_reset_the_connection(backend: Option<ringmover::Backend>) {
     let (got, end) = t.join().unwrap();
     assert_eq!(status.code(), Some(130), "{status}: {err}");
     assert!(err.contains("interrupted by SIGINT"), "{err}");
+    // --json says so too: one `interrupted` summary.
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(v["type"], "send-summary", "{v}");
+    assert_eq!(v["outcome"], "interrupted", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("SIGINT"), "{v}");
+    assert!(v["bytes"].as_u64().unwrap() >= 1 << 20, "{v}");
     assert!(is_reset(&end), "a reset, not a clean end: {end:?}");
     assert!(!deframe(&got).ended, "no end marker");
 
@@ -442,7 +480,7 @@ fn signals_reset_the_connection(backend: Option<ringmover::Backend>) {
 /// A file that shrinks after its frame was declared: the receiver gets a
 /// reset in the middle of the frame, and send says why.
 fn a_shrinking_file_resets_the_connection(backend: Option<ringmover::Backend>) {
-    let (dir, path, _) = source("shrink", 32 << 20, 76);
+    let (_dir, path, _) = source("shrink", 32 << 20, 76);
     let (l, addr) = listen();
     // A small window, so sending stalls well inside the first frame.
     nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
@@ -470,7 +508,6 @@ fn a_shrinking_file_resets_the_connection(backend: Option<ringmover::Backend>) {
     assert_eq!(status.code(), Some(1), "{status}: {err}");
     assert!(err.contains("shrank"), "{err}");
     assert!(is_reset(&end), "a reset, not a clean end: {end:?}");
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `--idle-timeout`: a peer that stops reading, and a peer that reads

@@ -1,7 +1,42 @@
 //! Shared test support: running the real binary.
 #![allow(dead_code)]
 
+use std::path::Path;
 use std::process::{Command, Output};
+
+/// A fresh scratch directory, removed when dropped: also when the test
+/// fails (a panic unwinds through it). Derefs to its path.
+#[derive(Debug)]
+pub struct Scratch(tempfile::TempDir);
+
+/// Creates a [`Scratch`] named after `name` (for someone looking in /tmp
+/// while a test runs).
+pub fn scratch(name: &str) -> Scratch {
+    tempfile::Builder::new()
+        .prefix(&format!("ringmover-suite-{name}-"))
+        .tempdir()
+        .map(Scratch)
+        .expect("creating a scratch directory")
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.path().as_os_str()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
 
 /// The built `ringmover` binary, with `RINGMOVER_BACKEND` cleared so each
 /// test states the backend it wants.
