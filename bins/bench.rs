@@ -93,12 +93,6 @@ pub struct RunArgs {
     #[arg(long, value_parser = crate::units::parse_duration, default_value = "1s")]
     pub seconds: Duration,
 
-    /// Unmeasured time each cell first runs, so fresh connections are past
-    /// TCP slow start and socket-buffer autotuning when measuring starts
-    /// (gather only).
-    #[arg(long, value_parser = crate::units::parse_duration, default_value = "500ms")]
-    pub warmup: Duration,
-
     /// One JSON line per result row (`bench-gather`, `bench-zerocopy`,
     /// `bench-fanout`; see docs/cli-json.md).
     #[arg(long)]

@@ -95,6 +95,11 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     to: Option<SocketAddr>,
 
+    /// Unmeasured time each cell first runs, so fresh connections are past
+    /// TCP slow start and socket-buffer autotuning when measuring starts.
+    #[arg(long, value_parser = crate::units::parse_duration, default_value = "500ms")]
+    warmup: Duration,
+
     #[command(flatten)]
     run: super::RunArgs,
 }
@@ -237,7 +242,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         queue,
         threads: args.threads,
         copy_threshold: args.copy_threshold.map(usize::try_from).transpose()?,
-        warmup: args.run.warmup,
+        warmup: args.warmup,
         seconds: args.run.seconds,
     };
     let shapes = match args.payload {
@@ -289,7 +294,15 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     let (socks, sink) = connect(conns, args.to)?;
                     super::stream::measure(s, &packet(shape), socks, sink, &opts)
                 } else {
-                    measure(s, shape, conns, &args.run, args.to, opts.copy_threshold)
+                    measure(
+                        s,
+                        shape,
+                        conns,
+                        &args.run,
+                        args.warmup,
+                        args.to,
+                        opts.copy_threshold,
+                    )
                 }
                 .with_context(|| format!("{} with {conns} connections", s.name()))?;
                 let pps = m.packets as f64 / m.wall.as_secs_f64();
@@ -303,7 +316,6 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 let ratio = writev_pps.map(|w| pps / w);
                 if args.run.json {
                     let v = json!({
-                        "bench": "gather",
                         "shape": shape.name,
                         "payload": shape.payload,
                         "piece": shape.piece,
@@ -322,7 +334,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         "peak_rss": m.peak_rss,
                         "vs_writev": ratio,
                     });
-                    writeln!(out, "{v}")?;
+                    crate::json::write_typed(&mut out, "bench-gather", &v)?;
                 } else {
                     writeln!(
                         out,
@@ -440,6 +452,7 @@ fn measure(
     shape: &Shape,
     conns: usize,
     run: &super::RunArgs,
+    warmup: Duration,
     to: Option<SocketAddr>,
     copy_threshold: Option<usize>,
 ) -> anyhow::Result<Measured> {
@@ -450,7 +463,7 @@ fn measure(
     let mut round = rounds(strategy, socks, &pkt, copy_threshold)?;
     let mut warm_packets = 0u64;
     let warm = Instant::now();
-    while warm.elapsed() < run.warmup {
+    while warm.elapsed() < warmup {
         round()?;
         warm_packets += conns as u64;
     }

@@ -238,12 +238,12 @@ pub fn run_zc(args: &ZcArgs) -> anyhow::Result<Outcome> {
                 let cpu_gb = cell.cpu.as_secs_f64() / (cell.bytes as f64 / 1e9);
                 if args.run.json {
                     let v = json!({
-                        "bench": "zerocopy", "transport": transport, "size": size,
+                        "transport": transport, "size": size,
                         "strategy": name, "bytes": cell.bytes, "seconds": cell.wall.as_secs_f64(),
                         "gb_per_s": gbs, "cpu_s_per_gb": cpu_gb, "zc_sends": cell.zc_sends,
                         "zc_copied": cell.zc_copied, "vs_copy": ratio,
                     });
-                    writeln!(out, "{v}")?;
+                    crate::json::write_typed(&mut out, "bench-zerocopy", &v)?;
                 } else {
                     writeln!(
                         out,
@@ -315,12 +315,12 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
             let above = peak.saturating_sub(rss0) as f64 / f64::from(1u32 << 20);
             if args.run.json {
                 let v = json!({
-                    "bench": "fanout", "conns": conns, "threads": args.threads,
+                    "conns": conns, "threads": args.threads,
                     "strategy": strategy, "payload": size, "bytes": bytes,
                     "seconds": wall.as_secs_f64(), "gb_per_s": gbs, "cpu_s_per_gb": cpu_gb,
-                    "peak_rss": peak, "rss_growth_mib": above,
+                    "peak_rss": peak, "rss_growth": peak.saturating_sub(rss0),
                 });
-                writeln!(out, "{v}")?;
+                crate::json::write_typed(&mut out, "bench-fanout", &v)?;
             } else {
                 writeln!(
                     out,

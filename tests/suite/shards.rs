@@ -606,6 +606,7 @@ fn bench_fanout_on_two_threads() {
         .collect();
     assert_eq!(strategies, ["shared", "copy"]);
     for r in &rows {
+        assert_eq!(r["type"], "bench-fanout", "{r}");
         assert_eq!(r["threads"], 2, "{r}");
         assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
     }

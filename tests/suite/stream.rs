@@ -297,6 +297,7 @@ fn bench_gather_streams_every_strategy() {
         .collect();
     assert_eq!(names, want);
     for v in &lines {
+        assert_eq!(v["type"], "bench-gather", "{v}");
         assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
         assert_eq!(
             (v["queue"].as_u64(), v["threads"].as_u64()),
