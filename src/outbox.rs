@@ -40,8 +40,8 @@ pub struct Batch {
     pub segment_size: Option<u16>,
 }
 
-/// Most datagrams one GSO send carries (`UDP_MAX_SEGMENTS`, 64 before
-/// Linux 6.9 raised it to 128; quinn-udp keeps 64).
+/// Most datagrams one GSO send carries: the kernel's `UDP_MAX_SEGMENTS`
+/// (64; recent kernels allow 128), quinn-udp's limit too.
 pub const GSO_MAX_SEGMENTS: usize = 64;
 
 /// Most payload bytes one GSO send carries: what fits one IPv6 UDP
