@@ -5,6 +5,7 @@ mod gather;
 mod recv;
 mod sink;
 mod stream;
+mod udp;
 mod zerocopy;
 
 use std::time::Duration;
@@ -71,6 +72,7 @@ enum Which {
         "  2  bad command line",
     ))]
     Fanout(zerocopy::FanoutArgs),
+    Udp(udp::Args),
     /// The benches' discarding TCP sink as its own process, for `--to`.
     #[command(hide = true)]
     Sink(sink::Args),
@@ -82,6 +84,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         Which::Recv(a) => recv::run(a),
         Which::Zerocopy(a) => zerocopy::run_zc(a),
         Which::Fanout(a) => zerocopy::run_fanout(a),
+        Which::Udp(a) => udp::run(a),
         Which::Sink(a) => sink::run(a),
     }
 }

@@ -32,7 +32,22 @@ pub struct Batch {
     pub iovecs: usize,
     /// Destination of the datagram (`None`: the connected peer, or a stream).
     pub dest: Option<SocketAddr>,
+    /// Datagrams the iovecs carry (0 for a stream).
+    pub datagrams: usize,
+    /// Set when they are more than one (see [`Outbox::fill_datagrams`]):
+    /// every datagram but the last is exactly this long, the last no
+    /// longer: UDP GSO's segment size.
+    pub segment_size: Option<u16>,
 }
+
+/// Most datagrams one GSO send carries: the kernel's `UDP_MAX_SEGMENTS`
+/// (64; recent kernels allow 128), quinn-udp's limit too.
+pub const GSO_MAX_SEGMENTS: usize = 64;
+
+/// Most payload bytes one GSO send carries: what fits one IPv6 UDP
+/// packet's length field (65535 less the 8-byte UDP header) less an IPv4
+/// header, so it fits either family.
+pub const GSO_MAX_BYTES: usize = 65_535 - 8 - 20;
 
 /// One queued datagram: the next `bufs` entries of the queue.
 #[derive(Debug, Clone, Copy)]
@@ -397,13 +412,16 @@ impl Outbox {
             bytes += s.len();
             out.push(iovec(s));
         }
+        let front = match self.framing {
+            Framing::Datagram => self.messages.front(),
+            Framing::Stream => None,
+        };
         Batch {
             bytes,
             iovecs: out.len(),
-            dest: match self.framing {
-                Framing::Datagram => self.messages.front().and_then(|m| m.dest),
-                Framing::Stream => None,
-            },
+            dest: front.and_then(|m| m.dest),
+            datagrams: usize::from(front.is_some()),
+            segment_size: None,
         }
     }
 
@@ -434,23 +452,78 @@ impl Outbox {
     /// message, for a stream, or for a message of more than [`IOV_MAX`]
     /// pieces. The iovecs stay valid as `fill_iovecs`' do.
     pub fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
+        self.fill_datagrams(index, 1, out)
+    }
+
+    /// `fill_datagram`, extended over the messages after the `index`-th
+    /// that can leave with it as one GSO send: up to `max_segments` in all,
+    /// to the same destination, each as long as the first (at most
+    /// `u16::MAX`, not empty) except the last, which may be shorter, at most
+    /// [`GSO_MAX_BYTES`] and [`IOV_MAX`] iovecs together. Iovecs of
+    /// adjacent memory (the slices of one `Bytes` that
+    /// `Mover::send_segments` cut) are merged across datagrams. `datagrams` says how many
+    /// it took; `segment_size` is set when more than one.
+    pub fn fill_datagrams(
+        &self,
+        index: usize,
+        max_segments: usize,
+        out: &mut Vec<libc::iovec>,
+    ) -> Option<Batch> {
         let (bufs, m) = self.datagram(index)?;
         if m.bufs > IOV_MAX {
             return None;
         }
         out.clear();
         out.extend(bufs.map(|b| iovec(b)));
-        Some(Batch {
+        let mut batch = Batch {
             bytes: m.bytes,
-            iovecs: out.len(),
+            iovecs: 0,
             dest: m.dest,
-        })
+            datagrams: 1,
+            segment_size: None,
+        };
+        let size = m.bytes;
+        let gso_size = u16::try_from(size).ok().filter(|&s| s > 0);
+        if let Some(seg) = gso_size.filter(|_| max_segments > 1) {
+            // The entry the next message starts at.
+            let mut first: usize = self.messages.iter().take(index + 1).map(|m| m.bufs).sum();
+            for next in self.messages.iter().skip(index + 1) {
+                if batch.datagrams == max_segments
+                    || next.dest != m.dest
+                    || next.bytes == 0
+                    || next.bytes > size
+                    || batch.bytes + next.bytes > GSO_MAX_BYTES
+                    || out.len() + next.bufs > IOV_MAX
+                {
+                    break;
+                }
+                let pieces = self.entries.range(first..first + next.bufs);
+                extend_merged(out, pieces.flat_map(Entry::pieces));
+                first += next.bufs;
+                batch.bytes += next.bytes;
+                batch.datagrams += 1;
+                // A shorter one ends the run.
+                if next.bytes < size {
+                    break;
+                }
+            }
+            if batch.datagrams > 1 {
+                batch.segment_size = Some(seg);
+            }
+        }
+        batch.iovecs = out.len();
+        Some(batch)
     }
 
     /// The `Bytes` of the `index`-th queued datagram (see `fill_datagram`):
     /// clones keep them alive for a zero-copy send.
     pub fn datagram_bufs(&self, index: usize) -> impl Iterator<Item = &Bytes> + '_ {
         self.datagram(index).into_iter().flat_map(|(bufs, _)| bufs)
+    }
+
+    /// The `Bytes` of `count` queued datagrams from the `index`-th on.
+    pub fn datagrams_bufs(&self, index: usize, count: usize) -> impl Iterator<Item = &Bytes> + '_ {
+        (index..index + count).flat_map(move |i| self.datagram_bufs(i))
     }
 
     fn datagram(&self, index: usize) -> Option<(impl Iterator<Item = &Bytes> + '_, Message)> {
@@ -526,6 +599,14 @@ impl Outbox {
         }
     }
 
+    /// Datagram framing: the first `count` queued datagrams were sent (a
+    /// GSO send carries several); they are released.
+    pub fn advance_datagrams(&mut self, count: usize) {
+        for _ in 0..count.min(self.messages.len()) {
+            self.advance(0);
+        }
+    }
+
     /// Removes and returns everything not yet written, as the original
     /// pieces (never the staged copies; a packet's pieces each referenced),
     /// the front one sliced (no copy), so the result is exactly the unsent
@@ -551,6 +632,23 @@ impl Outbox {
         self.messages.clear();
         self.stage.reset();
         out
+    }
+}
+
+/// Appends an iovec per slice of `bufs`, the first growing the last iovec
+/// instead when it starts where that one ends (the next datagram of a GSO
+/// run cut from one buffer).
+fn extend_merged<'a>(out: &mut Vec<libc::iovec>, bufs: impl Iterator<Item = &'a Bytes>) {
+    for (i, b) in bufs.enumerate() {
+        match out.last_mut() {
+            Some(last)
+                if i == 0
+                    && (last.iov_base as *const u8).wrapping_add(last.iov_len) == b.as_ptr() =>
+            {
+                last.iov_len += b.len();
+            }
+            _ => out.push(iovec(b)),
+        }
     }
 }
 
@@ -634,6 +732,7 @@ mod tests {
         assert_eq!((d.queued_messages(), d.queued_bytes()), (1, 0));
         let want = Batch {
             dest: addr(9),
+            datagrams: 1,
             ..Batch::default()
         };
         assert_eq!(check_iovecs(&d, IOV_MAX), want);
@@ -709,6 +808,57 @@ mod tests {
     }
 
     #[test]
+    fn gso_runs_break_at_size_destination_and_limits() {
+        let mut d = Outbox::new(Framing::Datagram);
+        let payload = Bytes::from(vec![7u8; 10 * 100]);
+        // Ten 100-byte slices of one buffer, then a shorter one: one run,
+        // one merged iovec.
+        for i in 0..10 {
+            d.push([payload.slice(i * 100..(i + 1) * 100)], addr(1));
+        }
+        d.push([b(b"tail")], addr(1));
+        // A different destination, a longer one, an empty one: each breaks.
+        d.push([b(b"xx")], addr(2));
+        d.push([b(b"y")], addr(2));
+        d.push([b(b"zzz")], addr(2));
+        d.push([], addr(2));
+        d.push([b(b"q")], addr(2));
+        let mut iov = Vec::new();
+        let run = d.fill_datagrams(0, 64, &mut iov).unwrap();
+        assert_eq!(
+            (run.datagrams, run.bytes, run.segment_size),
+            (11, 1004, Some(100))
+        );
+        assert_eq!(run.dest, addr(1));
+        assert_eq!(iov.len(), 2, "ten adjacent slices merge into one iovec");
+        assert_eq!(d.fill_datagrams(0, 4, &mut iov).unwrap().datagrams, 4);
+        let one = d.fill_datagrams(0, 1, &mut iov).unwrap();
+        assert_eq!((one.datagrams, one.segment_size), (1, None));
+        let two = d.fill_datagrams(11, 64, &mut iov).unwrap();
+        assert_eq!(
+            (two.datagrams, two.bytes, two.segment_size),
+            (2, 3, Some(2))
+        );
+        let zzz = d.fill_datagrams(13, 64, &mut iov).unwrap();
+        assert_eq!((zzz.datagrams, zzz.segment_size), (1, None), "empty breaks");
+        let empty = d.fill_datagrams(14, 64, &mut iov).unwrap();
+        assert_eq!(
+            (empty.datagrams, empty.bytes, empty.segment_size),
+            (1, 0, None)
+        );
+        d.advance_datagrams(11);
+        assert_eq!((d.queued_messages(), d.queued_bytes()), (5, 7));
+        // The byte limit: 60 datagrams of 1200 bytes are 72,000 > 64 KiB.
+        let mut big = Outbox::new(Framing::Datagram);
+        for _ in 0..60 {
+            big.push([Bytes::from(vec![1u8; 1200])], None);
+        }
+        let run = big.fill_datagrams(0, 64, &mut iov).unwrap();
+        assert_eq!(run.datagrams, GSO_MAX_BYTES / 1200);
+        assert!(run.bytes <= GSO_MAX_BYTES);
+    }
+
+    #[test]
     fn datagrams_keep_boundaries_and_destinations() {
         let mut d = Outbox::new(Framing::Datagram);
         d.push([b(b"ab"), Bytes::new(), b(b"c")], addr(1));
@@ -724,7 +874,9 @@ mod tests {
                 Batch {
                     bytes,
                     iovecs,
-                    dest
+                    dest,
+                    datagrams: 1,
+                    segment_size: None,
                 }
             );
             assert_eq!(d.front_pieces(), iovecs);

@@ -463,20 +463,24 @@ fn fanout_copy(
 
 /// A network namespace holding a veth pair whose peer is down: UDP sent to
 /// `DEST` is dropped by the device at transmit (no local delivery, so no
-/// deferred copy). Removed on drop.
-struct BlackHole {
+/// deferred copy). Removed on drop. (Also `bench udp`'s black hole.)
+pub(super) struct BlackHole {
     name: String,
 }
 
 impl BlackHole {
-    /// TEST-NET-1 (RFC 5737), inside a namespace of our own: never routed.
-    const DEST: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 9));
+    /// The benchmarking range (RFC 2544), which no interface of this
+    /// machine uses, inside a namespace of our own: never routed.
+    pub(super) const DEST: SocketAddr =
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 9));
 
-    fn create() -> anyhow::Result<BlackHole> {
+    pub(super) fn create() -> anyhow::Result<BlackHole> {
         if !nix::unistd::geteuid().is_root() {
             bail!("needs root: it creates a network namespace and a veth pair");
         }
-        let name = format!("ringmover-zc-{}", std::process::id());
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ringmover-bh-{}-{seq}", std::process::id());
         let hole = BlackHole { name };
         let n = hole.name.as_str();
         for args in [
@@ -484,7 +488,7 @@ impl BlackHole {
             vec![
                 "-n", n, "link", "add", "rmzc0", "type", "veth", "peer", "name", "rmzc1",
             ],
-            vec!["-n", n, "addr", "add", "192.0.2.1/24", "dev", "rmzc0"],
+            vec!["-n", n, "addr", "add", "198.18.0.1/24", "dev", "rmzc0"],
             // A 64 KiB MTU: datagrams leave unfragmented (fragmenting copies).
             vec!["-n", n, "link", "set", "rmzc0", "mtu", "65535", "up"],
             // A static neighbour: no ARP, so every datagram reaches the device.
@@ -493,7 +497,7 @@ impl BlackHole {
                 n,
                 "neigh",
                 "add",
-                "192.0.2.2",
+                "198.18.0.2",
                 "lladdr",
                 "02:00:00:00:00:02",
                 "dev",
@@ -514,7 +518,10 @@ impl BlackHole {
     }
 
     /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+    pub(super) fn run<T: Send>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send,
+    ) -> anyhow::Result<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {

@@ -85,7 +85,17 @@ pub(crate) struct WriteOp {
     /// A zero-copy write's clones of the `Bytes` its iovecs point at: the
     /// driver takes them at `start` and keeps them until the notification.
     pub(crate) hold: Vec<bytes::Bytes>,
+    /// The control message the msghdr points at when the batch is a GSO
+    /// send (`UDP_SEGMENT` and the segment size): in the op, so it lives
+    /// exactly as long as the iovecs (the same invariant).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    cmsg: CmsgBuf,
 }
+
+/// Room for one cmsg carrying a `u16`, aligned for `cmsghdr`.
+#[derive(Debug, Default, Clone, Copy)]
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 32]);
 
 // SAFETY: the raw pointers inside point only at this op's own `iovecs` and
 // `dest`, and at `Bytes` owned by the same connection's `Outbox`, all of
@@ -103,6 +113,7 @@ impl WriteOp {
             zero_copy: false,
             fixed: None,
             hold: Vec::new(),
+            cmsg: CmsgBuf::default(),
         })
     }
 
@@ -114,10 +125,17 @@ impl WriteOp {
         &self.batch
     }
 
-    /// Refills the op with the `index`-th queued datagram of `outbox`
-    /// (`None`: no such datagram). Not while in flight, as for `fill`.
-    pub(crate) fn fill_datagram(&mut self, outbox: &Outbox, index: usize) -> Option<&Batch> {
-        self.batch = outbox.fill_datagram(index, &mut self.iovecs)?;
+    /// Refills the op with the `index`-th queued datagram of `outbox` and,
+    /// up to `max_segments` in all, those after it that can go with it as
+    /// one GSO send (`Outbox::fill_datagrams`; `None`: no such datagram).
+    /// Not while in flight, as for `fill`.
+    pub(crate) fn fill_datagrams(
+        &mut self,
+        outbox: &Outbox,
+        index: usize,
+        max_segments: usize,
+    ) -> Option<&Batch> {
+        self.batch = outbox.fill_datagrams(index, max_segments, &mut self.iovecs)?;
         self.point_msghdr();
         Some(&self.batch)
     }
@@ -140,7 +158,38 @@ impl WriteOp {
                 self.msg.msg_namelen = 0;
             }
         }
+        self.msg.msg_control = std::ptr::null_mut();
+        self.msg.msg_controllen = 0;
+        if let Some(size) = self.batch.segment_size {
+            self.point_segment_size(size);
+        }
     }
+
+    /// Adds the `UDP_SEGMENT` cmsg (the segment size) to the msghdr.
+    #[cfg(target_os = "linux")]
+    fn point_segment_size(&mut self, size: u16) {
+        // SAFETY: CMSG_SPACE only computes a length.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+        debug_assert!(space <= std::mem::size_of::<CmsgBuf>());
+        self.cmsg = CmsgBuf::default();
+        self.msg.msg_control = self.cmsg.0.as_mut_ptr().cast();
+        self.msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `self.cmsg`, 8-byte aligned and at
+        // least `space` bytes long, so CMSG_FIRSTHDR returns a valid header
+        // inside it whose data has room for a u16; the op owns the buffer
+        // for as long as the msghdr is used (the WriteOp invariant).
+        unsafe {
+            let hdr = libc::CMSG_FIRSTHDR(&self.msg);
+            (*hdr).cmsg_level = libc::SOL_UDP;
+            (*hdr).cmsg_type = crate::sys::net::UDP_SEGMENT;
+            (*hdr).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(hdr).cast::<u16>(), size);
+        }
+    }
+
+    /// GSO exists only on Linux; the engine never asks for it elsewhere.
+    #[cfg(not(target_os = "linux"))]
+    fn point_segment_size(&mut self, _size: u16) {}
 
     pub(crate) fn iovecs(&self) -> &[libc::iovec] {
         &self.iovecs

@@ -225,9 +225,12 @@ impl UringDriver {
         room?;
         let fd = types::Fd(fd);
         // MSG_WAITALL on a stream socket: the kernel finishes a partial send
-        // itself instead of completing short (io_net_retry).
+        // itself instead of completing short (io_net_retry). On a datagram
+        // socket (which never sends part of a datagram) it makes a short
+        // count, should one ever come, fail the link: the rest of the chain
+        // is cancelled and stays queued, so the engine's count stays exact.
         let msg_flags = match kind {
-            FdKind::StreamSocket => SEND_FLAGS | libc::MSG_WAITALL,
+            FdKind::StreamSocket | FdKind::DatagramSocket => SEND_FLAGS | libc::MSG_WAITALL,
             _ => SEND_FLAGS,
         };
         let zc_flags = if self.report_usage {

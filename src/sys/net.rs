@@ -118,3 +118,36 @@ pub(crate) fn wait_writable(fd: BorrowedFd<'_>) -> io::Result<()> {
     retry(|| cvt(unsafe { libc::poll(&mut pfd, 1, -1) }))?;
     Ok(())
 }
+
+/// `SOL_UDP` option and cmsg type of UDP GSO (Linux 4.18): the segment
+/// size. (libc defines it only for some Linux targets.)
+#[cfg(target_os = "linux")]
+pub(crate) const UDP_SEGMENT: libc::c_int = 103;
+
+/// Whether UDP socket `fd` takes `UDP_SEGMENT` (quinn-udp's probe): set it,
+/// then reset it to 0, since the size goes with each send as a cmsg. False
+/// for anything but a UDP socket on a kernel with GSO, and off Linux.
+pub(crate) fn probe_gso(fd: BorrowedFd<'_>) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let set = |size: libc::c_int| {
+            // SAFETY: `size` is a live c_int and its length is passed with it.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_UDP,
+                    UDP_SEGMENT,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            rc == 0
+        };
+        set(1200) && set(0)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        false
+    }
+}

@@ -57,5 +57,6 @@ mod send;
 mod send_cli;
 mod shards;
 mod stream;
+mod udp;
 mod util;
 mod zerocopy;

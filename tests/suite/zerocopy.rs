@@ -10,7 +10,7 @@ use ringmover::{
     Backend, BackendChoice, Completion, Mover, Opcode, RingSupport, SendErrorKind, ZeroCopy,
 };
 
-use crate::send::{on_own_thread, pattern, tcp_pair};
+use crate::send::{pattern, tcp_pair};
 
 fn mover(b: Option<Backend>, count: usize, size: usize, zc: ZeroCopy) -> Mover {
     let m = Mover::builder()
@@ -357,7 +357,7 @@ fn uring_auto_demotes_udp_too() {
 fn uring_drop_with_notifications_pending_does_not_hang() {
     const SIZE: usize = 1 << 20;
     // Drop waits 2 s at most; the bound only catches a hang.
-    let (pool, peer) = on_own_thread(
+    let (pool, peer) = crate::send::on_own_thread(
         "dropping a Mover with notifications pending",
         Duration::from_secs(60),
         || {
