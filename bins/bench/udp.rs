@@ -440,13 +440,13 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     let share = delivered.map(|d| d as f64 / c.sent.max(1) as f64);
                     if args.run.json {
                         let v = json!({
-                            "bench": "udp", "target": name, "sockets": sockets, "size": size,
+                            "target": name, "sockets": sockets, "size": size,
                             "strategy": sname, "datagrams_per_s": rate, "sent": c.sent,
                             "delivered": delivered, "gb_per_s": gbs, "cpu_s_per_gb": cpu_gb,
                             "seconds": secs, "syscalls_per_datagram": per,
                             "gso_sends": c.gso_sends,
                         });
-                        writeln!(out, "{v}")?;
+                        crate::json::write_typed(&mut out, "bench-udp", &v)?;
                     } else {
                         writeln!(
                             out,
