@@ -13,7 +13,7 @@ use std::fmt;
 use std::io;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -56,6 +56,7 @@ impl Conn {
 
 /// Why a connection failed. Its queue was emptied into `unsent`.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct ConnError {
     /// The kernel's error (`EPIPE`, `ECONNRESET`, …), kind preserved.
     pub error: io::Error,
@@ -72,6 +73,7 @@ impl ConnError {
 
 /// One finished write on one connection.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Completion {
     /// The connection.
     pub conn: Conn,
@@ -105,6 +107,7 @@ pub struct SendError<I> {
 
 /// The reasons [`Mover::send`] can refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SendErrorKind {
     /// The connection already holds its byte limit: wait for completions.
     BackPressure {
@@ -153,6 +156,7 @@ impl<I> From<SendError<I>> for io::Error {
 
 /// A detached connection: its fd, and what it had not yet sent.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Detached {
     /// The fd, as attached.
     pub fd: OwnedFd,
@@ -168,6 +172,7 @@ pub struct Detached {
 
 /// Counters since the engine was built.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// `flush` calls that started at least one write.
     pub submissions: u64,
@@ -230,6 +235,7 @@ pub const DEFAULT_COPY_THRESHOLD: usize = 1 << 10;
 /// `SENDMSG_ZC`, 6.1). Elsewhere, and where the opcodes are missing, every
 /// send copies (a recorded per-operation fallback).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ZeroCopy {
     /// Always copy.
     #[default]
@@ -267,7 +273,7 @@ impl MoverBuilder {
     /// is in flight stays within it: at most 7 × depth writes (a zero-copy
     /// send counts twice until its notification; one queue's worth is kept
     /// for cancellations). Connections beyond that start as completions
-    /// come in, in `wait` or `drain`.
+    /// come in, in `wait` or `flush_and_wait`.
     pub fn queue_depth(mut self, depth: u32) -> Self {
         self.depth = depth;
         self
@@ -486,7 +492,7 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 /// mover.send(conn, [Bytes::from_static(b"HDR1"), payload.slice(..5000)])?;
 /// mover.send(conn, [Bytes::from_static(b"HDR2"), payload.slice(5000..)])?;
 /// let mut done = Vec::new();
-/// mover.drain(&mut done)?; // flush, finish partial writes, collect results
+/// mover.flush_and_wait(&mut done)?; // flush, finish partial writes, collect results
 /// assert!(done.iter().all(|c| c.error.is_none()));
 /// # Ok(()) }
 /// ```
@@ -529,7 +535,7 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 ///         at = (at + 1024) % payload.len();
 ///     }
 ///     mover.flush()?;
-///     mover.wait(&mut done, Some(std::time::Duration::from_millis(10)))?;
+///     mover.wait(Some(std::time::Duration::from_millis(10)), &mut done)?;
 ///     if let Some(e) = done.drain(..).find_map(|c| c.error) {
 ///         return Err(e.error); // writable_again needs no action here:
 ///     }                        // is_writable says it on the next turn
@@ -718,6 +724,23 @@ impl Mover {
         Ok(())
     }
 
+    /// Borrows `conn`'s fd, to read or set socket options (`setsockopt`,
+    /// `getpeername`) without detaching it; `None` if unknown. Do not write
+    /// to it, close it, or change its `O_NONBLOCK` flag: the engine owns
+    /// its writes until [`detach`](Self::detach).
+    ///
+    /// ```no_run
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+    /// let fd = mover.fd(conn).expect("attached");
+    /// nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fd(&self, conn: Conn) -> Option<BorrowedFd<'_>> {
+        self.state(conn).map(|s| s.fd.as_fd())
+    }
+
     /// Bytes queued on `conn` and not yet written (`None` if unknown).
     pub fn queued(&self, conn: Conn) -> Option<usize> {
         self.state(conn).map(|s| s.outbox.queued_bytes())
@@ -768,10 +791,16 @@ impl Mover {
     /// `writev` each, finishing immediately what the sockets accept.
     /// Returns the number of connections started: on io_uring, those beyond
     /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start
-    /// later, in `wait` or `drain`.
+    /// later, in `wait` or `flush_and_wait`.
+    ///
+    /// It does not wait for the writes to finish (unlike
+    /// [`std::io::Write::flush`]): their results come from
+    /// [`wait`](Self::wait); [`flush_and_wait`](Self::flush_and_wait) is
+    /// flush-then-wait-for-everything.
     ///
     /// On error (an `io_uring_enter` failure), connections not started stay
-    /// queued and scheduled; a later `flush`, `wait` or `drain` starts them.
+    /// queued and scheduled; a later `flush`, `wait` or `flush_and_wait`
+    /// starts them.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
         self.driver.submit()?;
@@ -784,8 +813,8 @@ impl Mover {
     /// Starts every scheduled connection; readiness backends finish writes
     /// inline, so their events are processed (and resumptions started) here.
     /// Connections not started (no room, or an error) stay scheduled, first
-    /// in line, so an error strands nothing: the next flush, wait or drain
-    /// starts them.
+    /// in line, so an error strands nothing: the next flush, wait or
+    /// flush_and_wait starts them.
     fn start_dirty(&mut self) -> io::Result<usize> {
         let mut started = 0;
         while !self.dirty.is_empty() {
@@ -1066,12 +1095,35 @@ impl Mover {
     }
 
     /// Waits for completions, finishing partial writes and retrying sockets
-    /// that became writable, and moves them into `out`. Returns when at least
-    /// one completion is available, when `timeout` passes, or at once when
-    /// nothing is in flight. With a [`waker`](Self::waker), it sleeps even
-    /// when nothing is in flight, also returns when woken, and a zero
-    /// `timeout` reaps what the kernel has finished without sleeping.
-    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+    /// that became writable, and moves them into `out` (appending; `out` is
+    /// not cleared). Returns when at least one completion is available, when
+    /// `timeout` passes, or at once when nothing is in flight. With a
+    /// [`waker`](Self::waker), it sleeps even when nothing is in flight,
+    /// also returns when woken. A zero `timeout` reaps what the kernel has
+    /// finished without sleeping: what an event loop calls when
+    /// [the engine's fd](#impl-AsFd-for-Mover) polls readable.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+    /// mover.send(conn, [Bytes::from(vec![1u8; 1 << 20])])?;
+    /// mover.flush()?;
+    /// let mut done = Vec::new();
+    /// while mover.queued(conn).is_some_and(|q| q > 0) {
+    ///     mover.wait(Some(Duration::from_secs(5)), &mut done)?;
+    ///     for c in done.drain(..) {
+    ///         if let Some(e) = c.error {
+    ///             return Err(e.error);
+    ///         }
+    ///         println!("{}: {} bytes written, {} still queued", c.conn.index(), c.written, c.queued);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
         if self.wake.is_some() {
             return self.park(out, timeout);
         }
@@ -1111,11 +1163,26 @@ impl Mover {
         Ok(())
     }
 
-    /// Flushes, then waits until every connection's queue is empty or its
-    /// connection failed, and every zero-copy notification has arrived (so
-    /// every buffer sent is released), moving all completions into `out`.
-    /// It returns an error rather than spin when the kernel refuses work.
-    pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+    /// [`flush`](Self::flush)es, then blocks until every connection's queue
+    /// is empty or its connection failed, and every zero-copy notification
+    /// has arrived (so every buffer sent is released), moving all
+    /// completions into `out`: what [`std::io::Write::flush`] means, where
+    /// this crate's `flush` only submits. It returns an error rather than
+    /// spin when the kernel refuses work.
+    ///
+    /// ```no_run
+    /// use bytes::Bytes;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+    /// mover.send(conn, [Bytes::from_static(b"last words\n")])?;
+    /// let mut done = Vec::new();
+    /// mover.flush_and_wait(&mut done)?;
+    /// assert_eq!(mover.queued(conn), Some(0));
+    /// # Ok(()) }
+    /// ```
+    #[doc(alias = "drain")]
+    pub fn flush_and_wait(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.flush()?;
         while self.in_flight > 0
             || !self.dirty.is_empty()

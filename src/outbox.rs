@@ -23,15 +23,15 @@ pub enum Framing {
     Datagram,
 }
 
-/// What [`Outbox::fill_iovecs`] put in its output.
+/// What `Outbox::fill_iovecs` put in its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Bytes the iovecs cover.
-    pub bytes: usize,
+    pub(crate) bytes: usize,
     /// Number of iovecs.
-    pub iovecs: usize,
+    pub(crate) iovecs: usize,
     /// Destination of the datagram (`None`: the connected peer, or a stream).
-    pub dest: Option<SocketAddr>,
+    pub(crate) dest: Option<SocketAddr>,
 }
 
 /// One queued datagram: the next `bufs` entries of the queue.
@@ -296,7 +296,8 @@ impl Outbox {
     /// The next unsent bytes as slices of the queued pieces, in order, from
     /// the exact byte after what was written, never empty, at most
     /// `max_slices` of them. Stream: as many as fit; datagram: the front
-    /// message only.
+    /// message only. For `write_vectored`, wrap each in
+    /// [`std::io::IoSlice::new`].
     pub fn chunks(&self, max_slices: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let offset = self.front_offset;
         self.front_bufs(max_slices)
@@ -390,7 +391,7 @@ impl Outbox {
     /// stay valid until [`advance`](Self::advance), `prepare` after the
     /// plan ended, or [`take_unsent`](Self::take_unsent) releases that
     /// memory, or the outbox is dropped.
-    pub fn fill_iovecs(&self, out: &mut Vec<libc::iovec>, max_iovecs: usize) -> Batch {
+    pub(crate) fn fill_iovecs(&self, out: &mut Vec<libc::iovec>, max_iovecs: usize) -> Batch {
         out.clear();
         let mut bytes = 0;
         for s in self.batch(max_iovecs.clamp(1, IOV_MAX)) {
@@ -433,7 +434,7 @@ impl Outbox {
     /// so several datagrams can be in flight at once. `None` past the last
     /// message, for a stream, or for a message of more than [`IOV_MAX`]
     /// pieces. The iovecs stay valid as `fill_iovecs`' do.
-    pub fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
+    pub(crate) fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
         let (bufs, m) = self.datagram(index)?;
         if m.bufs > IOV_MAX {
             return None;

@@ -27,7 +27,7 @@ use std::sync::Arc;
 /// std::thread::spawn(move || waker.wake());
 /// let mut done = Vec::new();
 /// // Nothing in flight: sleeps in the kernel until woken.
-/// mover.wait(&mut done, None)?;
+/// mover.wait(None, &mut done)?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
