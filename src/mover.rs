@@ -9,11 +9,12 @@
 // it is where the in-flight invariant is kept, so it is where it is stated.
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -380,6 +381,7 @@ impl MoverBuilder {
             short_writes: 0,
             one_thread: PhantomData,
             wake: None,
+            polled: Cell::new(false),
         })
     }
 }
@@ -543,15 +545,62 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 /// # }
 /// ```
 ///
-/// # Threading
-///
-/// One `Mover` is one thread's engine: on io_uring it owns one ring, set
-/// up single-issuer where the kernel allows, and the first thread that
-/// submits becomes its issuer. A `Mover` may be built on one thread and
-/// moved to another before its first `flush` (it is `Send`); once it has
-/// submitted, driving it from another thread fails with a clear error.
 /// To use every core, run one `Mover` per thread, each with its own share
-/// of the connections (`bench gather --threads N` does that).
+/// of the connections (`bench gather --threads N` does that), or let
+/// [`Shards`](crate::Shards) do it.
+///
+/// # Event loops
+///
+/// A `Mover` is [`AsFd`]: a loop that already polls other fds (poll(2),
+/// epoll, mio, tokio's `AsyncFd`) polls this one for readability too, and
+/// when it is readable calls [`wait`](Self::wait) with a zero timeout,
+/// which reaps what finished without sleeping; readiness may be spurious
+/// (nothing new comes out), and after that `wait` the fd stops polling
+/// readable until something else happens. The fd is, per backend:
+///
+/// - io_uring: an eventfd registered with the ring
+///   (`IORING_REGISTER_EVENTFD`, 5.2) on the first `as_fd`, not the ring's
+///   own fd. The ring is set up with `IORING_SETUP_DEFER_TASKRUN` (6.1)
+///   where the kernel has it: completions that need task work (a send the
+///   peer's reads made room for, a zero-copy notification) are then
+///   posted only inside `io_uring_enter` on the ring's thread, which
+///   `wait` calls. The ring fd reports such pending work as readable when
+///   polled, but queueing it does not wake a poller already blocked on the
+///   fd (seen on 6.18: a blocked poll(2) sleeps to its timeout); the
+///   kernel does signal a registered eventfd when it queues task work, as
+///   well as when it posts completions. `tests/suite/event_loop.rs` checks
+///   the wake-up from a blocking poll(2) and epoll.
+/// - epoll: the epoll fd, readable while a watched socket has a readiness
+///   edge to report.
+/// - poll(2): there is no kernel object gathering readiness, so the fd is
+///   an eventfd kept readable while a write waits for a socket to become
+///   writable: the loop spins through `wait(Some(ZERO))` until it is.
+///   Correct, but busy: prefer io_uring or epoll under an event loop. A
+///   [`Waker`]'s wake does not show on it (on io_uring and epoll it does).
+///
+/// Nothing about the `Mover` changes: `flush` still submits, a blocking
+/// `wait` still works. `examples/event_loop.rs` is a complete poll(2)
+/// loop; with tokio the same is `AsyncFd::new(mover)`, then
+/// `readable().await`, `wait(Some(Duration::ZERO), ..)`, and
+/// `guard.clear_ready()`.
+///
+/// ```no_run
+/// use std::os::fd::AsFd;
+/// use std::time::Duration;
+/// use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+/// # fn main() -> std::io::Result<()> {
+/// let mut mover = ringmover::Mover::builder().build()?;
+/// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+/// mover.send(conn, [bytes::Bytes::from(vec![0u8; 1 << 20])])?;
+/// mover.flush()?;
+/// let mut done = Vec::new();
+/// while mover.queued(conn).is_some_and(|q| q > 0) {
+///     let mut fds = [PollFd::new(mover.as_fd(), PollFlags::POLLIN)];
+///     poll(&mut fds, PollTimeout::from(1000u16))?; // ...and the loop's other fds
+///     mover.wait(Some(Duration::ZERO), &mut done)?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Mover {
     // Declared first so it drops first: the ring goes before the pool whose
@@ -580,6 +629,31 @@ pub struct Mover {
     one_thread: PhantomData<*const ()>,
     /// Set by [`Mover::waker`]: the fd other threads wake `wait` with.
     wake: Option<Wake>,
+    /// Someone asked for the pollable fd (`AsFd`): every `wait` first
+    /// collects what makes it readable, so it stops polling readable.
+    polled: Cell<bool>,
+}
+
+impl AsFd for Mover {
+    /// The fd an event loop polls for readability (see "Event loops").
+    /// From the first call on, every `wait` also collects what made it
+    /// readable (one more non-blocking syscall), so ask for it before
+    /// the first `wait` whose readiness the loop relies on; on io_uring
+    /// the first call registers an eventfd with the ring (an error doing
+    /// so is returned by the next `wait`).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.polled.set(true);
+        self.driver
+            .pollable_fd()
+            .expect("a Mover's driver always has a pollable fd (only a leaked one has not)")
+    }
+}
+
+impl AsRawFd for Mover {
+    /// See [`AsFd`].
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
 }
 
 /// What `Mover::start` did for one connection.
@@ -1101,7 +1175,7 @@ impl Mover {
     /// [`waker`](Self::waker), it sleeps even when nothing is in flight,
     /// also returns when woken. A zero `timeout` reaps what the kernel has
     /// finished without sleeping: what an event loop calls when
-    /// [the engine's fd](#impl-AsFd-for-Mover) polls readable.
+    /// [engine's fd](#event-loops) polls readable.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -1124,6 +1198,10 @@ impl Mover {
     /// # Ok(()) }
     /// ```
     pub fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+        if self.polled.get() {
+            self.driver.poll_ready(&mut self.events)?;
+            self.process_events();
+        }
         if self.wake.is_some() {
             return self.park(out, timeout);
         }

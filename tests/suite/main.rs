@@ -47,6 +47,7 @@ macro_rules! for_each_backend {
     };
 }
 
+mod event_loop;
 mod probe;
 mod receiver;
 mod recv;
