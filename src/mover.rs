@@ -202,13 +202,32 @@ pub struct Stats {
     pub notifs_outstanding: u64,
 }
 
-/// Builds a [`Mover`].
+/// Builds a [`Mover`]: every setting has a default, `build` selects the
+/// backend (io_uring where it works, else epoll, else poll(2), or what
+/// `RINGMOVER_BACKEND` or [`backend`](Self::backend) forces) and says why
+/// in [`Mover::selection`]. `Clone + Send`: build one `Mover` per thread
+/// from clones of one builder.
+///
+/// ```
+/// use ringmover::{BackendChoice, Mover, ZeroCopy};
+/// # fn main() -> std::io::Result<()> {
+/// let mover = Mover::builder()
+///     .backend(BackendChoice::Auto)
+///     .queue_depth(256)                        // SQ entries (io_uring)
+///     .max_queued_bytes(16 << 20)              // per connection, then BackPressure
+///     .write_watermarks(1 << 20, 4 << 20)      // is_writable flips at 4 MiB, back at 1
+///     .zero_copy(ZeroCopy::AUTO)               // SEND_ZC where it pays
+///     .build()?;
+/// let s = mover.selection();
+/// println!("{} ({}); fallbacks: {:?}", s.backend, s.reason, s.fallbacks);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct MoverBuilder {
     choice: Option<BackendChoice>,
     depth: u32,
     max_queued: usize,
-    fixed: Option<(usize, usize)>,
+    fixed: Option<FixedBufs>,
     zero_copy: ZeroCopy,
     copy_threshold: usize,
     watermarks: Option<(usize, usize)>,
@@ -226,6 +245,15 @@ impl Default for MoverBuilder {
             watermarks: None,
         }
     }
+}
+
+/// Where a [`MoverBuilder`]'s registered buffers come from.
+#[derive(Debug, Clone)]
+enum FixedBufs {
+    /// A new pool of `count` buffers of `size` bytes per `Mover`.
+    New(usize, usize),
+    /// One pool, registered by every `Mover` built.
+    Shared(FixedBufPool),
 }
 
 /// [`MoverBuilder::copy_threshold`]'s default: pieces under 1 KiB are
@@ -291,8 +319,59 @@ impl MoverBuilder {
     /// (`IORING_REGISTER_BUFFERS`); lease them with [`Mover::lease`]. On
     /// epoll/poll they are plain memory. Registration beyond
     /// `RLIMIT_MEMLOCK` fails `build` with an error naming the limit.
+    /// Every `build` makes a new pool: to share one between engines, use
+    /// [`fixed_pool`](Self::fixed_pool).
     pub fn fixed_buffers(mut self, count: usize, size: usize) -> Self {
-        self.fixed = Some((count, size));
+        self.fixed = Some(FixedBufs::New(count, size));
+        self
+    }
+
+    /// Registers an existing pool's buffers (instead of
+    /// [`fixed_buffers`](Self::fixed_buffers)): every `Mover` built from
+    /// this builder, or a clone of it (so every shard of
+    /// [`Shards`](crate::Shards) given it), registers the same memory with
+    /// its own ring, and a payload leased from `pool` once and frozen goes
+    /// out of any of them from registered memory. Each `Mover` keeps the
+    /// pool, and so its memory, alive until its ring is gone (the pool is
+    /// freed with its last clone, lease and frozen `Bytes`). The kernel
+    /// charges each ring's registration to `RLIMIT_MEMLOCK` separately
+    /// (without `CAP_IPC_LOCK`): N engines pin the pool's size N times
+    /// against the limit, not in memory.
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use ringmover::{FixedBufPool, Mover};
+    /// # fn main() -> std::io::Result<()> {
+    /// let pool = FixedBufPool::new(4, 64 << 10)?;
+    /// let mut buf = pool.lease()?;
+    /// buf.fill(b'x', 64 << 10);
+    /// let payload = buf.freeze(); // registered memory, shared by reference
+    /// let builder = Mover::builder().fixed_pool(pool.clone());
+    /// let senders: Vec<_> = (0..2)
+    ///     .map(|_| {
+    ///         let (builder, payload) = (builder.clone(), payload.clone());
+    ///         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+    ///         let sender = std::thread::spawn(move || -> std::io::Result<()> {
+    ///             let mut mover = builder.build()?; // one ring per thread
+    ///             let conn = mover.attach(ours)?;
+    ///             mover.send(conn, [payload])?;
+    ///             mover.flush_and_wait(&mut Vec::new())
+    ///         });
+    ///         let mut got = Vec::new();
+    ///         theirs.read_to_end(&mut got)?;
+    ///         assert_eq!(got.len(), 64 << 10);
+    ///         Ok(sender)
+    ///     })
+    ///     .collect::<std::io::Result<_>>()?;
+    /// for s in senders {
+    ///     s.join().expect("sender thread")?;
+    /// }
+    /// drop(payload);
+    /// assert_eq!(pool.available(), 4); // every buffer back in the pool
+    /// # Ok(()) }
+    /// ```
+    pub fn fixed_pool(mut self, pool: FixedBufPool) -> Self {
+        self.fixed = Some(FixedBufs::Shared(pool));
         self
     }
 
@@ -345,8 +424,10 @@ impl MoverBuilder {
             None => BackendChoice::from_env()?,
         };
         let selection = Selection::choose(choice)?;
+        let watermarks = self.watermarks()?;
         let pool = match self.fixed {
-            Some((count, size)) => Some(FixedBufPool::new(count, size)?),
+            Some(FixedBufs::New(count, size)) => Some(FixedBufPool::new(count, size)?),
+            Some(FixedBufs::Shared(pool)) => Some(pool),
             None => None,
         };
         let driver = Driver::new(selection.backend, self.depth, pool.as_ref())?;
@@ -374,7 +455,7 @@ impl MoverBuilder {
             in_flight: 0,
             max_queued: self.max_queued,
             copy_threshold: self.copy_threshold,
-            watermarks: self.watermarks()?,
+            watermarks,
             submissions: 0,
             writes: 0,
             bytes: 0,
@@ -547,7 +628,8 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 ///
 /// To use every core, run one `Mover` per thread, each with its own share
 /// of the connections (`bench gather --threads N` does that), or let
-/// [`Shards`](crate::Shards) do it.
+/// [`Shards`](crate::Shards) do it; [`MoverBuilder::fixed_pool`] shares one
+/// set of registered buffers between them.
 ///
 /// # Event loops
 ///
@@ -756,7 +838,25 @@ impl Mover {
         self.enqueue(conn, bufs, None)
     }
 
-    /// Queues one datagram for `dest` on a datagram socket.
+    /// Queues one datagram for `dest` on a datagram socket: `bufs` are its
+    /// pieces, sent as one message (`sendmsg` with `msg_name`). Refused with
+    /// [`SendErrorKind::NotDatagram`] on a stream or file.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use std::net::UdpSocket;
+    /// # fn main() -> std::io::Result<()> {
+    /// let peer = UdpSocket::bind("127.0.0.1:0")?;
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(UdpSocket::bind("127.0.0.1:0")?)?;
+    /// let header = Bytes::from_static(b"seq=1 ");
+    /// mover.send_to(conn, [header, Bytes::from_static(b"hello")], peer.local_addr()?)?;
+    /// mover.flush_and_wait(&mut Vec::new())?;
+    /// let mut buf = [0u8; 64];
+    /// let (n, _) = peer.recv_from(&mut buf)?;
+    /// assert_eq!(&buf[..n], b"seq=1 hello");
+    /// # Ok(()) }
+    /// ```
     pub fn send_to<I: IntoIterator<Item = Bytes>>(
         &mut self,
         conn: Conn,
@@ -1277,6 +1377,22 @@ impl Mover {
     /// Detaches `conn`, giving its fd back with whatever it had not sent.
     /// A write in flight is cancelled and its completion awaited first, so
     /// nothing the kernel may still read is freed early.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use std::os::unix::net::UnixStream;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let (ours, _theirs) = UnixStream::pair()?;
+    /// let conn = mover.attach(ours)?;
+    /// mover.send(conn, [Bytes::from_static(b"never flushed")])?;
+    /// let detached = mover.detach(conn)?;
+    /// assert_eq!(detached.unsent, [Bytes::from_static(b"never flushed")]);
+    /// let ours = UnixStream::from(detached.fd); // ours again, to use or close
+    /// # drop(ours);
+    /// assert!(mover.queued(conn).is_none()); // the handle is stale now
+    /// # Ok(()) }
+    /// ```
     pub fn detach(&mut self, conn: Conn) -> io::Result<Detached> {
         let Some(st) = self.state(conn) else {
             return Err(io::Error::new(
@@ -1344,6 +1460,24 @@ impl Mover {
     /// Leases a registered buffer (see [`MoverBuilder::fixed_buffers`]).
     /// `WouldBlock` when all are in use: wait for completions, which release
     /// buffers (zero-copy ones at their notification).
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().fixed_buffers(8, 64 << 10).build()?;
+    /// let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+    /// let conn = mover.attach(ours)?;
+    /// let mut buf = mover.lease()?;
+    /// buf.extend_from_slice(b"HDR1 payload in registered memory")?;
+    /// let frozen = buf.freeze(); // cheap to clone and slice, never copied
+    /// mover.send(conn, [frozen.slice(..5), frozen.slice(5..)])?;
+    /// mover.flush_and_wait(&mut Vec::new())?;
+    /// drop(mover.detach(conn)?); // closes our end: the reader sees EOF
+    /// let mut got = String::new();
+    /// theirs.read_to_string(&mut got)?;
+    /// assert_eq!(got, "HDR1 payload in registered memory");
+    /// # Ok(()) }
+    /// ```
     pub fn lease(&self) -> io::Result<FixedBufMut> {
         match &self.pool {
             Some(pool) => pool.lease(),

@@ -485,7 +485,13 @@ impl ShardsBuilder {
 
     /// How each shard's [`Mover`] is built (backend, queue depth,
     /// per-connection byte limit, zero-copy policy). Each shard builds its
-    /// own on its own thread.
+    /// own on its own thread. To publish from registered memory, give it
+    /// one pool with [`MoverBuilder::fixed_pool`]: every shard's ring
+    /// registers it, and a payload leased from it (by any thread, with
+    /// [`FixedBufPool::lease`](crate::FixedBufPool::lease)) goes out of
+    /// every shard without a copy. (With
+    /// [`fixed_buffers`](MoverBuilder::fixed_buffers) each shard would get
+    /// a pool of its own that only its thread can lease from.)
     pub fn mover(mut self, builder: MoverBuilder) -> Self {
         self.mover = builder;
         self
