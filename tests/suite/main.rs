@@ -48,6 +48,7 @@ macro_rules! for_each_backend {
 }
 
 mod event_loop;
+mod examples;
 mod fixed;
 mod probe;
 mod receiver;
