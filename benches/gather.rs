@@ -76,7 +76,7 @@ fn gather(c: &mut Criterion) {
                         for &h in &handles {
                             mover.send(h, pkt.iter().cloned()).unwrap();
                         }
-                        mover.drain(&mut done).unwrap();
+                        mover.flush_and_wait(&mut done).unwrap();
                         done.clear();
                     })
                 },

@@ -68,7 +68,7 @@ fn main() -> std::io::Result<()> {
             }
         }
         mover.flush()?;
-        mover.wait(&mut done, Some(Duration::from_millis(50)))?;
+        mover.wait(Some(Duration::from_millis(50)), &mut done)?;
         for d in done.drain(..) {
             if let Some(e) = d.error {
                 return Err(e.error);
@@ -80,7 +80,7 @@ fn main() -> std::io::Result<()> {
         }
     }
     // Stop producing; finish what is queued, then close.
-    mover.drain(&mut done)?;
+    mover.flush_and_wait(&mut done)?;
     if let Some(e) = done.iter().find_map(|d| d.error.as_ref()) {
         return Err(std::io::Error::new(e.error.kind(), e.error.to_string()));
     }

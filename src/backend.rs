@@ -18,6 +18,7 @@ pub const BACKEND_ENV: &str = "RINGMOVER_BACKEND";
 
 /// A backend: the leaf that moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Backend {
     /// io_uring (Linux 5.1+): one submission for many operations.
     Uring,
@@ -63,6 +64,7 @@ impl fmt::Display for Backend {
 
 /// What the caller asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum BackendChoice {
     /// Pick the best backend that works here.
     #[default]
@@ -131,6 +133,7 @@ pub const OPTIONAL_OPS: &[(Opcode, &str)] = &[
 
 /// An opcode this host's rings lack, and the path used instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OpFallback {
     /// The missing opcode.
     pub op: Opcode,
@@ -140,6 +143,7 @@ pub struct OpFallback {
 
 /// The backend chosen for this process, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Selection {
     /// The backend in use.
     pub backend: Backend,

@@ -13,6 +13,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 
 /// A pool of `count` buffers of `size` bytes each.
+///
+/// `Clone` (one more reference to the same pool) and `Send + Sync`: lease
+/// from any thread. Several engines may register the same pool
+/// ([`MoverBuilder::fixed_pool`](crate::MoverBuilder::fixed_pool)); each
+/// keeps it alive while its ring exists, and a buffer's memory lives as
+/// long as the pool, its lease or any `Bytes` frozen from it.
 #[derive(Clone)]
 pub struct FixedBufPool {
     inner: Arc<PoolInner>,

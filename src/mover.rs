@@ -9,11 +9,12 @@
 // it is where the in-flight invariant is kept, so it is where it is stated.
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -56,6 +57,7 @@ impl Conn {
 
 /// Why a connection failed. Its queue was emptied into `unsent`.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct ConnError {
     /// The kernel's error (`EPIPE`, `ECONNRESET`, …), kind preserved.
     pub error: io::Error,
@@ -72,6 +74,7 @@ impl ConnError {
 
 /// One finished write on one connection.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Completion {
     /// The connection.
     pub conn: Conn,
@@ -105,6 +108,7 @@ pub struct SendError<I> {
 
 /// The reasons [`Mover::send`] can refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SendErrorKind {
     /// The connection already holds its byte limit: wait for completions.
     BackPressure {
@@ -153,6 +157,7 @@ impl<I> From<SendError<I>> for io::Error {
 
 /// A detached connection: its fd, and what it had not yet sent.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Detached {
     /// The fd, as attached.
     pub fd: OwnedFd,
@@ -168,6 +173,7 @@ pub struct Detached {
 
 /// Counters since the engine was built.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// `flush` calls that started at least one write.
     pub submissions: u64,
@@ -207,6 +213,7 @@ pub struct Stats {
 /// Whether a datagram socket sends runs of equal-size datagrams to one
 /// destination as one GSO `sendmsg` (`UDP_SEGMENT`, Linux 4.18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Segmentation {
     /// Up to 64 datagrams (64 KiB) per send.
     On,
@@ -223,13 +230,32 @@ pub enum Segmentation {
     },
 }
 
-/// Builds a [`Mover`].
+/// Builds a [`Mover`]: every setting has a default, `build` selects the
+/// backend (io_uring where it works, else epoll, else poll(2), or what
+/// `RINGMOVER_BACKEND` or [`backend`](Self::backend) forces) and says why
+/// in [`Mover::selection`]. `Clone + Send`: build one `Mover` per thread
+/// from clones of one builder.
+///
+/// ```
+/// use ringmover::{BackendChoice, Mover, ZeroCopy};
+/// # fn main() -> std::io::Result<()> {
+/// let mover = Mover::builder()
+///     .backend(BackendChoice::Auto)
+///     .queue_depth(256)                        // SQ entries (io_uring)
+///     .max_queued_bytes(16 << 20)              // per connection, then BackPressure
+///     .write_watermarks(1 << 20, 4 << 20)      // is_writable flips at 4 MiB, back at 1
+///     .zero_copy(ZeroCopy::AUTO)               // SEND_ZC where it pays
+///     .build()?;
+/// let s = mover.selection();
+/// println!("{} ({}); fallbacks: {:?}", s.backend, s.reason, s.fallbacks);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct MoverBuilder {
     choice: Option<BackendChoice>,
     depth: u32,
     max_queued: usize,
-    fixed: Option<(usize, usize)>,
+    fixed: Option<FixedBufs>,
     zero_copy: ZeroCopy,
     copy_threshold: usize,
     watermarks: Option<(usize, usize)>,
@@ -251,6 +277,15 @@ impl Default for MoverBuilder {
     }
 }
 
+/// Where a [`MoverBuilder`]'s registered buffers come from.
+#[derive(Debug, Clone)]
+enum FixedBufs {
+    /// A new pool of `count` buffers of `size` bytes per `Mover`.
+    New(usize, usize),
+    /// One pool, registered by every `Mover` built.
+    Shared(FixedBufPool),
+}
+
 /// [`MoverBuilder::copy_threshold`]'s default: pieces under 1 KiB are
 /// copied into the staging buffer, larger ones referenced (docs/benchmarks.md).
 pub const DEFAULT_COPY_THRESHOLD: usize = 1 << 10;
@@ -259,6 +294,7 @@ pub const DEFAULT_COPY_THRESHOLD: usize = 1 << 10;
 /// `SENDMSG_ZC`, 6.1). Elsewhere, and where the opcodes are missing, every
 /// send copies (a recorded per-operation fallback).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ZeroCopy {
     /// Always copy.
     #[default]
@@ -296,7 +332,7 @@ impl MoverBuilder {
     /// is in flight stays within it: at most 7 × depth writes (a zero-copy
     /// send counts twice until its notification; one queue's worth is kept
     /// for cancellations). Connections beyond that start as completions
-    /// come in, in `wait` or `drain`.
+    /// come in, in `wait` or `flush_and_wait`.
     pub fn queue_depth(mut self, depth: u32) -> Self {
         self.depth = depth;
         self
@@ -313,8 +349,59 @@ impl MoverBuilder {
     /// (`IORING_REGISTER_BUFFERS`); lease them with [`Mover::lease`]. On
     /// epoll/poll they are plain memory. Registration beyond
     /// `RLIMIT_MEMLOCK` fails `build` with an error naming the limit.
+    /// Every `build` makes a new pool: to share one between engines, use
+    /// [`fixed_pool`](Self::fixed_pool).
     pub fn fixed_buffers(mut self, count: usize, size: usize) -> Self {
-        self.fixed = Some((count, size));
+        self.fixed = Some(FixedBufs::New(count, size));
+        self
+    }
+
+    /// Registers an existing pool's buffers (instead of
+    /// [`fixed_buffers`](Self::fixed_buffers)): every `Mover` built from
+    /// this builder, or a clone of it (so every shard of
+    /// [`Shards`](crate::Shards) given it), registers the same memory with
+    /// its own ring, and a payload leased from `pool` once and frozen goes
+    /// out of any of them from registered memory. Each `Mover` keeps the
+    /// pool, and so its memory, alive until its ring is gone (the pool is
+    /// freed with its last clone, lease and frozen `Bytes`). The kernel
+    /// charges each ring's registration to `RLIMIT_MEMLOCK` separately
+    /// (without `CAP_IPC_LOCK`): N engines pin the pool's size N times
+    /// against the limit, not in memory.
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use ringmover::{FixedBufPool, Mover};
+    /// # fn main() -> std::io::Result<()> {
+    /// let pool = FixedBufPool::new(4, 64 << 10)?;
+    /// let mut buf = pool.lease()?;
+    /// buf.fill(b'x', 64 << 10);
+    /// let payload = buf.freeze(); // registered memory, shared by reference
+    /// let builder = Mover::builder().fixed_pool(pool.clone());
+    /// let senders: Vec<_> = (0..2)
+    ///     .map(|_| {
+    ///         let (builder, payload) = (builder.clone(), payload.clone());
+    ///         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+    ///         let sender = std::thread::spawn(move || -> std::io::Result<()> {
+    ///             let mut mover = builder.build()?; // one ring per thread
+    ///             let conn = mover.attach(ours)?;
+    ///             mover.send(conn, [payload])?;
+    ///             mover.flush_and_wait(&mut Vec::new())
+    ///         });
+    ///         let mut got = Vec::new();
+    ///         theirs.read_to_end(&mut got)?;
+    ///         assert_eq!(got.len(), 64 << 10);
+    ///         Ok(sender)
+    ///     })
+    ///     .collect::<std::io::Result<_>>()?;
+    /// for s in senders {
+    ///     s.join().expect("sender thread")?;
+    /// }
+    /// drop(payload);
+    /// assert_eq!(pool.available(), 4); // every buffer back in the pool
+    /// # Ok(()) }
+    /// ```
+    pub fn fixed_pool(mut self, pool: FixedBufPool) -> Self {
+        self.fixed = Some(FixedBufs::Shared(pool));
         self
     }
 
@@ -378,8 +465,10 @@ impl MoverBuilder {
             None => BackendChoice::from_env()?,
         };
         let selection = Selection::choose(choice)?;
+        let watermarks = self.watermarks()?;
         let pool = match self.fixed {
-            Some((count, size)) => Some(FixedBufPool::new(count, size)?),
+            Some(FixedBufs::New(count, size)) => Some(FixedBufPool::new(count, size)?),
+            Some(FixedBufs::Shared(pool)) => Some(pool),
             None => None,
         };
         let driver = Driver::new(selection.backend, self.depth, pool.as_ref())?;
@@ -407,7 +496,7 @@ impl MoverBuilder {
             in_flight: 0,
             max_queued: self.max_queued,
             copy_threshold: self.copy_threshold,
-            watermarks: self.watermarks()?,
+            watermarks,
             submissions: 0,
             writes: 0,
             bytes: 0,
@@ -418,6 +507,7 @@ impl MoverBuilder {
                 enabled: self.gso,
                 ..GsoCounters::default()
             },
+            polled: Cell::new(false),
         })
     }
 }
@@ -542,7 +632,7 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 /// mover.send(conn, [Bytes::from_static(b"HDR1"), payload.slice(..5000)])?;
 /// mover.send(conn, [Bytes::from_static(b"HDR2"), payload.slice(5000..)])?;
 /// let mut done = Vec::new();
-/// mover.drain(&mut done)?; // flush, finish partial writes, collect results
+/// mover.flush_and_wait(&mut done)?; // flush, finish partial writes, collect results
 /// assert!(done.iter().all(|c| c.error.is_none()));
 /// # Ok(()) }
 /// ```
@@ -585,7 +675,7 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 ///         at = (at + 1024) % payload.len();
 ///     }
 ///     mover.flush()?;
-///     mover.wait(&mut done, Some(std::time::Duration::from_millis(10)))?;
+///     mover.wait(Some(std::time::Duration::from_millis(10)), &mut done)?;
 ///     if let Some(e) = done.drain(..).find_map(|c| c.error) {
 ///         return Err(e.error); // writable_again needs no action here:
 ///     }                        // is_writable says it on the next turn
@@ -593,15 +683,63 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 /// # }
 /// ```
 ///
-/// # Threading
-///
-/// One `Mover` is one thread's engine: on io_uring it owns one ring, set
-/// up single-issuer where the kernel allows, and the first thread that
-/// submits becomes its issuer. A `Mover` may be built on one thread and
-/// moved to another before its first `flush` (it is `Send`); once it has
-/// submitted, driving it from another thread fails with a clear error.
 /// To use every core, run one `Mover` per thread, each with its own share
-/// of the connections (`bench gather --threads N` does that).
+/// of the connections (`bench gather --threads N` does that), or let
+/// [`Shards`](crate::Shards) do it; [`MoverBuilder::fixed_pool`] shares one
+/// set of registered buffers between them.
+///
+/// # Event loops
+///
+/// A `Mover` is [`AsFd`]: a loop that already polls other fds (poll(2),
+/// epoll, mio, tokio's `AsyncFd`) polls this one for readability too, and
+/// when it is readable calls [`wait`](Self::wait) with a zero timeout,
+/// which reaps what finished without sleeping; readiness may be spurious
+/// (nothing new comes out), and after that `wait` the fd stops polling
+/// readable until something else happens. The fd is, per backend:
+///
+/// - io_uring: an eventfd registered with the ring
+///   (`IORING_REGISTER_EVENTFD`, 5.2) on the first `as_fd`, not the ring's
+///   own fd. The ring is set up with `IORING_SETUP_DEFER_TASKRUN` (6.1)
+///   where the kernel has it: completions that need task work (a send the
+///   peer's reads made room for, a zero-copy notification) are then
+///   posted only inside `io_uring_enter` on the ring's thread, which
+///   `wait` calls. The ring fd reports such pending work as readable when
+///   polled, but queueing it does not wake a poller already blocked on the
+///   fd (seen on 6.18: a blocked poll(2) sleeps to its timeout); the
+///   kernel does signal a registered eventfd when it queues task work, as
+///   well as when it posts completions. `tests/suite/event_loop.rs` checks
+///   the wake-up from a blocking poll(2) and epoll.
+/// - epoll: the epoll fd, readable while a watched socket has a readiness
+///   edge to report.
+/// - poll(2): there is no kernel object gathering readiness, so the fd is
+///   an eventfd kept readable while a write waits for a socket to become
+///   writable: the loop spins through `wait(Some(ZERO))` until it is.
+///   Correct, but busy: prefer io_uring or epoll under an event loop. A
+///   [`Waker`]'s wake does not show on it (on io_uring and epoll it does).
+///
+/// Nothing about the `Mover` changes: `flush` still submits, a blocking
+/// `wait` still works. `examples/event_loop.rs` is a complete poll(2)
+/// loop; with tokio the same is `AsyncFd::new(mover)`, then
+/// `readable().await`, `wait(Some(Duration::ZERO), ..)`, and
+/// `guard.clear_ready()`.
+///
+/// ```no_run
+/// use std::os::fd::AsFd;
+/// use std::time::Duration;
+/// use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+/// # fn main() -> std::io::Result<()> {
+/// let mut mover = ringmover::Mover::builder().build()?;
+/// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+/// mover.send(conn, [bytes::Bytes::from(vec![0u8; 1 << 20])])?;
+/// mover.flush()?;
+/// let mut done = Vec::new();
+/// while mover.queued(conn).is_some_and(|q| q > 0) {
+///     let mut fds = [PollFd::new(mover.as_fd(), PollFlags::POLLIN)];
+///     poll(&mut fds, PollTimeout::from(1000u16))?; // ...and the loop's other fds
+///     mover.wait(Some(Duration::ZERO), &mut done)?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Mover {
     // Declared first so it drops first: the ring goes before the pool whose
@@ -631,6 +769,31 @@ pub struct Mover {
     /// Set by [`Mover::waker`]: the fd other threads wake `wait` with.
     wake: Option<Wake>,
     gso: GsoCounters,
+    /// Someone asked for the pollable fd (`AsFd`): every `wait` first
+    /// collects what makes it readable, so it stops polling readable.
+    polled: Cell<bool>,
+}
+
+impl AsFd for Mover {
+    /// The fd an event loop polls for readability (see "Event loops").
+    /// From the first call on, every `wait` also collects what made it
+    /// readable (one more non-blocking syscall), so ask for it before
+    /// the first `wait` whose readiness the loop relies on; on io_uring
+    /// the first call registers an eventfd with the ring (an error doing
+    /// so is returned by the next `wait`).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.polled.set(true);
+        self.driver
+            .pollable_fd()
+            .expect("a Mover's driver always has a pollable fd (only a leaked one has not)")
+    }
+}
+
+impl AsRawFd for Mover {
+    /// See [`AsFd`].
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
 }
 
 /// What `Mover::start` did for one connection.
@@ -740,7 +903,25 @@ impl Mover {
         self.enqueue(conn, bufs, None)
     }
 
-    /// Queues one datagram for `dest` on a datagram socket.
+    /// Queues one datagram for `dest` on a datagram socket: `bufs` are its
+    /// pieces, sent as one message (`sendmsg` with `msg_name`). Refused with
+    /// [`SendErrorKind::NotDatagram`] on a stream or file.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use std::net::UdpSocket;
+    /// # fn main() -> std::io::Result<()> {
+    /// let peer = UdpSocket::bind("127.0.0.1:0")?;
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(UdpSocket::bind("127.0.0.1:0")?)?;
+    /// let header = Bytes::from_static(b"seq=1 ");
+    /// mover.send_to(conn, [header, Bytes::from_static(b"hello")], peer.local_addr()?)?;
+    /// mover.flush_and_wait(&mut Vec::new())?;
+    /// let mut buf = [0u8; 64];
+    /// let (n, _) = peer.recv_from(&mut buf)?;
+    /// assert_eq!(&buf[..n], b"seq=1 hello");
+    /// # Ok(()) }
+    /// ```
     pub fn send_to<I: IntoIterator<Item = Bytes>>(
         &mut self,
         conn: Conn,
@@ -780,6 +961,23 @@ impl Mover {
             self.dirty.push(conn);
         }
         Ok(())
+    }
+
+    /// Borrows `conn`'s fd, to read or set socket options (`setsockopt`,
+    /// `getpeername`) without detaching it; `None` if unknown. Do not write
+    /// to it, close it, or change its `O_NONBLOCK` flag: the engine owns
+    /// its writes until [`detach`](Self::detach).
+    ///
+    /// ```no_run
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+    /// let fd = mover.fd(conn).expect("attached");
+    /// nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn fd(&self, conn: Conn) -> Option<BorrowedFd<'_>> {
+        self.state(conn).map(|s| s.fd.as_fd())
     }
 
     /// Bytes queued on `conn` and not yet written (`None` if unknown).
@@ -897,10 +1095,16 @@ impl Mover {
     /// `writev` each, finishing immediately what the sockets accept.
     /// Returns the number of connections started: on io_uring, those beyond
     /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start
-    /// later, in `wait` or `drain`.
+    /// later, in `wait` or `flush_and_wait`.
+    ///
+    /// It does not wait for the writes to finish (unlike
+    /// [`std::io::Write::flush`]): their results come from
+    /// [`wait`](Self::wait); [`flush_and_wait`](Self::flush_and_wait) is
+    /// flush-then-wait-for-everything.
     ///
     /// On error (an `io_uring_enter` failure), connections not started stay
-    /// queued and scheduled; a later `flush`, `wait` or `drain` starts them.
+    /// queued and scheduled; a later `flush`, `wait` or `flush_and_wait`
+    /// starts them.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
         self.driver.submit()?;
@@ -913,8 +1117,8 @@ impl Mover {
     /// Starts every scheduled connection; readiness backends finish writes
     /// inline, so their events are processed (and resumptions started) here.
     /// Connections not started (no room, or an error) stay scheduled, first
-    /// in line, so an error strands nothing: the next flush, wait or drain
-    /// starts them.
+    /// in line, so an error strands nothing: the next flush, wait or
+    /// flush_and_wait starts them.
     fn start_dirty(&mut self) -> io::Result<usize> {
         let mut started = 0;
         while !self.dirty.is_empty() {
@@ -1267,12 +1471,39 @@ impl Mover {
     }
 
     /// Waits for completions, finishing partial writes and retrying sockets
-    /// that became writable, and moves them into `out`. Returns when at least
-    /// one completion is available, when `timeout` passes, or at once when
-    /// nothing is in flight. With a [`waker`](Self::waker), it sleeps even
-    /// when nothing is in flight, also returns when woken, and a zero
-    /// `timeout` reaps what the kernel has finished without sleeping.
-    pub fn wait(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
+    /// that became writable, and moves them into `out` (appending; `out` is
+    /// not cleared). Returns when at least one completion is available, when
+    /// `timeout` passes, or at once when nothing is in flight. With a
+    /// [`waker`](Self::waker), it sleeps even when nothing is in flight,
+    /// also returns when woken. A zero `timeout` reaps what the kernel has
+    /// finished without sleeping: what an event loop calls when
+    /// [engine's fd](#event-loops) polls readable.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+    /// mover.send(conn, [Bytes::from(vec![1u8; 1 << 20])])?;
+    /// mover.flush()?;
+    /// let mut done = Vec::new();
+    /// while mover.queued(conn).is_some_and(|q| q > 0) {
+    ///     mover.wait(Some(Duration::from_secs(5)), &mut done)?;
+    ///     for c in done.drain(..) {
+    ///         if let Some(e) = c.error {
+    ///             return Err(e.error);
+    ///         }
+    ///         println!("{}: {} bytes written, {} still queued", c.conn.index(), c.written, c.queued);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+        if self.polled.get() {
+            self.driver.poll_ready(&mut self.events)?;
+            self.process_events();
+        }
         if self.wake.is_some() {
             return self.park(out, timeout);
         }
@@ -1312,11 +1543,26 @@ impl Mover {
         Ok(())
     }
 
-    /// Flushes, then waits until every connection's queue is empty or its
-    /// connection failed, and every zero-copy notification has arrived (so
-    /// every buffer sent is released), moving all completions into `out`.
-    /// It returns an error rather than spin when the kernel refuses work.
-    pub fn drain(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
+    /// [`flush`](Self::flush)es, then blocks until every connection's queue
+    /// is empty or its connection failed, and every zero-copy notification
+    /// has arrived (so every buffer sent is released), moving all
+    /// completions into `out`: what [`std::io::Write::flush`] means, where
+    /// this crate's `flush` only submits. It returns an error rather than
+    /// spin when the kernel refuses work.
+    ///
+    /// ```no_run
+    /// use bytes::Bytes;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let conn = mover.attach(std::net::TcpStream::connect("127.0.0.1:7000")?)?;
+    /// mover.send(conn, [Bytes::from_static(b"last words\n")])?;
+    /// let mut done = Vec::new();
+    /// mover.flush_and_wait(&mut done)?;
+    /// assert_eq!(mover.queued(conn), Some(0));
+    /// # Ok(()) }
+    /// ```
+    #[doc(alias = "drain")]
+    pub fn flush_and_wait(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
         self.flush()?;
         while self.in_flight > 0
             || !self.dirty.is_empty()
@@ -1333,6 +1579,22 @@ impl Mover {
     /// Detaches `conn`, giving its fd back with whatever it had not sent.
     /// A write in flight is cancelled and its completion awaited first, so
     /// nothing the kernel may still read is freed early.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use std::os::unix::net::UnixStream;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().build()?;
+    /// let (ours, _theirs) = UnixStream::pair()?;
+    /// let conn = mover.attach(ours)?;
+    /// mover.send(conn, [Bytes::from_static(b"never flushed")])?;
+    /// let detached = mover.detach(conn)?;
+    /// assert_eq!(detached.unsent, [Bytes::from_static(b"never flushed")]);
+    /// let ours = UnixStream::from(detached.fd); // ours again, to use or close
+    /// # drop(ours);
+    /// assert!(mover.queued(conn).is_none()); // the handle is stale now
+    /// # Ok(()) }
+    /// ```
     pub fn detach(&mut self, conn: Conn) -> io::Result<Detached> {
         let Some(st) = self.state(conn) else {
             return Err(io::Error::new(
@@ -1403,6 +1665,24 @@ impl Mover {
     /// Leases a registered buffer (see [`MoverBuilder::fixed_buffers`]).
     /// `WouldBlock` when all are in use: wait for completions, which release
     /// buffers (zero-copy ones at their notification).
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// # fn main() -> std::io::Result<()> {
+    /// let mut mover = ringmover::Mover::builder().fixed_buffers(8, 64 << 10).build()?;
+    /// let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+    /// let conn = mover.attach(ours)?;
+    /// let mut buf = mover.lease()?;
+    /// buf.extend_from_slice(b"HDR1 payload in registered memory")?;
+    /// let frozen = buf.freeze(); // cheap to clone and slice, never copied
+    /// mover.send(conn, [frozen.slice(..5), frozen.slice(5..)])?;
+    /// mover.flush_and_wait(&mut Vec::new())?;
+    /// drop(mover.detach(conn)?); // closes our end: the reader sees EOF
+    /// let mut got = String::new();
+    /// theirs.read_to_string(&mut got)?;
+    /// assert_eq!(got, "HDR1 payload in registered memory");
+    /// # Ok(()) }
+    /// ```
     pub fn lease(&self) -> io::Result<FixedBufMut> {
         match &self.pool {
             Some(pool) => pool.lease(),

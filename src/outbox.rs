@@ -23,21 +23,21 @@ pub enum Framing {
     Datagram,
 }
 
-/// What [`Outbox::fill_iovecs`] put in its output.
+/// What `Outbox::fill_iovecs` put in its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Bytes the iovecs cover.
-    pub bytes: usize,
+    pub(crate) bytes: usize,
     /// Number of iovecs.
-    pub iovecs: usize,
+    pub(crate) iovecs: usize,
     /// Destination of the datagram (`None`: the connected peer, or a stream).
-    pub dest: Option<SocketAddr>,
+    pub(crate) dest: Option<SocketAddr>,
     /// Datagrams the iovecs carry (0 for a stream).
-    pub datagrams: usize,
+    pub(crate) datagrams: usize,
     /// Set when they are more than one (see [`Outbox::fill_datagrams`]):
     /// every datagram but the last is exactly this long, the last no
     /// longer: UDP GSO's segment size.
-    pub segment_size: Option<u16>,
+    pub(crate) segment_size: Option<u16>,
 }
 
 /// Most datagrams one GSO send carries: the kernel's `UDP_MAX_SEGMENTS`
@@ -311,7 +311,8 @@ impl Outbox {
     /// The next unsent bytes as slices of the queued pieces, in order, from
     /// the exact byte after what was written, never empty, at most
     /// `max_slices` of them. Stream: as many as fit; datagram: the front
-    /// message only.
+    /// message only. For `write_vectored`, wrap each in
+    /// [`std::io::IoSlice::new`].
     pub fn chunks(&self, max_slices: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let offset = self.front_offset;
         self.front_bufs(max_slices)
@@ -405,7 +406,7 @@ impl Outbox {
     /// stay valid until [`advance`](Self::advance), `prepare` after the
     /// plan ended, or [`take_unsent`](Self::take_unsent) releases that
     /// memory, or the outbox is dropped.
-    pub fn fill_iovecs(&self, out: &mut Vec<libc::iovec>, max_iovecs: usize) -> Batch {
+    pub(crate) fn fill_iovecs(&self, out: &mut Vec<libc::iovec>, max_iovecs: usize) -> Batch {
         out.clear();
         let mut bytes = 0;
         for s in self.batch(max_iovecs.clamp(1, IOV_MAX)) {
@@ -451,7 +452,8 @@ impl Outbox {
     /// so several datagrams can be in flight at once. `None` past the last
     /// message, for a stream, or for a message of more than [`IOV_MAX`]
     /// pieces. The iovecs stay valid as `fill_iovecs`' do.
-    pub fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
+    #[cfg(test)]
+    pub(crate) fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
         self.fill_datagrams(index, 1, out)
     }
 
@@ -463,7 +465,7 @@ impl Outbox {
     /// adjacent memory (the slices of one `Bytes` that
     /// `Mover::send_segments` cut) are merged across datagrams. `datagrams` says how many
     /// it took; `segment_size` is set when more than one.
-    pub fn fill_datagrams(
+    pub(crate) fn fill_datagrams(
         &self,
         index: usize,
         max_segments: usize,

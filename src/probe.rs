@@ -47,6 +47,7 @@ pub fn feature_names(features: u32) -> Vec<String> {
 
 /// An `IORING_SETUP_*` flag the probe tries, with what it needs beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SetupFlag {
     /// Kernel name without the `IORING_SETUP_` prefix.
     pub name: &'static str,
@@ -96,6 +97,7 @@ pub const SETUP_FLAGS: &[SetupFlag] = &[
 
 /// Why `io_uring_setup(2)` failed, classified from its errno and the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RingUnavailable {
     /// `ENOSYS`: the kernel has no io_uring (before 5.1 or built without
     /// `CONFIG_IO_URING`), or a seccomp filter answers ENOSYS.
@@ -335,6 +337,7 @@ fn classify_with(errno: i32, host: HostFacts) -> RingUnavailable {
 
 /// The outcome of trying one set-up flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SetupFlagResult {
     /// The flag tried.
     pub flag: SetupFlag,
@@ -346,6 +349,7 @@ pub struct SetupFlagResult {
 
 /// `RLIMIT_MEMLOCK`, `None` meaning unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MemlockLimit {
     /// Soft limit in bytes.
     pub soft: Option<u64>,
@@ -355,6 +359,7 @@ pub struct MemlockLimit {
 
 /// Everything `ringmover probe` reports about this host.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct KernelReport {
     /// `uname -r`.
     pub kernel_release: String,

@@ -168,6 +168,7 @@ impl fmt::Display for GroupId {
 /// What happens to a subscriber that falls more than its group's limit
 /// behind (its peer reads slower than the group publishes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlowPolicy {
     /// Skip whole packets for it until it has caught up to a quarter of
     /// the limit ([`Event::Dropped`], then [`Event::Writable`]): its stream
@@ -185,6 +186,7 @@ pub enum SlowPolicy {
 /// a fast producer only briefly). It is caught up again at a quarter of the
 /// limit, and handled by the policy when a packet would take it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GroupOptions {
     /// Bytes a subscriber may have queued and unwritten; must exceed the
     /// largest packet (best: at least four of them).
@@ -331,6 +333,7 @@ pub struct PublishError {
 
 /// The reasons a publish or send is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PublishErrorKind {
     /// The shard's queue holds its byte limit: retry after
     /// [`Event::ShardWritable`], or use [`Group::publish_wait`].
@@ -389,6 +392,7 @@ impl From<PublishError> for io::Error {
 
 /// One shard's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShardStats {
     /// Connections attached to it.
     pub conns: usize,
@@ -409,6 +413,7 @@ pub struct ShardStats {
 
 /// What [`Shards::shutdown`] could not send.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// Per shard, in order.
     pub shards: Vec<ShardReport>,
@@ -423,6 +428,7 @@ impl ShutdownReport {
 
 /// One shard's part of a [`ShutdownReport`].
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct ShardReport {
     /// The shard.
     pub shard: usize,
@@ -479,7 +485,13 @@ impl ShardsBuilder {
 
     /// How each shard's [`Mover`] is built (backend, queue depth,
     /// per-connection byte limit, zero-copy policy). Each shard builds its
-    /// own on its own thread.
+    /// own on its own thread. To publish from registered memory, give it
+    /// one pool with [`MoverBuilder::fixed_pool`]: every shard's ring
+    /// registers it, and a payload leased from it (by any thread, with
+    /// [`FixedBufPool::lease`](crate::FixedBufPool::lease)) goes out of
+    /// every shard without a copy. (With
+    /// [`fixed_buffers`](MoverBuilder::fixed_buffers) each shard would get
+    /// a pool of its own that only its thread can lease from.)
     pub fn mover(mut self, builder: MoverBuilder) -> Self {
         self.mover = builder;
         self
@@ -1400,14 +1412,14 @@ impl Shard {
                 if self.flushed() || Instant::now() >= deadline {
                     return Ok(());
                 }
-                self.mover.wait(&mut self.done, Some(Duration::ZERO))?;
+                self.mover.wait(Some(Duration::ZERO), &mut self.done)?;
                 if took == 0 && self.done.is_empty() {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    self.mover.wait(&mut self.done, Some(left))?;
+                    self.mover.wait(Some(left), &mut self.done)?;
                 }
             } else if took == ROUND {
                 // More is queued: reap without sleeping, then go on.
-                self.mover.wait(&mut self.done, Some(Duration::ZERO))?;
+                self.mover.wait(Some(Duration::ZERO), &mut self.done)?;
             } else {
                 self.park()?;
             }
@@ -1436,10 +1448,10 @@ impl Shard {
         };
         if busy {
             link.sleeping.store(false, Ordering::SeqCst);
-            return self.mover.wait(&mut self.done, Some(Duration::ZERO));
+            return self.mover.wait(Some(Duration::ZERO), &mut self.done);
         }
         link.sleeps.fetch_add(1, Ordering::Relaxed);
-        let res = self.mover.wait(&mut self.done, None);
+        let res = self.mover.wait(None, &mut self.done);
         self.inner.shards[self.index]
             .sleeping
             .store(false, Ordering::SeqCst);

@@ -10,7 +10,7 @@
 //! when the owner may be asleep.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
 /// Ends a [`Mover::wait`](crate::Mover::wait) early, from any thread.
@@ -27,7 +27,7 @@ use std::sync::Arc;
 /// std::thread::spawn(move || waker.wake());
 /// let mut done = Vec::new();
 /// // Nothing in flight: sleeps in the kernel until woken.
-/// mover.wait(&mut done, None)?;
+/// mover.wait(None, &mut done)?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -68,6 +68,11 @@ impl Waker {
     pub(crate) fn reset(&self) {
         self.fd.reset();
     }
+
+    /// The fd that polls readable while a wake is pending.
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -88,6 +93,10 @@ impl WakeFd {
 
     fn raw_fd(&self) -> RawFd {
         self.efd.as_raw_fd()
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.efd.as_fd()
     }
 
     fn reset(&self) {
@@ -118,6 +127,10 @@ impl WakeFd {
 
     fn raw_fd(&self) -> RawFd {
         self.read.as_raw_fd()
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
     }
 
     fn reset(&self) {

@@ -421,7 +421,7 @@ fn rounds<'a>(
                         .send_packet(c, packet.clone())
                         .map_err(std::io::Error::from)?;
                 }
-                mover.drain(&mut done)?;
+                mover.flush_and_wait(&mut done)?;
                 if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
                     bail!("a connection failed: {}", e.error);
                 }

@@ -152,7 +152,7 @@ fn mover(
             }
         }
         mover.flush()?;
-        mover.wait(&mut done, Some(Duration::from_millis(10)))?;
+        mover.wait(Some(Duration::from_millis(10)), &mut done)?;
         for d in done.drain(..) {
             if let Some(e) = &d.error {
                 bail!("a connection failed: {}", e.error);
@@ -164,7 +164,7 @@ fn mover(
         }
         calls.store(mover.stats().syscalls, Ordering::Relaxed);
     }
-    mover.drain(&mut done)?;
+    mover.flush_and_wait(&mut done)?;
     if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
         bail!("a connection failed: {}", e.error);
     }

@@ -203,7 +203,7 @@ fn pump(
                     }
                 }
                 // One flush for every socket, then every completion.
-                m.drain(&mut done)?;
+                m.flush_and_wait(&mut done)?;
                 if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
                     bail!("send failed: {}", e.error);
                 }

@@ -116,14 +116,14 @@ fn pump(
         // One submission for every socket.
         m.flush()?;
         while conns.iter().any(|&c| m.queued(c).unwrap_or(0) > window) {
-            m.wait(&mut done, None)?;
+            m.wait(None, &mut done)?;
         }
         if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
             bail!("send failed: {}", e.error);
         }
         done.clear();
     }
-    m.drain(&mut done)?;
+    m.flush_and_wait(&mut done)?;
     if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
         bail!("send failed: {}", e.error);
     }
@@ -440,7 +440,7 @@ fn fanout_copy(
                             let buf = Bytes::copy_from_slice(payload);
                             m.send(h, [buf]).map_err(std::io::Error::from)?;
                         }
-                        m.drain(&mut done)?;
+                        m.flush_and_wait(&mut done)?;
                         if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
                             bail!("a connection failed: {}", e.error);
                         }

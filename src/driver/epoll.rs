@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use super::readiness::Selector;
@@ -94,6 +94,10 @@ impl Selector for Epoll {
             }
         }
         Ok(calls)
+    }
+
+    fn pollable_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.epfd.as_fd())
     }
 
     fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {

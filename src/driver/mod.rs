@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
@@ -250,13 +250,29 @@ impl Driver {
             Backend::Epoll => Ok(Driver::Epoll(readiness::Readiness::new(
                 epoll::Epoll::new()?
             ))),
-            Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(poll::Poll::new()))),
+            Backend::Poll => Ok(Driver::Poll(readiness::Readiness::new(
+                poll::Poll::with_signal()?,
+            ))),
             #[cfg(not(target_os = "linux"))]
             b => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!("the {b} backend exists only on Linux"),
             )),
         }
+    }
+
+    /// The fd an event loop polls for readability (see the `AsFd` impl of
+    /// `Mover`): io_uring's ring fd, the epoll fd, or poll's signal
+    /// eventfd. `None` only for the inert driver.
+    pub(crate) fn pollable_fd(&self) -> Option<BorrowedFd<'_>> {
+        each!(self, d => d.pollable_fd())
+    }
+
+    /// Collects, without blocking, whatever made `pollable_fd` readable
+    /// (io_uring: posted completions and deferred task work; epoll: its
+    /// ready list, unarmed entries included, so it stops polling readable).
+    pub(crate) fn poll_ready(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
+        each!(self, d => d.poll_ready(events))
     }
 
     /// A driver that owns nothing, to stand in for one being leaked.

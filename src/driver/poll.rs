@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use super::readiness::Selector;
 use super::{Token, WAKE_TOKEN};
 use crate::sys::{cvt, retry};
+use crate::wake::Waker;
 
 #[derive(Debug, Default)]
 pub(crate) struct Poll {
@@ -17,11 +18,43 @@ pub(crate) struct Poll {
     tokens: Vec<Token>,
     /// The wake fd, polled for `POLLIN` with every select.
     wake: Option<RawFd>,
+    /// What an event loop polls (`Driver::pollable_fd`): poll(2) has no
+    /// kernel object that gathers readiness, so this eventfd is kept
+    /// readable while any write waits for writability (`armed`): the loop
+    /// then calls `wait` with a zero timeout, which polls the sockets once.
+    signal: Option<Waker>,
+    /// `signal` is readable now.
+    signalled: bool,
 }
 
 impl Poll {
     pub(crate) fn new() -> Poll {
         Poll::default()
+    }
+
+    /// A selector with a pollable signal fd.
+    pub(crate) fn with_signal() -> io::Result<Poll> {
+        Ok(Poll {
+            signal: Some(Waker::new()?),
+            ..Poll::default()
+        })
+    }
+
+    /// Keeps `signal` readable exactly while a token is armed.
+    fn update_signal(&mut self) {
+        let Some(signal) = &self.signal else { return };
+        let want = !self.armed.is_empty();
+        if want == self.signalled {
+            return;
+        }
+        if want {
+            // Fails only on a closed fd, which this selector keeps open;
+            // then the loop just sees no readiness and `wait` still works.
+            let _ = signal.wake();
+        } else {
+            signal.reset();
+        }
+        self.signalled = want;
     }
 }
 
@@ -32,14 +65,17 @@ impl Selector for Poll {
 
     fn deregister(&mut self, token: Token, _fd: RawFd) {
         self.armed.remove(&token);
+        self.update_signal();
     }
 
     fn arm(&mut self, token: Token, fd: RawFd) {
         self.armed.insert(token, fd);
+        self.update_signal();
     }
 
     fn disarm(&mut self, token: Token) {
         self.armed.remove(&token);
+        self.update_signal();
     }
 
     fn armed(&self) -> bool {
@@ -82,11 +118,16 @@ impl Selector for Poll {
                 ready.push(token);
             }
         }
+        self.update_signal();
         Ok(calls)
     }
 
     fn watch_wake(&mut self, fd: RawFd) -> io::Result<()> {
         self.wake = Some(fd);
         Ok(())
+    }
+
+    fn pollable_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.signal.as_ref().map(Waker::as_fd)
     }
 }

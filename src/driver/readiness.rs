@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS, WAKE_TOKEN};
@@ -29,6 +29,9 @@ pub(crate) trait Selector {
     /// `WAKE_TOKEN` from every `select` while it is readable; `armed()`
     /// is true from then on, so `wait` sleeps for it.
     fn watch_wake(&mut self, fd: RawFd) -> io::Result<()>;
+    /// The fd that polls readable when `select` has something to report
+    /// (see `Driver::pollable_fd`).
+    fn pollable_fd(&self) -> Option<BorrowedFd<'_>>;
 }
 
 /// A readiness driver over selector `S`.
@@ -129,6 +132,27 @@ impl<S: Selector> Readiness<S> {
         }
         self.ready.clear();
         self.stats.syscalls += self.selector.select(timeout, &mut self.ready)?;
+        events.extend(self.ready.drain(..).map(|token| match token {
+            WAKE_TOKEN => Event::Woken,
+            token => Event::Writable { token },
+        }));
+        Ok(())
+    }
+
+    /// See `Driver::pollable_fd`.
+    pub(crate) fn pollable_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.selector.pollable_fd()
+    }
+
+    /// See `Driver::poll_ready`: one `select` that does not block, even
+    /// with nothing armed (epoll's ready list holds edges of unarmed fds
+    /// too, and its fd polls readable until they are collected).
+    pub(crate) fn poll_ready(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
+        events.append(&mut self.pending);
+        self.ready.clear();
+        self.stats.syscalls += self
+            .selector
+            .select(Some(Duration::ZERO), &mut self.ready)?;
         events.extend(self.ready.drain(..).map(|token| match token {
             WAKE_TOKEN => Event::Woken,
             token => Event::Writable { token },

@@ -7,9 +7,10 @@
 //! dropped or backed up, whatever the kernel's overflow handling).
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,6 +93,15 @@ pub(crate) struct UringDriver {
     report_usage: bool,
     /// The wake fd's poll, once `watch_wake` was called.
     wake: Option<WakeWatch>,
+    /// What an event loop polls: an eventfd registered with the ring
+    /// (`IORING_REGISTER_EVENTFD`) the first time one asks. Under
+    /// `DEFER_TASKRUN` the ring fd itself reports pending task work as
+    /// readable but does not wake a poller blocked on it (6.18); the
+    /// kernel signals a registered eventfd both when it queues task work
+    /// for the ring and when it posts completions.
+    poll_efd: OnceCell<Option<nix::sys::eventfd::EventFd>>,
+    /// Why registering `poll_efd` failed: the next `wait` reports it.
+    poll_error: Cell<Option<io::Error>>,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -161,6 +171,8 @@ impl UringDriver {
             // set; EXT_ARG+NODROP alone do not tell, so ask the version.
             report_usage: kernel_at_least(6, 2),
             wake: None,
+            poll_efd: OnceCell::new(),
+            poll_error: Cell::new(None),
         })
     }
 
@@ -462,6 +474,55 @@ impl UringDriver {
         self.reap();
         events.append(&mut self.reaped);
         self.rearm_wake()
+    }
+
+    /// See `Driver::pollable_fd`: the eventfd registered with the ring
+    /// (see `poll_efd`), created and registered on the first call. If that
+    /// fails, the ring's fd, and the next `wait` returns the error.
+    pub(crate) fn pollable_fd(&self) -> Option<BorrowedFd<'_>> {
+        let efd = self.poll_efd.get_or_init(|| {
+            use nix::sys::eventfd::{EfdFlags, EventFd};
+            let registered =
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(io::Error::from)
+                    .and_then(|efd| {
+                        self.ring.submitter().register_eventfd(efd.as_raw_fd())?;
+                        Ok(efd)
+                    });
+            match registered {
+                Ok(efd) => Some(efd),
+                Err(e) => {
+                    self.poll_error.set(Some(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "registering an eventfd with the io_uring ring \
+                             (IORING_REGISTER_EVENTFD) for an event loop to poll: {e}; \
+                             the ring fd polled instead may not wake the loop"
+                        ),
+                    )));
+                    None
+                }
+            }
+        });
+        Some(match efd {
+            Some(efd) => efd.as_fd(),
+            None => self.ring.as_fd(),
+        })
+    }
+
+    /// See `Driver::poll_ready`: consumes the eventfd's count first (so a
+    /// signal from anything queued after this enter is kept), then `wait`
+    /// with a zero timeout, which enters the kernel to run deferred task
+    /// work when any is possible.
+    pub(crate) fn poll_ready(&mut self, events: &mut Vec<Event>) -> io::Result<()> {
+        if let Some(e) = self.poll_error.take() {
+            return Err(e);
+        }
+        if let Some(Some(efd)) = self.poll_efd.get() {
+            // EAGAIN: nothing was signalled since the last read.
+            let _ = efd.read();
+        }
+        self.wait(1, Some(Duration::ZERO), events)
     }
 
     /// Takes every posted completion off the CQ ring into `self.reaped`,

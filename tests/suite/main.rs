@@ -48,6 +48,9 @@ macro_rules! for_each_backend {
 }
 
 mod cli;
+mod event_loop;
+mod examples;
+mod fixed;
 mod probe;
 mod receiver;
 mod recv;

@@ -170,7 +170,7 @@ pub fn more_than_iov_max_pieces_arrive_byte_exact(b: Option<Backend>) {
     assert!(bufs.iter().any(Bytes::is_empty));
     m.send(conn, bufs).unwrap();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     assert!(done.last().unwrap().is_drained());
     assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), data.len());
@@ -196,7 +196,7 @@ pub fn partial_writes_resume_at_the_exact_byte(b: Option<Backend>) {
         m.send(conn, pieces(&chunk, i as u64)).unwrap();
     }
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     check_queued(&done, |_| data.len());
     if m.backend() != Backend::Uring {
@@ -232,7 +232,7 @@ pub fn partial_writes_to_a_pipe_resume_at_the_exact_byte(b: Option<Backend>) {
     let data = Bytes::from(pattern(21, 1 << 20));
     m.send(conn, pieces(&data, 22)).unwrap();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     check_queued(&done, |_| data.len());
     assert!(m.stats().short_writes > 0, "{:?}", m.stats());
@@ -271,7 +271,7 @@ pub fn thousand_connections_each_get_their_own_stream(b: Option<Backend>) {
             // The whole flush of 1000 connections is one io_uring_enter.
             assert_eq!(m.stats().enters - enters, 1);
         }
-        m.drain(&mut done).unwrap();
+        m.flush_and_wait(&mut done).unwrap();
     }
     let after = m.stats();
     if m.backend() == Backend::Uring {
@@ -318,7 +318,7 @@ pub fn a_flush_beyond_the_queue_depth_enters_once_per_full_queue(b: Option<Backe
         );
     }
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     for (i, (c, mut peer)) in conns.into_iter().zip(peers).enumerate() {
         drop(m.detach(c).unwrap());
@@ -356,10 +356,10 @@ pub fn a_dead_peer_fails_only_its_own_connection(b: Option<Backend>) {
         }
         m.send(live, [chunk]).unwrap();
         m.flush().unwrap();
-        m.wait(&mut done, Some(std::time::Duration::from_millis(1)))
+        m.wait(Some(std::time::Duration::from_millis(1)), &mut done)
             .unwrap();
     }
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     let dead_err: Vec<&Completion> = done
         .iter()
         .filter(|c| c.conn == dead && c.error.is_some())
@@ -403,7 +403,7 @@ pub fn back_pressure_returns_the_buffers(b: Option<Backend>) {
     );
     assert_eq!(refused.bufs, vec![Bytes::from_static(b"more")]);
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     m.send(conn, vec![Bytes::from_static(b"more")]).unwrap();
 }
 
@@ -429,7 +429,7 @@ pub fn udp_datagrams_keep_their_boundaries(b: Option<Backend>) {
     }
     m.send_to(conn, Vec::<Bytes>::new(), dest).unwrap();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     let mut buf = [0u8; 4096];
     rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -486,7 +486,7 @@ pub fn udp_bursts_leave_in_order_in_few_enters(b: Option<Backend>) {
     }
     let before = m.stats();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     let after = m.stats();
     assert_eq!(after.writes - before.writes, n as u64);
@@ -529,7 +529,7 @@ pub fn a_refused_datagram_returns_it_and_the_rest(b: Option<Backend>) {
         m.send(conn, [Bytes::from(vec![i; 100])]).unwrap();
     }
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     let failed: Vec<_> = done.iter().filter_map(|c| c.error.as_ref()).collect();
     assert_eq!(failed.len(), 1, "one failure, reported once");
     let e = failed[0];
@@ -596,7 +596,7 @@ pub fn stalled_datagram_bursts_resume_in_order(b: Option<Backend>) {
         }
     });
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     reader.join().unwrap();
 }
@@ -617,7 +617,7 @@ pub fn detach_mid_burst_returns_exactly_the_rest(b: Option<Backend>) {
     let mut done = Vec::new();
     let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
     while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
-        m.wait(&mut done, Some(left)).unwrap();
+        m.wait(Some(left), &mut done).unwrap();
     }
     assert_eq!(errors(&done), Vec::<String>::new());
     let written: usize = done.iter().map(|c| c.written).sum();
@@ -645,7 +645,7 @@ pub fn files_are_written_at_their_position(b: Option<Backend>) {
     let data = Bytes::from(pattern(7, 300_000));
     m.send(conn, pieces(&data, 8)).unwrap();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     let mut d = m.detach(conn).unwrap();
     // The fd's position is after the last byte written: the caller (or a
@@ -675,7 +675,7 @@ pub fn detach_returns_fd_and_unsent_bytes(b: Option<Backend>) {
     m.send(conn, [data.clone()]).unwrap();
     m.flush().unwrap();
     let mut done = Vec::new();
-    m.wait(&mut done, Some(std::time::Duration::from_millis(20)))
+    m.wait(Some(std::time::Duration::from_millis(20)), &mut done)
         .unwrap();
     let before = m.stats();
     let detached = m.detach(conn).unwrap();
@@ -773,7 +773,7 @@ pub fn each_thread_builds_its_own_mover(b: Option<Backend>) {
                 let conn = m.attach(a).unwrap();
                 m.send(conn, [sent]).unwrap();
                 let mut done = Vec::new();
-                m.drain(&mut done).unwrap();
+                m.flush_and_wait(&mut done).unwrap();
                 assert_eq!(errors(&done), Vec::<String>::new());
                 drop(m.detach(conn).unwrap());
             });
@@ -819,7 +819,7 @@ pub fn a_blocking_pipe_does_not_stall_other_connections(b: Option<Backend>) {
                 m.flush().unwrap();
                 let mut done = Vec::new();
                 while m.queued(sock) != Some(0) || m.queued(f) != Some(0) {
-                    m.wait(&mut done, Some(Duration::from_millis(100))).unwrap();
+                    m.wait(Some(Duration::from_millis(100)), &mut done).unwrap();
                 }
                 assert_eq!(errors(&done), Vec::<String>::new());
                 let file_back = m.detach(f).unwrap().fd;
@@ -923,7 +923,7 @@ fn faulty_flush_then_drain(
         check(&err, &faults, &m);
         faults.clear();
         let mut done = Vec::new();
-        m.drain(&mut done).unwrap();
+        m.flush_and_wait(&mut done).unwrap();
         assert_eq!(errors(&done), Vec::<String>::new());
         assert_eq!(m.in_flight(), 0);
         for &c in &conns {
@@ -989,7 +989,7 @@ fn uring_transient_enter_never_splits_a_datagram_chain() {
             }
             faults.fail_next(libc::EINTR, 1, |_| true);
             let mut done = Vec::new();
-            m.drain(&mut done).unwrap();
+            m.flush_and_wait(&mut done).unwrap();
             assert_eq!(faults.failed(), 1, "the enter was interrupted");
             let failed: Vec<_> = done
                 .iter()
@@ -1050,7 +1050,7 @@ fn uring_in_flight_stays_within_the_completion_queue() {
     }
     m.flush().unwrap();
     let mut done = Vec::new();
-    m.wait(&mut done, Some(Duration::from_millis(20))).unwrap();
+    m.wait(Some(Duration::from_millis(20)), &mut done).unwrap();
     assert!(
         m.in_flight() <= 7 * DEPTH,
         "{} writes in flight with a CQ of {}: {:?}",
@@ -1059,7 +1059,7 @@ fn uring_in_flight_stays_within_the_completion_queue() {
         m.stats()
     );
     let readers: Vec<_> = peers.into_iter().map(reader).collect();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(errors(&done), Vec::<String>::new());
     for c in conns {
         drop(m.detach(c).unwrap());

@@ -374,6 +374,7 @@ fn slow_subscriber(b: Option<Backend>, policy: SlowPolicy) {
             assert_eq!(unsent, 0);
             assert_eq!(seqs, (0..seqs.len() as u32).collect::<Vec<_>>());
         }
+        other => panic!("no check written for {other:?}"),
     }
 }
 
@@ -526,7 +527,7 @@ pub fn mover_waker_ends_wait(b: Option<Backend>) {
     // With a waker, an idle wait sleeps (until its timeout) instead of
     // returning at once.
     let t0 = Instant::now();
-    m.wait(&mut done, Some(Duration::from_millis(50))).unwrap();
+    m.wait(Some(Duration::from_millis(50)), &mut done).unwrap();
     assert!(
         t0.elapsed() >= Duration::from_millis(50),
         "{:?}",
@@ -536,11 +537,11 @@ pub fn mover_waker_ends_wait(b: Option<Backend>) {
     waker.wake().unwrap();
     waker.wake().unwrap();
     let t0 = Instant::now();
-    m.wait(&mut done, Some(HANG)).unwrap();
+    m.wait(Some(HANG), &mut done).unwrap();
     assert!(t0.elapsed() < HANG, "a pending wake was lost");
     // ...and consumed: several wakes count as one.
     let t0 = Instant::now();
-    m.wait(&mut done, Some(Duration::from_millis(20))).unwrap();
+    m.wait(Some(Duration::from_millis(20)), &mut done).unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(20));
     // A wake from another thread ends a wait without a timeout.
     let w = m.waker().unwrap();
@@ -548,7 +549,7 @@ pub fn mover_waker_ends_wait(b: Option<Backend>) {
         std::thread::sleep(Duration::from_millis(20));
         w.wake()
     });
-    m.wait(&mut done, None).unwrap();
+    m.wait(None, &mut done).unwrap();
     t.join().unwrap().unwrap();
     assert!(done.is_empty());
     // Sends still complete normally with the waker watched.
@@ -557,7 +558,7 @@ pub fn mover_waker_ends_wait(b: Option<Backend>) {
     let conn = m.attach(a).unwrap();
     let data = Bytes::from(pattern(5, 300_000));
     m.send(conn, pieces(&data, 5)).unwrap();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert!(done.iter().all(|c| c.error.is_none()));
     // A zero timeout never sleeps, but still reaps what the kernel finished
     // (a shard whose queue never empties waits only like this).
@@ -568,7 +569,7 @@ pub fn mover_waker_ends_wait(b: Option<Backend>) {
     let mut written = 0;
     while written < data.len() {
         assert!(t0.elapsed() < HANG, "wait(0) never reaped: {written} bytes");
-        m.wait(&mut done, Some(Duration::ZERO)).unwrap();
+        m.wait(Some(Duration::ZERO), &mut done).unwrap();
         written += done.drain(..).map(|c| c.written).sum::<usize>();
     }
     drop(m.detach(conn).unwrap());

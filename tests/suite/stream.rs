@@ -30,7 +30,7 @@ fn wait_until(
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let from = seen.len();
-        m.wait(seen, Some(Duration::from_millis(200))).unwrap();
+        m.wait(Some(Duration::from_millis(200)), seen).unwrap();
         for c in &seen[from..] {
             assert!(c.error.is_none(), "{what}: {:?}", c.error);
         }
@@ -95,7 +95,7 @@ pub fn writability_flips_once_each_way(b: Option<Backend>) {
     let at = seen.iter().position(|c| c.writable_again).unwrap();
     assert!(seen[..at].iter().all(|c| c.queued > low));
     assert!(m.is_writable(conn).unwrap());
-    m.drain(&mut seen).unwrap();
+    m.flush_and_wait(&mut seen).unwrap();
     assert_eq!(seen.iter().filter(|c| c.writable_again).count(), 1);
     drop(m.detach(conn).unwrap());
     assert!(rx.join().unwrap() == want);
@@ -142,7 +142,7 @@ pub fn default_watermarks_follow_back_pressure(b: Option<Backend>) {
     for piece in packet(seq, &body).pieces() {
         want.extend_from_slice(piece);
     }
-    m.drain(&mut seen).unwrap();
+    m.flush_and_wait(&mut seen).unwrap();
     drop(m.detach(conn).unwrap());
     assert!(rx.join().unwrap() == want);
 }
@@ -180,7 +180,7 @@ pub fn staged_packets_arrive_byte_exact(b: Option<Backend>) {
                 m.flush().unwrap();
             }
         }
-        m.drain(&mut seen).unwrap();
+        m.flush_and_wait(&mut seen).unwrap();
         assert!(
             seen.iter().all(|c| c.error.is_none()),
             "threshold {threshold}"
@@ -209,7 +209,7 @@ pub fn detach_mid_stream_returns_exactly_the_rest(b: Option<Backend>) {
     m.flush().unwrap();
     let mut seen = Vec::new();
     // Let some writes finish (the peer does not read: the kernel fills up).
-    m.wait(&mut seen, Some(Duration::from_millis(300))).unwrap();
+    m.wait(Some(Duration::from_millis(300)), &mut seen).unwrap();
     let detached = m.detach(conn).unwrap();
     let unsent: Vec<u8> = detached.unsent.iter().flat_map(|b| b.to_vec()).collect();
     assert!(!unsent.is_empty() && unsent.len() < want.len());

@@ -82,7 +82,7 @@ fn send_and_check(m: &mut Mover, tx: ringmover::Conn, rx: &UdpSocket, count: usi
         for i in start..end {
             m.send_to(tx, [datagram(i, len)], dest).unwrap();
         }
-        m.drain(&mut done).unwrap();
+        m.flush_and_wait(&mut done).unwrap();
         no_errors(&done);
         for i in start..end {
             expect(rx, &datagram(i, len), &format!("datagram {i} of {count}"));
@@ -170,7 +170,7 @@ pub fn mixed_sizes_and_destinations_break_runs(b: Option<Backend>) {
         m.send_to(tx, [body(i, len)], dest).unwrap();
     }
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     no_errors(&done);
     let written: usize = done.iter().map(|c| c.written).sum();
     let total: usize = plan.iter().map(|&(_, len)| len).sum();
@@ -206,7 +206,7 @@ pub fn send_segments_cuts_buffers_into_datagrams(b: Option<Backend>) {
     m.send_segments(tx, Vec::<Bytes>::new(), seg, Some(dest))
         .unwrap();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     no_errors(&done);
     for pass in 0..2 {
         for (k, chunk) in data.chunks(1100).enumerate() {
@@ -328,7 +328,7 @@ pub fn unix_datagram_sockets_never_try_gso(b: Option<Backend>) {
     m.send_segments(tx, [data.clone()], NonZeroUsize::new(1000).unwrap(), None)
         .unwrap();
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     no_errors(&done);
     let mut buf = [0u8; 2048];
     for (k, chunk) in data.chunks(1000).enumerate() {

@@ -55,7 +55,7 @@ fn lease(m: &mut Mover, done: &mut Vec<Completion>) -> ringmover::FixedBufMut {
             Ok(b) => return b,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 m.flush().unwrap();
-                m.wait(done, Some(Duration::from_millis(100))).unwrap();
+                m.wait(Some(Duration::from_millis(100)), done).unwrap();
                 for c in done.iter_mut() {
                     if let Some(e) = c.error.as_mut() {
                         e.unsent.clear();
@@ -99,7 +99,7 @@ pub fn buffers_are_never_reused_in_flight(b: Option<Backend>) {
         drop(frozen);
         m.flush().unwrap();
     }
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     no_errors(&done);
     let pool = m.pool().unwrap().clone();
     assert_eq!(pool.available(), 3, "every buffer is back after drain");
@@ -168,7 +168,7 @@ pub fn one_buffer_fans_out_to_many_connections(b: Option<Backend>) {
         conns.push(c);
     }
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     no_errors(&done);
     drop(payload);
     assert_eq!(m.pool().unwrap().available(), 1);
@@ -220,7 +220,7 @@ pub fn a_peer_closed_mid_flight_frees_nothing_early(b: Option<Backend>) {
         m.send(live, [frozen]).unwrap();
         m.flush().unwrap();
     }
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert!(
         done.iter().any(|c| c.conn == dead && c.error.is_some()),
         "the dead peer reports its error"
@@ -260,7 +260,7 @@ pub fn a_burst_refused_zero_copy_is_resent_by_copying(b: Option<Backend>) {
             .unwrap();
     }
     let mut done = Vec::new();
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     no_errors(&done);
     assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), 50 * 100);
     if m.zero_copy() != ZeroCopy::Never {
@@ -298,7 +298,7 @@ fn uring_reports_kernel_copies_and_auto_demotes() {
             let mut buf = lease(&mut m, &mut done);
             buf.extend_from_slice(&pattern(i, 64 << 10)).unwrap();
             m.send(c, [buf.freeze()]).unwrap();
-            m.drain(&mut done).unwrap();
+            m.flush_and_wait(&mut done).unwrap();
         }
         no_errors(&done);
         let s = m.stats();
@@ -338,7 +338,7 @@ fn uring_auto_demotes_udp_too() {
     rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     for i in 0..50 {
         m.send(c, [payload.clone()]).unwrap();
-        m.drain(&mut done).unwrap();
+        m.flush_and_wait(&mut done).unwrap();
         let n = rx
             .recv(&mut buf)
             .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
@@ -371,7 +371,7 @@ fn uring_drop_with_notifications_pending_does_not_hang() {
                 buf.extend_from_slice(&pattern(i, SIZE)).unwrap();
                 m.send(c, [buf.freeze()]).unwrap();
                 m.flush().unwrap();
-                m.wait(&mut done, Some(Duration::from_millis(50))).unwrap();
+                m.wait(Some(Duration::from_millis(50)), &mut done).unwrap();
             }
             drop(m);
             (pool, peer)
@@ -402,7 +402,7 @@ pub fn detaching_with_notifications_pending_frees_nothing_early(b: Option<Backen
         want.extend_from_slice(&pattern(i, SIZE));
         m.send(c, [buf.freeze()]).unwrap();
         m.flush().unwrap();
-        m.wait(&mut done, Some(Duration::from_millis(20))).unwrap();
+        m.wait(Some(Duration::from_millis(20)), &mut done).unwrap();
     }
     no_errors(&done);
     let mut d = m.detach(c).unwrap();
@@ -439,7 +439,7 @@ pub fn detaching_with_notifications_pending_frees_nothing_early(b: Option<Backen
         "the peer got exactly what was reported"
     );
     // Read and acknowledged: the notifications arrive and free the buffers.
-    m.drain(&mut done).unwrap();
+    m.flush_and_wait(&mut done).unwrap();
     assert_eq!(m.stats().notifs_outstanding, 0);
     assert_eq!(
         pool.available(),
