@@ -54,6 +54,7 @@ use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, OpFallback};
@@ -65,6 +66,7 @@ mod pump;
 mod readiness;
 #[cfg(target_os = "linux")]
 mod uring;
+mod wake;
 
 /// Limits applied to every connection of a [`Receiver`].
 #[derive(Debug, Clone, Default)]
@@ -330,6 +332,15 @@ impl Receiver {
         Ok(id)
     }
 
+    /// A handle that makes this receiver's [`wait`](Self::wait) return
+    /// early, from any thread: for a receiver that is handed sockets
+    /// accepted elsewhere (one acceptor feeding several receive threads,
+    /// as `ringmover recv --threads` does), or that must look at a flag.
+    /// A wake-up that comes while nobody waits ends the next wait at once.
+    pub fn waker(&mut self) -> io::Result<Waker> {
+        Ok(Waker(self.engine.waker()?))
+    }
+
     /// Connections attached and not yet finished.
     pub fn active(&self) -> usize {
         self.engine.active()
@@ -347,6 +358,17 @@ impl Receiver {
     /// what happened to `events`. Idle timeouts are enforced here.
     pub fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()> {
         self.engine.wait(timeout, events)
+    }
+}
+
+/// Wakes a [`Receiver::wait`] from another thread ([`Receiver::waker`]).
+#[derive(Debug, Clone)]
+pub struct Waker(Arc<wake::WakeFd>);
+
+impl Waker {
+    /// Makes the receiver's current or next `wait` return.
+    pub fn wake(&self) -> io::Result<()> {
+        self.0.wake()
     }
 }
 
@@ -1050,6 +1072,49 @@ mod tests {
             let (_, end) = run_framed(&wire[..cut], piece, None);
             let truncated = matches!(end, Err(Failure::Truncated { .. }));
             proptest::prop_assert!(truncated, "cut at {}: {:?}", cut, end);
+        }
+    }
+
+    #[test]
+    fn a_waker_ends_a_wait_from_another_thread() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        for backend in Backend::compiled() {
+            let mut r = Receiver::new(backend, RecvOptions::default()).unwrap();
+            let w = r.waker().unwrap();
+            let mut events = Vec::new();
+            for _ in 0..3 {
+                let woken = Arc::new(AtomicBool::new(false));
+                let (w, flag) = (w.clone(), woken.clone());
+                let t = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    flag.store(true, Ordering::SeqCst);
+                    w.wake().unwrap();
+                });
+                let started = Instant::now();
+                // A wait may also end early (EINTR, e.g. from io_uring
+                // task work): wait again until the wake-up was sent.
+                loop {
+                    r.wait(Some(Duration::from_secs(30)), &mut events).unwrap();
+                    assert!(
+                        started.elapsed() < Duration::from_secs(20),
+                        "{backend}: the wake-up was lost"
+                    );
+                    if woken.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                t.join().unwrap();
+                assert!(events.is_empty(), "{backend}");
+            }
+            // Nothing pending: a wait runs to its timeout (one of three,
+            // allowing for interrupted waits).
+            let slept = (0..3).any(|_| {
+                let started = Instant::now();
+                r.wait(Some(Duration::from_millis(200)), &mut events)
+                    .unwrap();
+                started.elapsed() >= Duration::from_millis(150)
+            });
+            assert!(slept, "{backend}: the wake-up fd stays readable");
         }
     }
 

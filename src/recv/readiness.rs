@@ -11,16 +11,20 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::pump::{pump, Mover, Pump};
 #[cfg(target_os = "linux")]
 use super::uring::RingSelector;
+use super::wake::WakeFd;
 use super::{next_timeout, Accepted, Conn, Event, Failure, Listen, PipeReport, RecvOptions};
 use crate::backend::OpFallback;
 
 /// Token of the listener.
 const LISTENER: u64 = u64::MAX;
+/// Token of the waker's fd.
+const WAKE: u64 = u64::MAX - 1;
 
 /// Which readiness mechanism the engine waits on.
 #[derive(Debug)]
@@ -170,6 +174,8 @@ pub(crate) struct ReadinessEngine {
     listening: bool,
     /// Connections whose turn ended with bytes possibly left.
     again: Vec<u64>,
+    /// Watched once a [`super::Waker`] was asked for.
+    waker: Option<Arc<WakeFd>>,
 }
 
 impl ReadinessEngine {
@@ -182,6 +188,7 @@ impl ReadinessEngine {
             listen: None,
             listening: false,
             again: Vec::new(),
+            waker: None,
         }
     }
 
@@ -245,6 +252,17 @@ impl ReadinessEngine {
         self.listening = false;
     }
 
+    /// The fd that wakes `wait` from other threads, watched from now on.
+    pub(crate) fn waker(&mut self) -> io::Result<Arc<WakeFd>> {
+        if let Some(w) = &self.waker {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(WakeFd::new()?);
+        self.selector.add(w.as_fd(), WAKE)?;
+        self.waker = Some(w.clone());
+        Ok(w)
+    }
+
     pub(crate) fn is_listening(&self) -> bool {
         self.listen.is_some()
     }
@@ -286,8 +304,10 @@ impl ReadinessEngine {
             .as_ref()
             .filter(|_| self.listening)
             .map(|l| (LISTENER, l.listener.as_fd()));
+        let wake = self.waker.as_ref().map(|w| (WAKE, w.as_fd()));
         let interest = listener
             .into_iter()
+            .chain(wake)
             .chain(self.slots.iter().map(|(&t, s)| (t, s.socket.as_fd())));
         self.selector.wait(timeout, interest, &mut ready)?;
         for (token, e) in self.selector.take_failed() {
@@ -305,6 +325,13 @@ impl ReadinessEngine {
         for token in ready {
             if token == LISTENER {
                 self.accept(events);
+            } else if token == WAKE {
+                if let Some(w) = &self.waker {
+                    w.drain();
+                    // Only a one-shot poll (a ring without multishot)
+                    // needs arming again; a failure shows as no wake-ups.
+                    let _ = self.selector.rearm(WAKE);
+                }
             } else {
                 self.service(token, events);
             }
