@@ -5,6 +5,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -47,7 +48,9 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
     listen: String,
 
-    /// Output directory (one file per connection) or file (one connection).
+    /// Output directory (one file per connection) or file (one
+    /// connection), or - for standard output (one connection; spliced
+    /// straight into a pipe, e.g. `recv --out - | tar x`; not with --json).
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
 
@@ -69,6 +72,11 @@ pub struct Args {
     /// more than 0, at most a year).
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     idle_timeout: Option<Duration>,
+
+    /// Take every stream as raw bytes: no detection of `ringmover send`'s
+    /// framing (for a raw stream that may begin like it).
+    #[arg(long)]
+    raw: bool,
 
     /// fsync each file before renaming it into place, and its directory after.
     #[arg(long)]
@@ -102,6 +110,8 @@ enum Destination {
     Dir(PathBuf),
     /// This one file; `taken` once its connection arrived.
     File { path: PathBuf, taken: bool },
+    /// Standard output (`--out -`), one connection.
+    Stdout { taken: bool },
 }
 
 /// A connection's output: the final name and the .part being written.
@@ -122,7 +132,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let selection = Selection::from_env().context("selecting a backend")?;
     let backend = selection.backend;
 
-    let mut dest = if args.out.is_dir() {
+    let to_stdout = args.out.as_os_str() == "-";
+    if to_stdout && args.json {
+        eprintln!(
+            "ringmover: --json prints on standard output, which --out - uses for the data; \
+             leave out --json (the outcome is on stderr and in the exit status)"
+        );
+        return Ok(Outcome::Usage);
+    }
+    let mut dest = if to_stdout {
+        Destination::Stdout { taken: false }
+    } else if args.out.is_dir() {
         Destination::Dir(args.out.clone())
     } else if args.out.as_os_str().to_string_lossy().ends_with('/') {
         bail!("output directory {} does not exist", args.out.display());
@@ -135,7 +155,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
     };
     let limit = match &dest {
-        Destination::File { .. } => Some(1),
+        Destination::File { .. } | Destination::Stdout { .. } => Some(1),
         Destination::Dir(_) if args.once => Some(1),
         Destination::Dir(_) => args.max_conns,
     };
@@ -155,6 +175,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let options = RecvOptions {
         max_bytes: args.max_bytes,
         idle_timeout: args.idle_timeout,
+        raw: args.raw,
         // The rest (pipe size, and whatever later versions add) as defaults.
         ..RecvOptions::default()
     };
@@ -166,7 +187,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     receiver
         .listen(listener, limit)
         .with_context(|| format!("watching the listener on {local}"))?;
-    let mut shards = if args.threads > 1 {
+    // One connection needs one thread.
+    let mut shards = if args.threads > 1 && limit != Some(1) {
         let main = receiver.waker().context("making a waker")?;
         let shards = Shards::start(args.threads, backend, &options, main, progress)
             .with_context(|| format!("starting {} receive threads", args.threads))?;
@@ -241,6 +263,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         .and_then(|(output, file)| {
                             let attached = match &mut shards {
                                 Some(s) => s.dispatch(socket, peer, file),
+                                None if is_stdout(&output) => {
+                                    receiver.attach_sequential(socket.into(), peer, file)
+                                }
                                 None => receiver.attach(socket.into(), peer, file),
                             };
                             match attached {
@@ -326,9 +351,9 @@ fn interrupted(
         let bytes = std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len());
         let secs = p.elapsed.as_secs_f64();
         console.say(format_args!(
-            "ringmover: {}: {why}; kept {bytes} bytes in {}",
+            "ringmover: {}: {why}; {}",
             p.peer,
-            output.part.display()
+            kept(&output, bytes)
         ));
         console.record(&json!({
             "peer": p.peer.to_string(),
@@ -398,6 +423,10 @@ fn finish(
 ) -> bool {
     let secs = done.elapsed.as_secs_f64();
     let (path, outcome, error) = match done.result {
+        Ok(()) if is_stdout(output) => match sync_stdout(&done.file, args) {
+            Ok(()) => (output.path.clone(), "complete", None),
+            Err(e) => (output.path.clone(), "write-error", Some(format!("{e:#}"))),
+        },
         Ok(()) => match persist(&done.file, output, args, dir_mode) {
             Ok(path) => (path, "complete", None),
             Err(e) => (output.part.clone(), "write-error", Some(format!("{e:#}"))),
@@ -406,12 +435,11 @@ fn finish(
     };
     drop(done.file);
     if let Some(e) = &error {
-        console.say(format_args!(
-            "ringmover: {}: {e}; kept {} bytes in {}",
-            done.peer,
-            done.bytes,
-            path.display()
-        ));
+        let kept = match is_stdout(output) {
+            true => kept(output, done.bytes),
+            false => format!("kept {} bytes in {}", done.bytes, path.display()),
+        };
+        console.say(format_args!("ringmover: {}: {e}; {kept}", done.peer));
     } else if args.progress.enabled() {
         console.say(format_args!(
             "{}: done, {} in {secs:.2} s ({:.2} Gbit/s) -> {}",
@@ -433,6 +461,29 @@ fn finish(
         "error": error,
     }));
     error.is_none()
+}
+
+/// The output of `--out -`.
+fn is_stdout(output: &Output) -> bool {
+    output.part.as_os_str() == "-"
+}
+
+/// What a connection that did not complete left behind.
+fn kept(output: &Output, bytes: u64) -> String {
+    if is_stdout(output) {
+        format!("wrote {bytes} bytes to standard output")
+    } else {
+        format!("kept {bytes} bytes in {}", output.part.display())
+    }
+}
+
+/// `--fsync` with `--out -`: standard output is synced when it is a
+/// regular file (a pipe or terminal has nothing to sync).
+fn sync_stdout(file: &File, args: &Args) -> anyhow::Result<()> {
+    if args.fsync && file.metadata().is_ok_and(|m| m.is_file()) {
+        file.sync_all().context("fsync standard output")?;
+    }
+    Ok(())
 }
 
 /// fsync (when asked) and rename NAME.part to NAME; returns the final path.
@@ -595,6 +646,22 @@ fn open_output(
     overwrite: bool,
 ) -> Result<(Output, File), (PathBuf, io::Error)> {
     match dest {
+        Destination::Stdout { taken } => {
+            let dash = PathBuf::from("-");
+            if std::mem::replace(taken, true) {
+                let e = io::Error::new(io::ErrorKind::AlreadyExists, "only one connection");
+                return Err((dash, e));
+            }
+            let out = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| (dash.clone(), e))?;
+            let output = Output {
+                path: dash.clone(),
+                part: dash,
+            };
+            Ok((output, File::from(out)))
+        }
         Destination::File { path, taken } => {
             let part = part_path(path);
             if *taken {

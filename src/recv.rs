@@ -209,7 +209,8 @@ pub struct Finished {
     pub peer: SocketAddr,
     /// The output file, for the caller to sync, rename or remove.
     pub file: File,
-    /// Payload bytes written to the file (from offset 0).
+    /// Payload bytes written to the file (from offset 0, or from its
+    /// position for [`Receiver::attach_sequential`]).
     pub bytes: u64,
     /// Time from [`Receiver::attach`] to the end.
     pub elapsed: Duration,
@@ -321,13 +322,44 @@ impl Receiver {
         self.engine.is_listening()
     }
 
-    /// Starts receiving `socket` into `file` (written from offset 0). The
-    /// socket is made non-blocking.
+    /// Starts receiving `socket` into `file`: a regular file is written
+    /// from offset 0 at explicit offsets; anything else (a pipe, a
+    /// terminal, a device) as with [`attach_sequential`](Self::attach_sequential).
+    /// The socket is made non-blocking.
     pub fn attach(&mut self, socket: OwnedFd, peer: SocketAddr, file: File) -> io::Result<ConnId> {
+        let regular = file.metadata()?.file_type().is_file();
+        self.attach_as(socket, peer, file, !regular)
+    }
+
+    /// Starts receiving `socket` into `file` at the file's own position,
+    /// advancing it (`write(2)`, `splice(2)` without an offset): for
+    /// standard output, whatever it is. Into a pipe, payload is spliced
+    /// straight from the socket (Linux; no pipe of the receiver's own, no
+    /// copy through user space), and a full pipe makes this thread wait
+    /// for its reader: meant for a receiver with one connection.
+    pub fn attach_sequential(
+        &mut self,
+        socket: OwnedFd,
+        peer: SocketAddr,
+        file: File,
+    ) -> io::Result<ConnId> {
+        self.attach_as(socket, peer, file, true)
+    }
+
+    fn attach_as(
+        &mut self,
+        socket: OwnedFd,
+        peer: SocketAddr,
+        file: File,
+        sequential: bool,
+    ) -> io::Result<ConnId> {
         set_nonblocking(&socket)?;
         let id = ConnId(self.next_id);
         self.next_id += 1;
-        let conn = Conn::new(id, peer, file, self.engine.raw());
+        let mut conn = Conn::new(id, peer, file, self.engine.raw());
+        if sequential {
+            conn.write_sequentially()?;
+        }
         self.engine.attach(conn, socket)?;
         Ok(id)
     }
@@ -519,6 +551,11 @@ pub(crate) struct Conn {
     /// `splice(2)` works for this socket and file (cleared on `EINVAL`).
     #[cfg(target_os = "linux")]
     pub(crate) splice: bool,
+    /// Written at the file's own position (no offsets): stdout, a pipe ...
+    pub(crate) sequential: bool,
+    /// The file is a pipe: splice straight from the socket into it.
+    #[cfg(target_os = "linux")]
+    pub(crate) out_pipe: bool,
     stream: Stream,
     started: Instant,
     last_progress: Instant,
@@ -542,10 +579,31 @@ impl Conn {
             written: 0,
             #[cfg(target_os = "linux")]
             splice: true,
+            sequential: false,
+            #[cfg(target_os = "linux")]
+            out_pipe: false,
             stream,
             started: now,
             last_progress: now,
         }
+    }
+
+    /// Writes at the file's position from now on; a pipe is spliced into
+    /// straight from the socket.
+    fn write_sequentially(&mut self) -> io::Result<()> {
+        self.sequential = true;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::FileTypeExt;
+            self.out_pipe = self.file.metadata()?.file_type().is_fifo();
+        }
+        Ok(())
+    }
+
+    /// Where the next payload byte goes: its offset, or `None` for the
+    /// file's own position.
+    pub(crate) fn at(&self) -> Option<u64> {
+        (!self.sequential).then_some(self.written)
     }
 
     /// What to do next under quota `max_bytes`.

@@ -109,6 +109,10 @@ impl Mover {
     /// `conn.written` (the connection's counters are the caller's).
     fn payload(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
         #[cfg(target_os = "linux")]
+        if conn.splice && conn.out_pipe {
+            return self.splice_direct(conn, socket, len);
+        }
+        #[cfg(target_os = "linux")]
         if conn.splice {
             if let Some(pool) = &mut self.pool {
                 match pool.take() {
@@ -155,7 +159,7 @@ impl Mover {
         }
         let mut done = 0;
         while done < n {
-            let mut off = match offset(conn.written + done as u64) {
+            let mut off = match conn.at().map(|w| offset(w + done as u64)).transpose() {
                 Ok(off) => off,
                 Err(e) => return Moved::Failed(done, Failure::Write(e)),
             };
@@ -163,7 +167,7 @@ impl Mover {
                 splice(
                     pipe.rd.as_fd(),
                     conn.file.as_fd(),
-                    Some(&mut off),
+                    off.as_mut(),
                     n - done,
                     libc::SPLICE_F_MOVE,
                 )
@@ -195,6 +199,46 @@ impl Mover {
         }
         self.put(pipe);
         Moved::Bytes(n)
+    }
+
+    /// The output is a pipe: `splice(socket → output)`, no pipe of our own
+    /// and no copy. Without `SPLICE_F_NONBLOCK`, a full output pipe blocks
+    /// until its reader makes room (the socket, non-blocking, never does);
+    /// an output pipe someone made non-blocking is waited for with poll(2).
+    #[cfg(target_os = "linux")]
+    fn splice_direct(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
+        let len = len.min(1 << 20);
+        loop {
+            let moved = retry(|| {
+                splice(
+                    socket.as_fd(),
+                    conn.file.as_fd(),
+                    None,
+                    len,
+                    libc::SPLICE_F_MOVE,
+                )
+            });
+            return match moved {
+                Ok(0) => Moved::Eof,
+                Ok(n) => Moved::Bytes(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match output_full(socket, &conn.file) {
+                        Ok(true) => continue,
+                        Ok(false) => Moved::WouldBlock,
+                        Err(e) => Moved::Failed(0, Failure::Write(e)),
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.unsplice(conn);
+                    self.copy_through(conn, socket, len)
+                }
+                // The reader of the output pipe went away.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    Moved::Failed(0, Failure::Write(e))
+                }
+                Err(e) => Moved::Failed(0, Failure::from_read(e)),
+            };
+        }
     }
 
     #[cfg(target_os = "linux")]
@@ -236,7 +280,7 @@ impl Mover {
                 let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe ran dry");
                 return Err((moved, e));
             }
-            let at = conn.written + (done + moved) as u64;
+            let at = conn.at().map(|w| w + (done + moved) as u64);
             write_all_at(&conn.file, &buf[..got], at).map_err(|(w, e)| (moved + w, e))?;
             moved += got;
         }
@@ -256,7 +300,7 @@ impl Mover {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Moved::WouldBlock,
             Err(e) => return Moved::Failed(0, Failure::from_read(e)),
         };
-        match write_all_at(&conn.file, &buf[..n], conn.written) {
+        match write_all_at(&conn.file, &buf[..n], conn.at()) {
             Ok(()) => Moved::Bytes(n),
             Err((w, e)) => Moved::Failed(w, Failure::Write(e)),
         }
@@ -276,13 +320,18 @@ fn offset(at: u64) -> io::Result<i64> {
     i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 
-/// `pwrite(2)` all of `bytes` at `at`; on failure, how many were written.
-fn write_all_at(file: &File, bytes: &[u8], at: u64) -> Result<(), (usize, io::Error)> {
+/// `pwrite(2)` all of `bytes` at `at` (`write(2)` at the file's position
+/// for `None`); on failure, how many were written.
+fn write_all_at(file: &File, bytes: &[u8], at: Option<u64>) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
     while done < bytes.len() {
-        let off = offset(at + done as u64).map_err(|e| (done, e))?;
-        let wrote =
-            retry(|| nix::sys::uio::pwrite(file, &bytes[done..], off).map_err(io::Error::from));
+        let wrote = match at {
+            Some(at) => {
+                let off = offset(at + done as u64).map_err(|e| (done, e))?;
+                retry(|| nix::sys::uio::pwrite(file, &bytes[done..], off).map_err(io::Error::from))
+            }
+            None => retry(|| nix::unistd::write(file, &bytes[done..]).map_err(io::Error::from)),
+        };
         match wrote {
             Ok(0) => {
                 let e = io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote nothing");
@@ -293,6 +342,21 @@ fn write_all_at(file: &File, bytes: &[u8], at: u64) -> Result<(), (usize, io::Er
         }
     }
     Ok(())
+}
+
+/// After `EAGAIN` from a splice into an output pipe: whether the output
+/// was full (then waited for until it has room) rather than the socket
+/// empty.
+#[cfg(target_os = "linux")]
+fn output_full(socket: &OwnedFd, out: &File) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    if retry(|| poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from))? == 0 {
+        return Ok(false);
+    }
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
+    retry(|| poll(&mut fds, PollTimeout::NONE).map_err(io::Error::from))?;
+    Ok(true)
 }
 
 /// Moves what `socket` has for `conn`, at most [`TURN`] steps.
@@ -361,7 +425,7 @@ fn detect(conn: &mut Conn, socket: &OwnedFd, max_bytes: Option<u64>) -> Next {
         // Rare: the first bytes began like the magic, then did not.
         Detected::Raw { held, len } => {
             let allowed = max_bytes.map_or(len, |m| len.min(usize::try_from(m).unwrap_or(len)));
-            match write_all_at(&conn.file, &held[..allowed], conn.written) {
+            match write_all_at(&conn.file, &held[..allowed], conn.at()) {
                 Ok(()) => {
                     conn.wrote(allowed as u64, Instant::now());
                     if allowed < len {
