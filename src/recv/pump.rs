@@ -12,6 +12,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 #[cfg(target_os = "linux")]
+use super::direct::{self, DirectPool, WriteReq, BUF, IN_FLIGHT};
+#[cfg(target_os = "linux")]
 use super::pipe::{Pipe, PipePool};
 use super::{Conn, Detected, Failure, PipeReport, Step};
 use crate::sys::retry;
@@ -34,6 +36,9 @@ pub(crate) enum Pump {
     /// The turn is over and bytes may be left: pump again soon, without
     /// waiting for readiness (an edge-triggered selector will not repeat).
     Yielded,
+    /// Every `O_DIRECT` buffer this connection may use is being written:
+    /// pump it again when one of its writes completes.
+    Stalled,
     /// The connection is over.
     Done(Result<(), Failure>),
 }
@@ -42,6 +47,7 @@ pub(crate) enum Pump {
 enum Next {
     Go,
     Wait,
+    Stall,
     End(Result<(), Failure>),
 }
 
@@ -53,6 +59,8 @@ enum Moved {
     Eof,
     /// Nothing to read now.
     WouldBlock,
+    /// No `O_DIRECT` buffer free for this connection (all being written).
+    Stalled,
     /// Failed, after this many bytes went to the file.
     Failed(usize, Failure),
 }
@@ -68,6 +76,9 @@ pub(crate) struct Mover {
     buf: Vec<u8>,
     refused: usize,
     unspliceable: usize,
+    /// `O_DIRECT` buffers and queued writes.
+    #[cfg(target_os = "linux")]
+    pub(crate) direct: DirectPool,
 }
 
 impl Mover {
@@ -79,6 +90,8 @@ impl Mover {
             buf: Vec::new(),
             refused: 0,
             unspliceable: 0,
+            #[cfg(target_os = "linux")]
+            direct: DirectPool::default(),
         }
     }
 
@@ -90,6 +103,8 @@ impl Mover {
             buf: vec![0; COPY_BUF],
             refused: 0,
             unspliceable: 0,
+            #[cfg(target_os = "linux")]
+            direct: DirectPool::default(),
         }
     }
 
@@ -108,6 +123,10 @@ impl Mover {
     /// Moves up to `len` payload bytes from `socket` to `conn.file` at
     /// `conn.written` (the connection's counters are the caller's).
     fn payload(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
+        #[cfg(target_os = "linux")]
+        if conn.direct.is_some() {
+            return self.direct_recv(conn, socket, len);
+        }
         #[cfg(target_os = "linux")]
         if conn.splice && conn.out_pipe {
             return self.splice_direct(conn, socket, len);
@@ -241,6 +260,75 @@ impl Mover {
         }
     }
 
+    /// `O_DIRECT`: `read(2)` into the connection's aligned buffer; a full
+    /// buffer is written (here, or queued for the ring).
+    #[cfg(target_os = "linux")]
+    fn direct_recv(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
+        let token = conn.id.0;
+        let Some(dc) = conn.direct.as_mut() else {
+            return Moved::Stalled;
+        };
+        if dc.buf.is_none() {
+            if self.direct.async_writes && dc.in_flight >= IN_FLIGHT {
+                return Moved::Stalled;
+            }
+            dc.buf = Some(self.direct.take());
+        }
+        let Some(buf) = dc.buf.as_mut() else {
+            return Moved::Stalled;
+        };
+        let want = len.min(BUF - dc.fill);
+        let n = match read(socket, &mut buf.bytes_mut()[dc.fill..dc.fill + want]) {
+            Ok(0) => return Moved::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Moved::WouldBlock,
+            Err(e) => return Moved::Failed(0, Failure::from_read(e)),
+        };
+        dc.fill += n;
+        if dc.fill < BUF {
+            return Moved::Bytes(n);
+        }
+        let Some(buf) = dc.buf.take() else {
+            return Moved::Bytes(n);
+        };
+        let at = dc.base;
+        dc.base += BUF as u64;
+        dc.fill = 0;
+        if self.direct.async_writes {
+            dc.in_flight += 1;
+            self.direct.pending.push(WriteReq {
+                token,
+                buf,
+                at,
+                len: BUF,
+                done: 0,
+            });
+            return Moved::Bytes(n);
+        }
+        let wrote = direct::write_all(&conn.file, &mut dc.cleared, buf.bytes(), at);
+        self.direct.free.push(buf);
+        match wrote {
+            Ok(()) => Moved::Bytes(n),
+            Err((w, e)) => {
+                // The file holds `at + w` bytes; the error ends the
+                // connection, and `settle` cuts the file there.
+                dc.fail(at + w as u64, io::Error::new(e.kind(), e.to_string()));
+                Moved::Failed(n, Failure::Write(e))
+            }
+        }
+    }
+
+    /// `O_DIRECT`: keeps `bytes` (consumed while detecting) in the
+    /// connection's buffer, ahead of the payload.
+    #[cfg(target_os = "linux")]
+    fn direct_hold(&mut self, conn: &mut Conn, bytes: &[u8]) {
+        if let Some(dc) = conn.direct.as_mut() {
+            let buf = dc.buf.get_or_insert_with(|| self.direct.take());
+            buf.bytes_mut()[dc.fill..dc.fill + bytes.len()].copy_from_slice(bytes);
+            dc.fill += bytes.len();
+        }
+    }
+
     #[cfg(target_os = "linux")]
     fn put(&mut self, pipe: Pipe) {
         if let Some(pool) = &mut self.pool {
@@ -369,7 +457,7 @@ pub(crate) fn pump(
     let quota = || Failure::Quota(max_bytes.unwrap_or(0));
     for _ in 0..TURN {
         let next = match conn.step(max_bytes) {
-            Step::Detect => detect(conn, socket, max_bytes),
+            Step::Detect => detect(conn, socket, mover, max_bytes),
             Step::Header(n) => read_into(conn, socket, n, Conn::header),
             Step::Payload(len) => match mover.payload(conn, socket, len) {
                 Moved::Bytes(n) => {
@@ -378,6 +466,7 @@ pub(crate) fn pump(
                 }
                 Moved::Eof => Next::End(conn.at_eof()),
                 Moved::WouldBlock => Next::Wait,
+                Moved::Stalled => Next::Stall,
                 Moved::Failed(n, why) => {
                     conn.wrote(n as u64, Instant::now());
                     Next::End(Err(why))
@@ -395,6 +484,7 @@ pub(crate) fn pump(
         match next {
             Next::Go => {}
             Next::Wait => return Pump::Drained,
+            Next::Stall => return Pump::Stalled,
             Next::End(result) => return Pump::Done(result),
         }
     }
@@ -403,7 +493,7 @@ pub(crate) fn pump(
 
 /// Framed or raw? Peeks at the first bytes; consumes them only while they
 /// are (a prefix of) the magic.
-fn detect(conn: &mut Conn, socket: &OwnedFd, max_bytes: Option<u64>) -> Next {
+fn detect(conn: &mut Conn, socket: &OwnedFd, mover: &mut Mover, max_bytes: Option<u64>) -> Next {
     let mut buf = [0u8; wire::MAGIC.len()];
     let want = wire::MAGIC.len() - conn.held().len();
     let n = match peek(socket, &mut buf[..want]) {
@@ -425,6 +515,18 @@ fn detect(conn: &mut Conn, socket: &OwnedFd, max_bytes: Option<u64>) -> Next {
         // Rare: the first bytes began like the magic, then did not.
         Detected::Raw { held, len } => {
             let allowed = max_bytes.map_or(len, |m| len.min(usize::try_from(m).unwrap_or(len)));
+            #[cfg(target_os = "linux")]
+            if conn.direct.is_some() {
+                mover.direct_hold(conn, &held[..allowed]);
+                conn.wrote(allowed as u64, Instant::now());
+                return if allowed < len {
+                    Next::End(Err(Failure::Quota(max_bytes.unwrap_or(0))))
+                } else {
+                    Next::Go
+                };
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = mover;
             match write_all_at(&conn.file, &held[..allowed], conn.at()) {
                 Ok(()) => {
                     conn.wrote(allowed as u64, Instant::now());
@@ -520,7 +622,9 @@ mod tests {
         let result = loop {
             match pump(&mut conn, &socket, mover, None) {
                 Pump::Done(r) => break r,
-                Pump::Drained => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Pump::Drained | Pump::Stalled => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
                 Pump::Yielded => {}
             }
         };
