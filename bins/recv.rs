@@ -147,6 +147,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         );
         return Ok(Outcome::Usage);
     }
+    if to_stdout && args.direct {
+        eprintln!("ringmover: --direct writes files at aligned offsets; --out - is a stream");
+        return Ok(Outcome::Usage);
+    }
     let mut dest = if to_stdout {
         Destination::Stdout { taken: false }
     } else if args.out.is_dir() {

@@ -90,7 +90,7 @@ pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn sha256_file(path: &Path) -> String {
+pub(crate) fn sha256_file(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
         .output()
@@ -150,7 +150,7 @@ fn parsed_backend(name: &str) -> Option<ringmover::Backend> {
     .find(|b| b.name() == name)
 }
 
-fn recv_command(backend: &str, args: &[&str]) -> Command {
+pub(crate) fn recv_command(backend: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env("RINGMOVER_BACKEND", backend)
         .arg("recv")
@@ -170,7 +170,7 @@ impl Server {
         Server::spawn(recv_command(backend, &all))
     }
 
-    fn spawn(mut cmd: Command) -> Server {
+    pub(crate) fn spawn(mut cmd: Command) -> Server {
         let mut child = cmd.spawn().expect("spawning ringmover recv");
         let mut err = BufReader::new(child.stderr.take().unwrap());
         let mut first = String::new();
@@ -202,8 +202,13 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `sig` to the server.
-    fn signal(&self, sig: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, sig).expect("signalling ringmover recv");
     }
@@ -251,7 +256,7 @@ pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Connects, sends `data`, closes the write side, and waits for the
 /// server's close.
-fn send_bytes(addr: SocketAddr, data: &[u8]) -> SocketAddr {
+pub(crate) fn send_bytes(addr: SocketAddr, data: &[u8]) -> SocketAddr {
     let mut s = connect(addr);
     let local = s.local_addr().unwrap();
     s.write_all(data)
@@ -960,7 +965,7 @@ fn bench_recv_reports_every_method() {
 }
 
 /// The .part of the connection from `peer` in `dir`, once it exists.
-fn part_of(dir: &Path, peer: SocketAddr) -> Option<PathBuf> {
+pub(crate) fn part_of(dir: &Path, peer: SocketAddr) -> Option<PathBuf> {
     let suffix = format!("_{}.part", peer.port());
     files_in(dir)
         .into_iter()
