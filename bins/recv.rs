@@ -95,9 +95,9 @@ pub struct Args {
     overwrite: bool,
 
     /// Receive threads, each with its own io_uring ring (or epoll set);
-    /// one acceptor hands each connection to the least busy. The default
-    /// is half the CPUs, 1 to 4: one thread moves several GB/s by splice,
-    /// and the other CPUs are left to the kernel's network stack.
+    /// one acceptor hands each connection to the least busy (1 to 64).
+    /// The default is one per CPU, at most 4: an idle thread costs nothing,
+    /// and a connection is only ever on one thread.
     #[arg(long, value_name = "N", default_value_t = threads::default_threads(), value_parser = parse_threads)]
     threads: usize,
 

@@ -31,6 +31,10 @@ pub(crate) const BLOCK: usize = 4096;
 pub(crate) const BUF: usize = 512 * 1024;
 /// Asynchronous writes in flight per connection (uring).
 pub(crate) const IN_FLIGHT: usize = 4;
+/// Asynchronous writes in flight per receiver (16 MiB): with many
+/// connections and a slow disk, memory stays bounded by this plus one
+/// filling buffer per connection.
+pub(crate) const MAX_IN_FLIGHT: usize = 32;
 /// Buffers registered with the ring (`IORING_REGISTER_BUFFERS`), tried
 /// from this many down: registered pages count against `RLIMIT_MEMLOCK`
 /// (8 MiB by default), shared by every ring of the user.
@@ -87,6 +91,11 @@ pub(crate) struct DirectPool {
     /// here.
     pub(crate) async_writes: bool,
     pub(crate) pending: Vec<WriteReq>,
+    /// Writes queued or in flight, all connections.
+    pub(crate) in_flight: usize,
+    /// Connections waiting for a write to complete (any of them) before
+    /// they may fill another buffer.
+    pub(crate) stalled: Vec<u64>,
     /// Files that refused `O_DIRECT`.
     pub(crate) refused: usize,
     /// Buffers registered with the ring.

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 #[cfg(target_os = "linux")]
-use super::direct::{self, DirectPool, WriteReq, BUF, IN_FLIGHT};
+use super::direct::{self, DirectPool, WriteReq, BUF, IN_FLIGHT, MAX_IN_FLIGHT};
 #[cfg(target_os = "linux")]
 use super::pipe::{Pipe, PipePool};
 use super::{Conn, Detected, Failure, PipeReport, Step};
@@ -269,7 +269,10 @@ impl Mover {
             return Moved::Stalled;
         };
         if dc.buf.is_none() {
-            if self.direct.async_writes && dc.in_flight >= IN_FLIGHT {
+            if self.direct.async_writes
+                && (dc.in_flight >= IN_FLIGHT || self.direct.in_flight >= MAX_IN_FLIGHT)
+            {
+                self.direct.stalled.push(token);
                 return Moved::Stalled;
             }
             dc.buf = Some(self.direct.take());
@@ -296,6 +299,7 @@ impl Mover {
         dc.fill = 0;
         if self.direct.async_writes {
             dc.in_flight += 1;
+            self.direct.in_flight += 1;
             self.direct.pending.push(WriteReq {
                 token,
                 buf,

@@ -559,6 +559,10 @@ impl ReadinessEngine {
     #[cfg(target_os = "linux")]
     fn written(&mut self, req: WriteReq, res: i32, events: &mut Vec<Event>) {
         let token = req.token;
+        self.mover.direct.in_flight = self.mover.direct.in_flight.saturating_sub(1);
+        // A buffer is free again: whoever waited for one tries again.
+        let stalled = std::mem::take(&mut self.mover.direct.stalled);
+        self.again.extend(stalled);
         let Some(slot) = self.slots.get_mut(&token) else {
             self.mover.direct.free.push(req.buf);
             return;
@@ -590,9 +594,6 @@ impl ReadinessEngine {
         } else if failed {
             let e = io::Error::other("an O_DIRECT write failed");
             self.finish(token, Err(Failure::Write(e)), events);
-        } else {
-            // It may have been waiting for a buffer.
-            self.again.push(token);
         }
     }
 

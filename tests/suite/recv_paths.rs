@@ -17,6 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_ringmover");
 
 for_each_backend!(
     threads_spread_many_connections_byte_exact,
+    direct_many_connections_byte_exact,
     threads_keep_max_conns_exact,
     threads_report_every_interrupted_connection,
     stdout_into_a_pipe_is_byte_exact,
@@ -49,21 +50,31 @@ fn thread_names(pid: u32) -> Vec<String> {
 /// 40 concurrent connections over 2 receive threads: every byte lands in
 /// its own file, and both threads exist.
 fn threads_spread_many_connections_byte_exact(backend: Option<ringmover::Backend>) {
-    const N: usize = 40;
+    many_connections(backend, 40, 1000, &[]);
+}
+
+/// The same under --direct, with streams of a few buffers each: more
+/// writes want to be in flight than a receiver allows at once.
+fn direct_many_connections_byte_exact(backend: Option<ringmover::Backend>) {
+    many_connections(backend, 24, 1_500_000, &["--direct"]);
+}
+
+/// `n` concurrent connections of about `base` bytes each over 2 threads.
+fn many_connections(backend: Option<ringmover::Backend>, n: usize, base: usize, extra: &[&str]) {
     let dir = scratch("threads-many");
     let out = dir.join("out");
     fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        name(backend),
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--threads",
-            "2",
-            "--max-conns",
-            &N.to_string(),
-        ],
-    );
+    let count = n.to_string();
+    let mut args = vec![
+        "--out",
+        out.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--max-conns",
+        &count,
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(name(backend), &args);
     wait_until("threads recv-0 and recv-1 in recv", || {
         let names = thread_names(server.pid());
         ["recv-0", "recv-1"]
@@ -71,10 +82,10 @@ fn threads_spread_many_connections_byte_exact(backend: Option<ringmover::Backend
             .all(|t| names.iter().any(|n| n == t))
     });
     let addr = server.addr;
-    let senders: Vec<_> = (0..N)
+    let senders: Vec<_> = (0..n)
         .map(|i| {
             thread::spawn(move || {
-                let data = pattern(1000 + i * 7919, 100 + i as u64);
+                let data = pattern(base + i * 7919, 100 + i as u64);
                 (send_bytes(addr, &data), data)
             })
         })
@@ -82,7 +93,7 @@ fn threads_spread_many_connections_byte_exact(backend: Option<ringmover::Backend
     let sent: Vec<(SocketAddr, Vec<u8>)> = senders.into_iter().map(|t| t.join().unwrap()).collect();
     let done = server.finish();
     assert!(done.status.success(), "{}", done.stderr);
-    assert_eq!(done.records.len(), N, "{done:?}");
+    assert_eq!(done.records.len(), n, "{done:?}");
     for (peer, data) in &sent {
         let r = record_for(&done, *peer);
         assert_eq!(r["outcome"], "complete", "{r}");
@@ -94,7 +105,7 @@ fn threads_spread_many_connections_byte_exact(backend: Option<ringmover::Backend
             got.len()
         );
     }
-    assert_eq!(files_in(&out).len(), N, "one file per connection");
+    assert_eq!(files_in(&out).len(), n, "one file per connection");
     fs::remove_dir_all(&dir).unwrap();
 }
 
