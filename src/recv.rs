@@ -1222,14 +1222,19 @@ mod tests {
     }
 
     #[cfg(target_os = "linux")]
+    fn direct_receiver(backend: Backend) -> Receiver {
+        let options = RecvOptions {
+            direct: true,
+            ..RecvOptions::default()
+        };
+        Receiver::new(backend, options).unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn direct_output_on_every_backend() {
         for backend in Backend::compiled() {
-            let options = RecvOptions {
-                direct: true,
-                ..RecvOptions::default()
-            };
-            let r = Receiver::new(backend, options).unwrap();
+            let r = direct_receiver(backend);
             let registered = r.direct().registered;
             // Registered buffers only where a ring writes them.
             assert_eq!(registered > 0, backend == Backend::Uring, "{backend}");
@@ -1248,11 +1253,7 @@ mod tests {
     fn dropping_a_direct_receiver_keeps_what_arrived() {
         use std::io::Write;
         for backend in Backend::compiled() {
-            let options = RecvOptions {
-                direct: true,
-                ..RecvOptions::default()
-            };
-            let mut r = Receiver::new(backend, options).unwrap();
+            let mut r = direct_receiver(backend);
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             r.listen(listener, Some(1)).unwrap();

@@ -651,9 +651,16 @@ impl Drop for ReadinessEngine {
             let tokens: Vec<u64> = self.slots.keys().copied().collect();
             for token in tokens {
                 if let Some(mut slot) = self.slots.remove(&token) {
-                    if slot.conn.direct.as_ref().is_some_and(|d| d.in_flight == 0) {
-                        let result = slot.ending.take().unwrap_or(Ok(()));
-                        drop(self.settle_direct(&mut slot.conn, result));
+                    match slot.conn.direct.as_mut() {
+                        Some(d) if d.in_flight == 0 => {
+                            let result = slot.ending.take().unwrap_or(Ok(()));
+                            drop(self.settle_direct(&mut slot.conn, result));
+                        }
+                        // Writes still in flight (a stuck disk): its
+                        // buffer goes back to the pool, freed after the
+                        // ring like every registered buffer.
+                        Some(d) => self.mover.direct.free.extend(d.buf.take()),
+                        None => {}
                     }
                 }
             }

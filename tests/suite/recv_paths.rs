@@ -3,14 +3,13 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 
 use crate::recv::{
     connect, files_in, part_of, path_of, pattern, record_for, recv_command, scratch, send_bytes,
-    size_of, wait_child, wait_until, Server, PATIENCE,
+    serve_into_dir, size_of, wait_child, wait_until, Server, PATIENCE,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringmover");
@@ -61,20 +60,10 @@ fn direct_many_connections_byte_exact(backend: Option<ringmover::Backend>) {
 
 /// `n` concurrent connections of about `base` bytes each over 2 threads.
 fn many_connections(backend: Option<ringmover::Backend>, n: usize, base: usize, extra: &[&str]) {
-    let dir = scratch("threads-many");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
     let count = n.to_string();
-    let mut args = vec![
-        "--out",
-        out.to_str().unwrap(),
-        "--threads",
-        "2",
-        "--max-conns",
-        &count,
-    ];
+    let mut args = vec!["--threads", "2", "--max-conns", &count];
     args.extend_from_slice(extra);
-    let server = Server::start(name(backend), &args);
+    let (dir, out, server) = serve_into_dir(backend, "threads-many", &args);
     wait_until("threads recv-0 and recv-1 in recv", || {
         let names = thread_names(server.pid());
         ["recv-0", "recv-1"]
@@ -111,20 +100,8 @@ fn many_connections(backend: Option<ringmover::Backend>, n: usize, base: usize, 
 
 /// `--max-conns 3` with 2 threads and 6 clients: exactly 3 are received.
 fn threads_keep_max_conns_exact(backend: Option<ringmover::Backend>) {
-    let dir = scratch("threads-max");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        name(backend),
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--threads",
-            "2",
-            "--max-conns",
-            "3",
-        ],
-    );
+    let args = ["--threads", "2", "--max-conns", "3"];
+    let (dir, out, server) = serve_into_dir(backend, "threads-max", &args);
     // All six connect (the backlog takes them) and send before any ends.
     let socks: Vec<_> = (0..6)
         .map(|i| {
@@ -146,13 +123,7 @@ fn threads_keep_max_conns_exact(backend: Option<ringmover::Backend>) {
 /// SIGINT with connections live on both threads: each is reported, its
 /// .part holding exactly what was sent.
 fn threads_report_every_interrupted_connection(backend: Option<ringmover::Backend>) {
-    let dir = scratch("threads-int");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
-    let server = Server::start(
-        name(backend),
-        &["--out", out.to_str().unwrap(), "--threads", "2"],
-    );
+    let (dir, out, server) = serve_into_dir(backend, "threads-int", &["--threads", "2"]);
     let mut live = Vec::new();
     for i in 0..4u64 {
         let mut s = connect(server.addr);
@@ -304,16 +275,7 @@ fn stdout_reset_or_truncated_exits_non_zero(backend: Option<ringmover::Backend>)
     all_arrived
         .recv_timeout(PATIENCE)
         .expect("the bytes sent to reach stdout");
-    nix::sys::socket::setsockopt(
-        &s,
-        nix::sys::socket::sockopt::Linger,
-        &libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    drop(s);
+    crate::recv::reset(s);
     let status = wait_child(&mut child, "recv --out - after a reset");
     let got = reader.join().unwrap();
     let stderr = stderr.join().unwrap();
@@ -454,29 +416,12 @@ fn opens_direct(path: &Path) -> bool {
 /// The quota under --direct: the .part holds exactly --max-bytes (not a
 /// block more, not a block less).
 fn direct_quota_keeps_exactly_max_bytes(backend: Option<ringmover::Backend>) {
-    let dir = scratch("direct-quota");
-    let out = dir.join("out");
-    fs::create_dir(&out).unwrap();
     const MAX: usize = 1_000_003;
-    let server = Server::start(
-        name(backend),
-        &[
-            "--out",
-            out.to_str().unwrap(),
-            "--direct",
-            "--max-conns",
-            "1",
-            "--max-bytes",
-            &MAX.to_string(),
-        ],
-    );
+    let max = MAX.to_string();
+    let args = ["--direct", "--max-conns", "1", "--max-bytes", &max];
+    let (dir, _out, server) = serve_into_dir(backend, "direct-quota", &args);
     let data = pattern(3 << 20, 300);
-    let mut s = connect(server.addr);
-    let peer = s.local_addr().unwrap();
-    let _ = s.write_all(&data);
-    let _ = s.shutdown(Shutdown::Write);
-    let done = server.finish();
-    drop(s);
+    let (done, peer) = crate::recv::send_until_refused(server, &data);
     let r = record_for(&done, peer);
     assert_eq!(r["outcome"], "quota", "{r}");
     assert_eq!(r["bytes"], MAX as u64, "{r}");
@@ -546,47 +491,5 @@ exit $st"#;
 /// crosses it fails (EFBIG) while others may be in flight; the connection
 /// is a write error and the .part holds exactly the bytes before the limit.
 fn direct_write_error_keeps_exactly_what_was_written(backend: Option<ringmover::Backend>) {
-    const LIMIT: u64 = (1 << 20) + 1000;
-    let dir = scratch("direct-fsize");
-    let out = dir.join("capped.bin");
-    let mut cmd = recv_command(
-        name(backend),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--json",
-            "--direct",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
-    // SAFETY: the closure only calls setrlimit(2), async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = LIMIT as libc::rlim_t;
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, lim, lim)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let server = Server::spawn(cmd);
-    let data = pattern(4 << 20, 14);
-    let mut s = connect(server.addr);
-    let peer = s.local_addr().unwrap();
-    let _ = s.write_all(&data);
-    let _ = s.shutdown(Shutdown::Write);
-    let done = server.finish();
-    drop(s);
-    assert_eq!(done.status.code(), Some(1), "{done:?}");
-    let r = record_for(&done, peer);
-    assert_eq!(r["outcome"], "write-error", "{r}");
-    assert!(
-        r["error"].as_str().unwrap().contains("File too large"),
-        "{r}"
-    );
-    assert_eq!(r["bytes"], LIMIT, "{r}");
-    assert!(
-        fs::read(path_of(r)).unwrap() == data[..LIMIT as usize],
-        "{r}"
-    );
-    fs::remove_dir_all(&dir).unwrap();
+    crate::recv::fsize_limit_is_a_write_error(backend, (1 << 20) + 1000, &["--direct"]);
 }
