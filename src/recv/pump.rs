@@ -60,6 +60,7 @@ enum Moved {
     /// Nothing to read now.
     WouldBlock,
     /// No `O_DIRECT` buffer free for this connection (all being written).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Stalled,
     /// Failed, after this many bytes went to the file.
     Failed(usize, Failure),

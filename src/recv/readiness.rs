@@ -484,21 +484,21 @@ impl ReadinessEngine {
     /// Reports an ended connection whose writes are all done: what its
     /// `O_DIRECT` buffer holds is written first.
     fn settle(&mut self, token: u64, events: &mut Vec<Event>) {
-        let Some(slot) = self.slots.get(&token) else {
-            return;
-        };
         #[cfg(target_os = "linux")]
-        if slot.conn.direct.as_ref().is_some_and(|d| d.in_flight > 0) {
+        if self
+            .slots
+            .get(&token)
+            .and_then(|s| s.conn.direct.as_ref())
+            .is_some_and(|d| d.in_flight > 0)
+        {
             return;
         }
         let Some(mut slot) = self.slots.remove(&token) else {
             return;
         };
-        let mut result = slot.ending.take().unwrap_or(Ok(()));
+        let result = slot.ending.take().unwrap_or(Ok(()));
         #[cfg(target_os = "linux")]
-        {
-            result = self.settle_direct(&mut slot.conn, result);
-        }
+        let result = self.settle_direct(&mut slot.conn, result);
         events.push(Event::Finished(slot.conn.finish(result)));
     }
 

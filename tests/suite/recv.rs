@@ -203,6 +203,7 @@ impl Server {
     }
 
     /// The server's process id.
+    #[cfg(target_os = "linux")]
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
