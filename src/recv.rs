@@ -410,6 +410,12 @@ impl Receiver {
         let mut conn = Conn::new(id, peer, file, self.engine.raw());
         if sequential {
             conn.write_sequentially()?;
+            // Fewer, larger splices into an output pipe (stdout): grown
+            // like the pool's pipes, best effort.
+            #[cfg(target_os = "linux")]
+            if conn.out_pipe {
+                pipe::grow(&conn.file, self.engine.pipe_size());
+            }
         } else if self.engine.direct() {
             conn.go_direct();
             if let DirectOutcome::Refused(_) = conn.direct_outcome {

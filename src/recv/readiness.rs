@@ -266,6 +266,14 @@ impl ReadinessEngine {
         self.options.raw
     }
 
+    /// The pipe capacity to ask for (see [`super::pipe::PipePool::new`]).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn pipe_size(&self) -> usize {
+        super::pipe::PipePool::new(self.options.pipe_size)
+            .report()
+            .wanted
+    }
+
     pub(crate) fn direct(&self) -> bool {
         self.options.direct
     }
