@@ -5,6 +5,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -20,6 +21,9 @@ use crate::progress::{Meter, ProgressArgs};
 use crate::signals::Interrupt;
 use crate::units::{human_bytes, human_rate, parse_count, parse_size, parse_timeout, utc_stamp};
 use crate::Outcome;
+
+mod threads;
+use threads::{FromWorker, Shards};
 
 /// Receive TCP connections into files.
 ///
@@ -45,7 +49,9 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
     listen: String,
 
-    /// Output directory (one file per connection) or file (one connection).
+    /// Output directory (one file per connection) or file (one
+    /// connection), or - for standard output (one connection; spliced
+    /// straight into a pipe, e.g. `recv --out - | tar x`; not with --json).
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
 
@@ -69,6 +75,18 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     idle_timeout: Option<Duration>,
 
+    /// Write files with O_DIRECT, bypassing the page cache (cheaper and
+    /// steadier for large streams; the file still holds exactly the bytes
+    /// received). A file system that refuses O_DIRECT is written through
+    /// the page cache, and stderr says so. Not for --out -.
+    #[arg(long)]
+    direct: bool,
+
+    /// Take every stream as raw bytes: no detection of `ringmover send`'s
+    /// framing (for a raw stream that may begin like it).
+    #[arg(long)]
+    raw: bool,
+
     /// fsync each file before renaming it into place, and its directory after.
     #[arg(long)]
     fsync: bool,
@@ -77,6 +95,13 @@ pub struct Args {
     /// files are replaced, never followed through a symbolic link.
     #[arg(long)]
     overwrite: bool,
+
+    /// Receive threads, each with its own io_uring ring (or epoll set);
+    /// one acceptor hands each connection to the least busy (1 to 64).
+    /// The default is one per CPU, at most 4: an idle thread costs nothing,
+    /// and a connection is only ever on one thread.
+    #[arg(long, value_name = "N", default_value_t = threads::default_threads(), value_parser = parse_threads)]
+    threads: usize,
 
     #[command(flatten)]
     progress: ProgressArgs,
@@ -119,6 +144,9 @@ struct Connection {
     seconds: f64,
     gb_per_s: f64,
     backend: &'static str,
+    /// `off`, `direct` or `refused` (O_DIRECT output); null when the
+    /// connection never got that far (attach errors, interruptions).
+    direct: Option<&'static str>,
     outcome: &'static str,
     error: Option<String>,
 }
@@ -145,6 +173,7 @@ impl Connection {
             seconds,
             gb_per_s: json::gb_per_s(bytes, seconds),
             backend: backend.name(),
+            direct: None,
             outcome,
             error,
         }
@@ -158,6 +187,8 @@ enum Destination {
     Dir(PathBuf),
     /// This one file; `taken` once its connection arrived.
     File { path: PathBuf, taken: bool },
+    /// Standard output (`--out -`), one connection.
+    Stdout { taken: bool },
 }
 
 /// A connection's output: the final name and the .part being written.
@@ -181,7 +212,21 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let selection = Selection::from_env().context("selecting a backend")?;
     let backend = selection.backend;
 
-    let mut dest = if args.out.is_dir() {
+    let to_stdout = args.out.as_os_str() == "-";
+    if to_stdout && args.json {
+        eprintln!(
+            "ringmover: --json prints on standard output, which --out - uses for the data; \
+             leave out --json (the outcome is on stderr and in the exit status)"
+        );
+        return Ok(Outcome::Usage);
+    }
+    if to_stdout && args.direct {
+        eprintln!("ringmover: --direct writes files at aligned offsets; --out - is a stream");
+        return Ok(Outcome::Usage);
+    }
+    let mut dest = if to_stdout {
+        Destination::Stdout { taken: false }
+    } else if args.out.is_dir() {
         Destination::Dir(args.out.clone())
     } else if args.out.as_os_str().to_string_lossy().ends_with('/') {
         bail!("output directory {} does not exist", args.out.display());
@@ -194,7 +239,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
     };
     let limit = match &dest {
-        Destination::File { .. } => Some(1),
+        Destination::File { .. } | Destination::Stdout { .. } => Some(1),
         Destination::Dir(_) if args.once => Some(1),
         Destination::Dir(_) => args.max_conns,
     };
@@ -211,10 +256,12 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let options = RecvOptions {
         max_bytes: args.max_bytes,
         idle_timeout: args.idle_timeout,
+        raw: args.raw,
+        direct: args.direct,
         // The rest (pipe size, and whatever later versions add) as defaults.
         ..RecvOptions::default()
     };
-    let mut receiver = Receiver::new(backend, options)
+    let mut receiver = Receiver::new(backend, options.clone())
         .with_context(|| format!("starting the {backend} backend"))?;
     for f in receiver.fallbacks() {
         console.say(format_args!("fallback: {}: {}", f.op, f.instead));
@@ -222,6 +269,21 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     receiver
         .listen(listener, limit)
         .with_context(|| format!("watching the listener on {local}"))?;
+    // One connection needs one thread.
+    let mut shards = if args.threads > 1 && limit != Some(1) {
+        let main = receiver.waker().context("making a waker")?;
+        let shards = Shards::start(
+            args.threads,
+            backend,
+            &options,
+            main,
+            args.progress.mode() != crate::progress::Mode::Off,
+        )
+        .with_context(|| format!("starting {} receive threads", args.threads))?;
+        Some(shards)
+    } else {
+        None
+    };
 
     let mut outputs: HashMap<ConnId, Output> = HashMap::new();
     let mut failed = 0u64;
@@ -232,19 +294,58 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let (mut done_bytes, mut done_conns) = (0u64, 0u64);
     let mut last_tick = Instant::now();
 
-    while receiver.is_listening() || receiver.active() > 0 {
+    while receiver.is_listening()
+        || receiver.active() > 0
+        || shards.as_ref().is_some_and(|s| s.active() > 0)
+    {
         if let Some(sig) = interrupt.received() {
-            return Ok(interrupted(
-                sig,
-                receiver,
-                &mut outputs,
-                backend,
-                &mut console,
-            ));
+            let mut live = receiver.progress();
+            // Closes the listener and every connection; after this no
+            // byte moves, so the .part sizes reported are final.
+            drop(receiver);
+            let (more, late) = shards.take().map(Shards::stop).unwrap_or_default();
+            live.extend(more);
+            // Ended before the signal, reported after it: settled as usual.
+            for m in late {
+                if let FromWorker::Finished(done) = m {
+                    if let Some(output) = outputs.remove(&done.id) {
+                        let dir_mode = matches!(dest, Destination::Dir(_));
+                        finish(done, &output, args, dir_mode, backend, &mut console);
+                    }
+                }
+            }
+            return Ok(interrupted(sig, live, &mut outputs, backend, &mut console));
         }
         receiver
             .wait(Some(TICK), &mut events)
             .context("waiting for connections")?;
+        if let Some(s) = &mut shards {
+            for m in s.take() {
+                match m {
+                    FromWorker::Finished(done) => events.push(Event::Finished(done)),
+                    FromWorker::AttachFailed { key, peer, error } => {
+                        let Some(output) = outputs.remove(&key) else {
+                            continue;
+                        };
+                        failed += 1;
+                        let e = format!("receiving into {}: {error}", output.part.display());
+                        console.say(format_args!("ringmover: {peer}: {e}"));
+                        console.record(&Connection::new(
+                            peer,
+                            &output.part,
+                            0,
+                            0.0,
+                            backend,
+                            "attach-error",
+                            Some(e),
+                        ));
+                    }
+                    FromWorker::Failed(e) => {
+                        return Err(e).context("waiting for connections (receive thread)")
+                    }
+                }
+            }
+        }
         for event in events.drain(..) {
             match event {
                 Event::Incoming { socket, peer } => {
@@ -254,7 +355,14 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             (path, "file-error", why)
                         })
                         .and_then(|(output, file)| {
-                            match receiver.attach(socket.into(), peer, file) {
+                            let attached = match &mut shards {
+                                Some(s) => s.dispatch(socket, peer, file),
+                                None if is_stdout(&output) => {
+                                    receiver.attach_sequential(socket.into(), peer, file)
+                                }
+                                None => receiver.attach(socket.into(), peer, file),
+                            };
+                            match attached {
                                 Ok(id) => Ok((id, output)),
                                 Err(e) => {
                                     let why =
@@ -303,7 +411,8 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
         if console.meter.enabled() && last_tick.elapsed() >= PROGRESS_TICK {
             last_tick = Instant::now();
-            let live = receiver.progress();
+            let mut live = receiver.progress();
+            live.extend(shards.as_ref().map(Shards::progress).unwrap_or_default());
             let bytes = done_bytes + live.iter().map(|p| p.bytes).sum::<u64>();
             let note = format!("{} live, {done_conns} done", live.len());
             console.meter.update(bytes, &note);
@@ -325,15 +434,11 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
 /// `interrupted`, its .part kept with what reached it.
 fn interrupted(
     sig: nix::sys::signal::Signal,
-    receiver: Receiver,
+    live: Vec<recv::Progress>,
     outputs: &mut HashMap<ConnId, Output>,
     backend: Backend,
     console: &mut Console,
 ) -> Outcome {
-    let live = receiver.progress();
-    // Closes the listener and every connection; after this no byte moves,
-    // so the .part sizes below are final.
-    drop(receiver);
     console.meter.finish(None);
     let why = format!("interrupted by {}", sig.as_str());
     for p in live {
@@ -343,9 +448,9 @@ fn interrupted(
         let bytes = std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len());
         let secs = p.elapsed.as_secs_f64();
         console.say(format_args!(
-            "ringmover: {}: {why}; kept {bytes} bytes in {}",
+            "ringmover: {}: {why}; {}",
             p.peer,
-            output.part.display()
+            kept(&output, bytes)
         ));
         console.record(&Connection::new(
             p.peer,
@@ -417,6 +522,10 @@ fn finish(
 ) -> bool {
     let secs = done.elapsed.as_secs_f64();
     let (path, outcome, error) = match done.result {
+        Ok(()) if is_stdout(output) => match sync_stdout(&done.file, args) {
+            Ok(()) => (output.path.clone(), "complete", None),
+            Err(e) => (output.path.clone(), "write-error", Some(format!("{e:#}"))),
+        },
         Ok(()) => match persist(&done.file, output, args, dir_mode) {
             Ok(path) => (path, "complete", None),
             Err(e) => (output.part.clone(), "write-error", Some(format!("{e:#}"))),
@@ -424,13 +533,18 @@ fn finish(
         Err(why) => (output.part.clone(), why.kind_name(), Some(why.to_string())),
     };
     drop(done.file);
-    if let Some(e) = &error {
+    if let recv::DirectOutcome::Refused(e) = &done.direct {
         console.say(format_args!(
-            "ringmover: {}: {e}; kept {} bytes in {}",
-            done.peer,
-            done.bytes,
-            path.display()
+            "ringmover: {}: O_DIRECT refused ({e}); written through the page cache",
+            done.peer
         ));
+    }
+    if let Some(e) = &error {
+        let kept = match is_stdout(output) {
+            true => kept(output, done.bytes),
+            false => format!("kept {} bytes in {}", done.bytes, path.display()),
+        };
+        console.say(format_args!("ringmover: {}: {e}; {kept}", done.peer));
     } else if console.meter.enabled() {
         console.say(format_args!(
             "{}: done, {} in {secs:.2} s ({}) -> {}",
@@ -441,10 +555,33 @@ fn finish(
         ));
     }
     let ok = error.is_none();
-    console.record(&Connection::new(
-        done.peer, &path, done.bytes, secs, backend, outcome, error,
-    ));
+    let mut line = Connection::new(done.peer, &path, done.bytes, secs, backend, outcome, error);
+    line.direct = Some(done.direct.name());
+    console.record(&line);
     ok
+}
+
+/// The output of `--out -`.
+fn is_stdout(output: &Output) -> bool {
+    output.part.as_os_str() == "-"
+}
+
+/// What a connection that did not complete left behind.
+fn kept(output: &Output, bytes: u64) -> String {
+    if is_stdout(output) {
+        format!("wrote {bytes} bytes to standard output")
+    } else {
+        format!("kept {bytes} bytes in {}", output.part.display())
+    }
+}
+
+/// `--fsync` with `--out -`: standard output is synced when it is a
+/// regular file (a pipe or terminal has nothing to sync).
+fn sync_stdout(file: &File, args: &Args) -> anyhow::Result<()> {
+    if args.fsync && file.metadata().is_ok_and(|m| m.is_file()) {
+        file.sync_all().context("fsync standard output")?;
+    }
+    Ok(())
 }
 
 /// fsync (when asked) and rename NAME.part to NAME; returns the final path.
@@ -607,6 +744,22 @@ fn open_output(
     overwrite: bool,
 ) -> Result<(Output, File), (PathBuf, io::Error)> {
     match dest {
+        Destination::Stdout { taken } => {
+            let dash = PathBuf::from("-");
+            if std::mem::replace(taken, true) {
+                let e = io::Error::new(io::ErrorKind::AlreadyExists, "only one connection");
+                return Err((dash, e));
+            }
+            let out = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| (dash.clone(), e))?;
+            let output = Output {
+                path: dash.clone(),
+                part: dash,
+            };
+            Ok((output, File::from(out)))
+        }
         Destination::File { path, taken } => {
             let part = part_path(path);
             if *taken {
@@ -705,6 +858,15 @@ fn suffixed(path: &Path, n: u32) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(format!("-{n}"));
     PathBuf::from(s)
+}
+
+/// `--threads`: 1 to 64.
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n @ 1..=64) => Ok(n),
+        Ok(_) => Err("must be 1 to 64".into()),
+        Err(_) => Err(format!("invalid count {s:?}: expected a whole number")),
+    }
 }
 
 fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {

@@ -68,6 +68,12 @@ pub struct Args {
     )]
     methods: Vec<String>,
 
+    /// Also run each ringmover method with O_DIRECT output (rows marked
+    /// "direct"): received into aligned buffers, written around the page
+    /// cache.
+    #[arg(long)]
+    direct: bool,
+
     /// Print one `bench-recv` JSON line per method (with --idle, one
     /// `bench-recv-idle` line) on stdout; see docs/cli-json.md.
     #[arg(long)]
@@ -132,6 +138,8 @@ impl Line for IdleRow {
 #[derive(Debug, Clone, Copy)]
 enum Method {
     Ringmover(Backend),
+    /// The same with `RecvOptions::direct`.
+    Direct(Backend),
     ReadWrite,
 }
 
@@ -139,6 +147,7 @@ impl Method {
     fn name(self) -> String {
         match self {
             Method::Ringmover(b) => format!("ringmover {b}"),
+            Method::Direct(b) => format!("ringmover {b} direct"),
             Method::ReadWrite => String::from("read/write 64 KiB"),
         }
     }
@@ -199,6 +208,17 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
             other => bail!("unknown method {other:?}: expected read-write, uring, epoll or poll"),
         })
         .collect::<anyhow::Result<Vec<Method>>>()?;
+    let mut methods = methods;
+    if args.direct {
+        let direct: Vec<Method> = methods
+            .iter()
+            .filter_map(|m| match m {
+                Method::Ringmover(b) => Some(Method::Direct(*b)),
+                _ => None,
+            })
+            .collect();
+        methods.extend(direct);
+    }
     if methods.is_empty() {
         bail!("--methods names no method");
     }
@@ -331,7 +351,8 @@ fn measure(method: Method, bytes: u64, conns: usize, dir: &Path) -> anyhow::Resu
     let started = Instant::now();
     let got = match method {
         Method::ReadWrite => read_write(&listener, files),
-        Method::Ringmover(b) => ringmover(b, listener, files),
+        Method::Ringmover(b) => ringmover(b, false, listener, files),
+        Method::Direct(b) => ringmover(b, true, listener, files),
     };
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_secs(UsageWho::RUSAGE_SELF)? - cpu0;
@@ -406,9 +427,18 @@ fn read_write(listener: &TcpListener, files: Vec<File>) -> anyhow::Result<u64> {
 }
 
 /// ringmover: every connection on one `Receiver` in this thread.
-fn ringmover(backend: Backend, listener: TcpListener, mut files: Vec<File>) -> anyhow::Result<u64> {
+fn ringmover(
+    backend: Backend,
+    direct: bool,
+    listener: TcpListener,
+    mut files: Vec<File>,
+) -> anyhow::Result<u64> {
     let conns = files.len();
-    let mut r = Receiver::new(backend, RecvOptions::default())?;
+    let options = RecvOptions {
+        direct,
+        ..RecvOptions::default()
+    };
+    let mut r = Receiver::new(backend, options)?;
     r.listen(listener, Some(conns as u64))?;
     let mut events = Vec::new();
     let mut finished = 0;

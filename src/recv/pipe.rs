@@ -81,7 +81,7 @@ impl PipePool {
 
 /// `fcntl(fd, F_SETPIPE_SZ, size)`, halving on refusal down to the default;
 /// returns the capacity the pipe has.
-fn grow(fd: &OwnedFd, wanted: usize) -> usize {
+pub(crate) fn grow(fd: &impl AsRawFd, wanted: usize) -> usize {
     use nix::fcntl::{fcntl, FcntlArg};
     let mut size = wanted;
     while size > DEFAULT_PIPE {

@@ -12,6 +12,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 #[cfg(target_os = "linux")]
+use super::direct::{self, DirectPool, WriteReq, BUF, IN_FLIGHT, MAX_IN_FLIGHT};
+#[cfg(target_os = "linux")]
 use super::pipe::{Pipe, PipePool};
 use super::{Conn, Detected, Failure, PipeReport, Step};
 use crate::sys::retry;
@@ -34,6 +36,9 @@ pub(crate) enum Pump {
     /// The turn is over and bytes may be left: pump again soon, without
     /// waiting for readiness (an edge-triggered selector will not repeat).
     Yielded,
+    /// Every `O_DIRECT` buffer this connection may use is being written:
+    /// pump it again when one of its writes completes.
+    Stalled,
     /// The connection is over.
     Done(Result<(), Failure>),
 }
@@ -42,6 +47,7 @@ pub(crate) enum Pump {
 enum Next {
     Go,
     Wait,
+    Stall,
     End(Result<(), Failure>),
 }
 
@@ -53,6 +59,9 @@ enum Moved {
     Eof,
     /// Nothing to read now.
     WouldBlock,
+    /// No `O_DIRECT` buffer free for this connection (all being written).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    Stalled,
     /// Failed, after this many bytes went to the file.
     Failed(usize, Failure),
 }
@@ -68,6 +77,9 @@ pub(crate) struct Mover {
     buf: Vec<u8>,
     refused: usize,
     unspliceable: usize,
+    /// `O_DIRECT` buffers and queued writes.
+    #[cfg(target_os = "linux")]
+    pub(crate) direct: DirectPool,
 }
 
 impl Mover {
@@ -79,6 +91,8 @@ impl Mover {
             buf: Vec::new(),
             refused: 0,
             unspliceable: 0,
+            #[cfg(target_os = "linux")]
+            direct: DirectPool::default(),
         }
     }
 
@@ -90,6 +104,8 @@ impl Mover {
             buf: vec![0; COPY_BUF],
             refused: 0,
             unspliceable: 0,
+            #[cfg(target_os = "linux")]
+            direct: DirectPool::default(),
         }
     }
 
@@ -108,6 +124,14 @@ impl Mover {
     /// Moves up to `len` payload bytes from `socket` to `conn.file` at
     /// `conn.written` (the connection's counters are the caller's).
     fn payload(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
+        #[cfg(target_os = "linux")]
+        if conn.direct.is_some() {
+            return self.direct_recv(conn, socket, len);
+        }
+        #[cfg(target_os = "linux")]
+        if conn.splice && conn.out_pipe {
+            return self.splice_direct(conn, socket, len);
+        }
         #[cfg(target_os = "linux")]
         if conn.splice {
             if let Some(pool) = &mut self.pool {
@@ -155,7 +179,7 @@ impl Mover {
         }
         let mut done = 0;
         while done < n {
-            let mut off = match offset(conn.written + done as u64) {
+            let mut off = match conn.at().map(|w| offset(w + done as u64)).transpose() {
                 Ok(off) => off,
                 Err(e) => return Moved::Failed(done, Failure::Write(e)),
             };
@@ -163,7 +187,7 @@ impl Mover {
                 splice(
                     pipe.rd.as_fd(),
                     conn.file.as_fd(),
-                    Some(&mut off),
+                    off.as_mut(),
                     n - done,
                     libc::SPLICE_F_MOVE,
                 )
@@ -195,6 +219,119 @@ impl Mover {
         }
         self.put(pipe);
         Moved::Bytes(n)
+    }
+
+    /// The output is a pipe: `splice(socket → output)`, no pipe of our own
+    /// and no copy. Without `SPLICE_F_NONBLOCK`, a full output pipe blocks
+    /// until its reader makes room (the socket, non-blocking, never does);
+    /// an output pipe someone made non-blocking is waited for with poll(2).
+    #[cfg(target_os = "linux")]
+    fn splice_direct(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
+        let len = len.min(1 << 20);
+        loop {
+            let moved = retry(|| {
+                splice(
+                    socket.as_fd(),
+                    conn.file.as_fd(),
+                    None,
+                    len,
+                    libc::SPLICE_F_MOVE,
+                )
+            });
+            return match moved {
+                Ok(0) => Moved::Eof,
+                Ok(n) => Moved::Bytes(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match output_full(socket, &conn.file) {
+                        Ok(true) => continue,
+                        Ok(false) => Moved::WouldBlock,
+                        Err(e) => Moved::Failed(0, Failure::Write(e)),
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.unsplice(conn);
+                    self.copy_through(conn, socket, len)
+                }
+                // The reader of the output pipe went away.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    Moved::Failed(0, Failure::Write(e))
+                }
+                Err(e) => Moved::Failed(0, Failure::from_read(e)),
+            };
+        }
+    }
+
+    /// `O_DIRECT`: `read(2)` into the connection's aligned buffer; a full
+    /// buffer is written (here, or queued for the ring).
+    #[cfg(target_os = "linux")]
+    fn direct_recv(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
+        let token = conn.id.0;
+        let Some(dc) = conn.direct.as_mut() else {
+            return Moved::Stalled;
+        };
+        if dc.buf.is_none() {
+            if self.direct.async_writes
+                && (dc.in_flight >= IN_FLIGHT || self.direct.in_flight >= MAX_IN_FLIGHT)
+            {
+                self.direct.stalled.push(token);
+                return Moved::Stalled;
+            }
+            dc.buf = Some(self.direct.take());
+        }
+        let Some(buf) = dc.buf.as_mut() else {
+            return Moved::Stalled;
+        };
+        let want = len.min(BUF - dc.fill);
+        let n = match read(socket, &mut buf.bytes_mut()[dc.fill..dc.fill + want]) {
+            Ok(0) => return Moved::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Moved::WouldBlock,
+            Err(e) => return Moved::Failed(0, Failure::from_read(e)),
+        };
+        dc.fill += n;
+        if dc.fill < BUF {
+            return Moved::Bytes(n);
+        }
+        let Some(buf) = dc.buf.take() else {
+            return Moved::Bytes(n);
+        };
+        let at = dc.base;
+        dc.base += BUF as u64;
+        dc.fill = 0;
+        if self.direct.async_writes {
+            dc.in_flight += 1;
+            self.direct.in_flight += 1;
+            self.direct.pending.push(WriteReq {
+                token,
+                buf,
+                at,
+                len: BUF,
+                done: 0,
+            });
+            return Moved::Bytes(n);
+        }
+        let wrote = direct::write_all(&conn.file, &mut dc.cleared, buf.bytes(), at);
+        self.direct.free.push(buf);
+        match wrote {
+            Ok(()) => Moved::Bytes(n),
+            Err((w, e)) => {
+                // The file holds `at + w` bytes; the error ends the
+                // connection, and `settle` cuts the file there.
+                dc.fail(at + w as u64, io::Error::new(e.kind(), e.to_string()));
+                Moved::Failed(n, Failure::Write(e))
+            }
+        }
+    }
+
+    /// `O_DIRECT`: keeps `bytes` (consumed while detecting) in the
+    /// connection's buffer, ahead of the payload.
+    #[cfg(target_os = "linux")]
+    fn direct_hold(&mut self, conn: &mut Conn, bytes: &[u8]) {
+        if let Some(dc) = conn.direct.as_mut() {
+            let buf = dc.buf.get_or_insert_with(|| self.direct.take());
+            buf.bytes_mut()[dc.fill..dc.fill + bytes.len()].copy_from_slice(bytes);
+            dc.fill += bytes.len();
+        }
     }
 
     #[cfg(target_os = "linux")]
@@ -236,7 +373,7 @@ impl Mover {
                 let e = io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe ran dry");
                 return Err((moved, e));
             }
-            let at = conn.written + (done + moved) as u64;
+            let at = conn.at().map(|w| w + (done + moved) as u64);
             write_all_at(&conn.file, &buf[..got], at).map_err(|(w, e)| (moved + w, e))?;
             moved += got;
         }
@@ -256,7 +393,7 @@ impl Mover {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Moved::WouldBlock,
             Err(e) => return Moved::Failed(0, Failure::from_read(e)),
         };
-        match write_all_at(&conn.file, &buf[..n], conn.written) {
+        match write_all_at(&conn.file, &buf[..n], conn.at()) {
             Ok(()) => Moved::Bytes(n),
             Err((w, e)) => Moved::Failed(w, Failure::Write(e)),
         }
@@ -276,13 +413,18 @@ fn offset(at: u64) -> io::Result<i64> {
     i64::try_from(at).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))
 }
 
-/// `pwrite(2)` all of `bytes` at `at`; on failure, how many were written.
-fn write_all_at(file: &File, bytes: &[u8], at: u64) -> Result<(), (usize, io::Error)> {
+/// `pwrite(2)` all of `bytes` at `at` (`write(2)` at the file's position
+/// for `None`); on failure, how many were written.
+fn write_all_at(file: &File, bytes: &[u8], at: Option<u64>) -> Result<(), (usize, io::Error)> {
     let mut done = 0;
     while done < bytes.len() {
-        let off = offset(at + done as u64).map_err(|e| (done, e))?;
-        let wrote =
-            retry(|| nix::sys::uio::pwrite(file, &bytes[done..], off).map_err(io::Error::from));
+        let wrote = match at {
+            Some(at) => {
+                let off = offset(at + done as u64).map_err(|e| (done, e))?;
+                retry(|| nix::sys::uio::pwrite(file, &bytes[done..], off).map_err(io::Error::from))
+            }
+            None => retry(|| nix::unistd::write(file, &bytes[done..]).map_err(io::Error::from)),
+        };
         match wrote {
             Ok(0) => {
                 let e = io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote nothing");
@@ -295,6 +437,21 @@ fn write_all_at(file: &File, bytes: &[u8], at: u64) -> Result<(), (usize, io::Er
     Ok(())
 }
 
+/// After `EAGAIN` from a splice into an output pipe: whether the output
+/// was full (then waited for until it has room) rather than the socket
+/// empty.
+#[cfg(target_os = "linux")]
+fn output_full(socket: &OwnedFd, out: &File) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+    if retry(|| poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from))? == 0 {
+        return Ok(false);
+    }
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
+    retry(|| poll(&mut fds, PollTimeout::NONE).map_err(io::Error::from))?;
+    Ok(true)
+}
+
 /// Moves what `socket` has for `conn`, at most [`TURN`] steps.
 pub(crate) fn pump(
     conn: &mut Conn,
@@ -305,7 +462,7 @@ pub(crate) fn pump(
     let quota = || Failure::Quota(max_bytes.unwrap_or(0));
     for _ in 0..TURN {
         let next = match conn.step(max_bytes) {
-            Step::Detect => detect(conn, socket, max_bytes),
+            Step::Detect => detect(conn, socket, mover, max_bytes),
             Step::Header(n) => read_into(conn, socket, n, Conn::header),
             Step::Payload(len) => match mover.payload(conn, socket, len) {
                 Moved::Bytes(n) => {
@@ -314,6 +471,7 @@ pub(crate) fn pump(
                 }
                 Moved::Eof => Next::End(conn.at_eof()),
                 Moved::WouldBlock => Next::Wait,
+                Moved::Stalled => Next::Stall,
                 Moved::Failed(n, why) => {
                     conn.wrote(n as u64, Instant::now());
                     Next::End(Err(why))
@@ -331,6 +489,7 @@ pub(crate) fn pump(
         match next {
             Next::Go => {}
             Next::Wait => return Pump::Drained,
+            Next::Stall => return Pump::Stalled,
             Next::End(result) => return Pump::Done(result),
         }
     }
@@ -339,7 +498,7 @@ pub(crate) fn pump(
 
 /// Framed or raw? Peeks at the first bytes; consumes them only while they
 /// are (a prefix of) the magic.
-fn detect(conn: &mut Conn, socket: &OwnedFd, max_bytes: Option<u64>) -> Next {
+fn detect(conn: &mut Conn, socket: &OwnedFd, mover: &mut Mover, max_bytes: Option<u64>) -> Next {
     let mut buf = [0u8; wire::MAGIC.len()];
     let want = wire::MAGIC.len() - conn.held().len();
     let n = match peek(socket, &mut buf[..want]) {
@@ -361,7 +520,19 @@ fn detect(conn: &mut Conn, socket: &OwnedFd, max_bytes: Option<u64>) -> Next {
         // Rare: the first bytes began like the magic, then did not.
         Detected::Raw { held, len } => {
             let allowed = max_bytes.map_or(len, |m| len.min(usize::try_from(m).unwrap_or(len)));
-            match write_all_at(&conn.file, &held[..allowed], conn.written) {
+            #[cfg(target_os = "linux")]
+            if conn.direct.is_some() {
+                mover.direct_hold(conn, &held[..allowed]);
+                conn.wrote(allowed as u64, Instant::now());
+                return if allowed < len {
+                    Next::End(Err(Failure::Quota(max_bytes.unwrap_or(0))))
+                } else {
+                    Next::Go
+                };
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = mover;
+            match write_all_at(&conn.file, &held[..allowed], conn.at()) {
                 Ok(()) => {
                     conn.wrote(allowed as u64, Instant::now());
                     if allowed < len {
@@ -456,7 +627,9 @@ mod tests {
         let result = loop {
             match pump(&mut conn, &socket, mover, None) {
                 Pump::Done(r) => break r,
-                Pump::Drained => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Pump::Drained | Pump::Stalled => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
                 Pump::Yielded => {}
             }
         };

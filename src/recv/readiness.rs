@@ -11,16 +11,22 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
+use super::direct::{self, Buf, WriteReq, REGISTERED};
 use super::pump::{pump, Mover, Pump};
 #[cfg(target_os = "linux")]
 use super::uring::RingSelector;
+use super::wake::WakeFd;
 use super::{next_timeout, Accepted, Conn, Event, Failure, Listen, PipeReport, RecvOptions};
 use crate::backend::OpFallback;
 
 /// Token of the listener.
 const LISTENER: u64 = u64::MAX;
+/// Token of the waker's fd.
+const WAKE: u64 = u64::MAX - 1;
 
 /// Which readiness mechanism the engine waits on.
 #[derive(Debug)]
@@ -149,12 +155,32 @@ impl Selector {
             _ => Vec::new(),
         }
     }
+
+    /// `O_DIRECT` writes completed (ring only), with their results.
+    #[cfg(target_os = "linux")]
+    fn take_written(&mut self) -> Vec<(WriteReq, i32)> {
+        match self {
+            Selector::Ring(r) => r.take_written(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn writes_in_flight(&self) -> usize {
+        match self {
+            Selector::Ring(r) => r.writes_in_flight(),
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Slot {
     conn: Conn,
     socket: OwnedFd,
+    /// The connection is over, with this result, and waits for its
+    /// `O_DIRECT` writes in flight before it is reported.
+    ending: Option<Result<(), Failure>>,
 }
 
 /// The receive engine of every backend: one selector, one way to move bytes.
@@ -170,6 +196,8 @@ pub(crate) struct ReadinessEngine {
     listening: bool,
     /// Connections whose turn ended with bytes possibly left.
     again: Vec<u64>,
+    /// Watched once a [`super::Waker`] was asked for.
+    waker: Option<Arc<WakeFd>>,
 }
 
 impl ReadinessEngine {
@@ -182,14 +210,24 @@ impl ReadinessEngine {
             listen: None,
             listening: false,
             again: Vec::new(),
+            waker: None,
         }
     }
 
     /// Readiness from an io_uring ring, `splice(2)` through pooled pipes.
     #[cfg(target_os = "linux")]
     pub(crate) fn uring(options: RecvOptions) -> io::Result<ReadinessEngine> {
-        let ring = RingSelector::new()?;
-        let mover = Mover::splice(options.pipe_size);
+        let mut ring = RingSelector::new()?;
+        let mut mover = Mover::splice(options.pipe_size);
+        if options.direct {
+            // Full buffers are written by the ring while the connection
+            // fills the next; the first few buffers are registered.
+            mover.direct.async_writes = true;
+            let mut bufs: Vec<Buf> = (0..REGISTERED).map(|_| Buf::new()).collect();
+            mover.direct.registered = ring.register(&mut bufs);
+            bufs.truncate(mover.direct.registered);
+            mover.direct.free = bufs;
+        }
         Ok(Self::new(Selector::Ring(Box::new(ring)), mover, options))
     }
 
@@ -228,6 +266,35 @@ impl ReadinessEngine {
         self.options.raw
     }
 
+    /// The pipe capacity to ask for (see [`super::pipe::PipePool::new`]).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn pipe_size(&self) -> usize {
+        super::pipe::PipePool::new(self.options.pipe_size)
+            .report()
+            .wanted
+    }
+
+    pub(crate) fn direct(&self) -> bool {
+        self.options.direct
+    }
+
+    pub(crate) fn direct_refused(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            self.mover.direct.refused += 1;
+        }
+    }
+
+    pub(crate) fn direct_report(&self) -> super::DirectReport {
+        #[cfg(target_os = "linux")]
+        return super::DirectReport {
+            refused: self.mover.direct.refused,
+            registered: self.mover.direct.registered,
+        };
+        #[cfg(not(target_os = "linux"))]
+        super::DirectReport::default()
+    }
+
     pub(crate) fn listen(&mut self, listen: Listen) -> io::Result<()> {
         self.stop_listening();
         self.selector.add(listen.listener.as_fd(), LISTENER)?;
@@ -245,13 +312,31 @@ impl ReadinessEngine {
         self.listening = false;
     }
 
+    /// The fd that wakes `wait` from other threads, watched from now on.
+    pub(crate) fn waker(&mut self) -> io::Result<Arc<WakeFd>> {
+        if let Some(w) = &self.waker {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(WakeFd::new()?);
+        self.selector.add(w.as_fd(), WAKE)?;
+        self.waker = Some(w.clone());
+        Ok(w)
+    }
+
     pub(crate) fn is_listening(&self) -> bool {
         self.listen.is_some()
     }
 
     pub(crate) fn attach(&mut self, conn: Conn, socket: OwnedFd) -> io::Result<()> {
         self.selector.add(socket.as_fd(), conn.id.0)?;
-        self.slots.insert(conn.id.0, Slot { conn, socket });
+        self.slots.insert(
+            conn.id.0,
+            Slot {
+                conn,
+                socket,
+                ending: None,
+            },
+        );
         Ok(())
     }
 
@@ -286,10 +371,16 @@ impl ReadinessEngine {
             .as_ref()
             .filter(|_| self.listening)
             .map(|l| (LISTENER, l.listener.as_fd()));
+        let wake = self.waker.as_ref().map(|w| (WAKE, w.as_fd()));
         let interest = listener
             .into_iter()
+            .chain(wake)
             .chain(self.slots.iter().map(|(&t, s)| (t, s.socket.as_fd())));
         self.selector.wait(timeout, interest, &mut ready)?;
+        #[cfg(target_os = "linux")]
+        for (req, res) in self.selector.take_written() {
+            self.written(req, res, events);
+        }
         for (token, e) in self.selector.take_failed() {
             if token == LISTENER {
                 if let Some(l) = &mut self.listen {
@@ -305,6 +396,13 @@ impl ReadinessEngine {
         for token in ready {
             if token == LISTENER {
                 self.accept(events);
+            } else if token == WAKE {
+                if let Some(w) = &self.waker {
+                    w.drain();
+                    // Only a one-shot poll (a ring without multishot)
+                    // needs arming again; a failure shows as no wake-ups.
+                    let _ = self.selector.rearm(WAKE);
+                }
             } else {
                 self.service(token, events);
             }
@@ -352,15 +450,20 @@ impl ReadinessEngine {
 
     /// Pumps connection `token`.
     fn service(&mut self, token: u64, events: &mut Vec<Event>) {
-        let Some(slot) = self.slots.get_mut(&token) else {
+        let Some(slot) = self.slots.get_mut(&token).filter(|s| s.ending.is_none()) else {
             return;
         };
-        match pump(
+        let pumped = pump(
             &mut slot.conn,
             &slot.socket,
             &mut self.mover,
             self.options.max_bytes,
-        ) {
+        );
+        #[cfg(target_os = "linux")]
+        self.queue_writes(events);
+        match pumped {
+            // Pumped again when one of its writes completes.
+            Pump::Stalled => {}
             Pump::Drained => {
                 if let Err(e) = self.selector.rearm(token) {
                     // Only this connection loses its readiness.
@@ -372,12 +475,133 @@ impl ReadinessEngine {
         }
     }
 
-    /// Removes connection `token` and reports it.
+    /// Ends connection `token` and reports it, once its `O_DIRECT`
+    /// writes in flight (if any) have completed.
     fn finish(&mut self, token: u64, result: Result<(), Failure>, events: &mut Vec<Event>) {
-        if let Some(slot) = self.slots.remove(&token) {
-            // Best effort: the socket closes right after either way.
+        let Some(slot) = self.slots.get_mut(&token) else {
+            return;
+        };
+        if slot.ending.is_none() {
+            // Best effort: the socket closes soon either way.
             let _ = self.selector.remove(slot.socket.as_fd(), token);
-            events.push(Event::Finished(slot.conn.finish(result)));
+            slot.ending = Some(result);
+        }
+        self.settle(token, events);
+    }
+
+    /// Reports an ended connection whose writes are all done: what its
+    /// `O_DIRECT` buffer holds is written first.
+    fn settle(&mut self, token: u64, events: &mut Vec<Event>) {
+        #[cfg(target_os = "linux")]
+        if self
+            .slots
+            .get(&token)
+            .and_then(|s| s.conn.direct.as_ref())
+            .is_some_and(|d| d.in_flight > 0)
+        {
+            return;
+        }
+        let Some(mut slot) = self.slots.remove(&token) else {
+            return;
+        };
+        let result = slot.ending.take().unwrap_or(Ok(()));
+        #[cfg(target_os = "linux")]
+        let result = self.settle_direct(&mut slot.conn, result);
+        events.push(Event::Finished(slot.conn.finish(result)));
+    }
+
+    /// Writes what a finished connection's `O_DIRECT` buffer holds; after
+    /// a failed write, cuts the file where the failure was (so it holds
+    /// exactly the bytes counted) and makes that the result.
+    #[cfg(target_os = "linux")]
+    fn settle_direct(
+        &mut self,
+        conn: &mut Conn,
+        result: Result<(), Failure>,
+    ) -> Result<(), Failure> {
+        let Some(dc) = conn.direct.as_mut() else {
+            return result;
+        };
+        if dc.failed.is_none() {
+            let base = dc.base;
+            if let Err((w, e)) = direct::flush_tail(&conn.file, dc) {
+                dc.fail(base + w as u64, e);
+            }
+        }
+        if let Some(buf) = dc.buf.take() {
+            self.mover.direct.free.push(buf);
+        }
+        let Some((at, e)) = dc.failed.take() else {
+            return result;
+        };
+        let _ = conn.file.set_len(at);
+        conn.written = at;
+        // The first write error, whatever ended the connection meanwhile.
+        drop(result);
+        Err(Failure::Write(e))
+    }
+
+    /// Queues the full `O_DIRECT` buffers on the ring.
+    #[cfg(target_os = "linux")]
+    fn queue_writes(&mut self, events: &mut Vec<Event>) {
+        for req in std::mem::take(&mut self.mover.direct.pending) {
+            let Some(slot) = self.slots.get(&req.token) else {
+                self.mover.direct.free.push(req.buf);
+                continue;
+            };
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&slot.conn.file);
+            let queued = match &mut self.selector {
+                Selector::Ring(r) => r.write(fd, req),
+                _ => Err((req, io::Error::other("no ring to write with"))),
+            };
+            if let Err((req, e)) = queued {
+                // Completed at once, as a failed write.
+                self.written(req, -e.raw_os_error().unwrap_or(libc::EIO), events);
+            }
+        }
+    }
+
+    /// An `O_DIRECT` write completed with `res`: a short one is finished
+    /// synchronously, an alignment refusal (`EINVAL`) is written through
+    /// the page cache, any other error fails the connection.
+    #[cfg(target_os = "linux")]
+    fn written(&mut self, req: WriteReq, res: i32, events: &mut Vec<Event>) {
+        let token = req.token;
+        self.mover.direct.in_flight = self.mover.direct.in_flight.saturating_sub(1);
+        // A buffer is free again: whoever waited for one tries again.
+        let stalled = std::mem::take(&mut self.mover.direct.stalled);
+        self.again.extend(stalled);
+        let Some(slot) = self.slots.get_mut(&token) else {
+            self.mover.direct.free.push(req.buf);
+            return;
+        };
+        let conn = &mut slot.conn;
+        let Some(dc) = conn.direct.as_mut() else {
+            self.mover.direct.free.push(req.buf);
+            return;
+        };
+        dc.in_flight = dc.in_flight.saturating_sub(1);
+        let from = if res >= 0 {
+            req.done + res as usize
+        } else {
+            req.done
+        };
+        let at = req.at + from as u64;
+        if res < 0 && -res != libc::EINVAL {
+            dc.fail(at, io::Error::from_raw_os_error(-res));
+        } else if from < req.len {
+            let rest = &req.buf.bytes()[from..req.len];
+            if let Err((w, e)) = direct::write_all(&conn.file, &mut dc.cleared, rest, at) {
+                dc.fail(at + w as u64, e);
+            }
+        }
+        let failed = dc.failed.is_some();
+        self.mover.direct.free.push(req.buf);
+        if slot.ending.is_some() {
+            self.settle(token, events);
+        } else if failed {
+            let e = io::Error::other("an O_DIRECT write failed");
+            self.finish(token, Err(Failure::Write(e)), events);
         }
     }
 
@@ -389,9 +613,10 @@ impl ReadinessEngine {
             return;
         };
         let due = |s: &Slot| {
-            s.conn
-                .idle_deadline(Some(d))
-                .is_some_and(|t| t <= Instant::now())
+            s.ending.is_none()
+                && s.conn
+                    .idle_deadline(Some(d))
+                    .is_some_and(|t| t <= Instant::now())
         };
         let expired: Vec<u64> = self
             .slots
@@ -403,6 +628,49 @@ impl ReadinessEngine {
             self.service(token, events);
             if self.slots.get(&token).is_some_and(due) {
                 self.finish(token, Err(Failure::IdleTimeout(d)), events);
+            }
+        }
+    }
+}
+
+impl Drop for ReadinessEngine {
+    /// Nothing received is lost when a receiver is dropped with
+    /// connections live (`ringmover recv` on SIGINT): `O_DIRECT` writes in
+    /// flight complete (at most 30 s) and what the buffers hold is written.
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut events = Vec::new();
+            while self.selector.writes_in_flight() > 0 && Instant::now() < deadline {
+                let mut ready = Vec::new();
+                let wait = Some(Duration::from_millis(100));
+                if self
+                    .selector
+                    .wait(wait, std::iter::empty(), &mut ready)
+                    .is_err()
+                {
+                    break;
+                }
+                for (req, res) in self.selector.take_written() {
+                    self.written(req, res, &mut events);
+                }
+            }
+            let tokens: Vec<u64> = self.slots.keys().copied().collect();
+            for token in tokens {
+                if let Some(mut slot) = self.slots.remove(&token) {
+                    match slot.conn.direct.as_mut() {
+                        Some(d) if d.in_flight == 0 => {
+                            let result = slot.ending.take().unwrap_or(Ok(()));
+                            drop(self.settle_direct(&mut slot.conn, result));
+                        }
+                        // Writes still in flight (a stuck disk): its
+                        // buffer goes back to the pool, freed after the
+                        // ring like every registered buffer.
+                        Some(d) => self.mover.direct.free.extend(d.buf.take()),
+                        None => {}
+                    }
+                }
             }
         }
     }

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::direct::{Buf, WriteReq, BUF};
 use crate::backend::OpFallback;
 use crate::opcode::Opcode;
 
@@ -34,6 +35,8 @@ use crate::opcode::Opcode;
 const REMOVE_UD: u64 = u64::MAX;
 /// `user_data` of wake-up timeouts on rings without `IORING_FEAT_EXT_ARG`.
 const TIMEOUT_UD: u64 = u64::MAX - 1;
+/// Set in the `user_data` of `O_DIRECT` writes (polls count up from 1).
+const WRITE_BIT: u64 = 1 << 62;
 
 /// A watched fd and its poll in flight, if any.
 #[derive(Debug)]
@@ -66,6 +69,11 @@ pub(crate) struct RingSelector {
     /// Boxed: the SQE holds the address until it is submitted.
     #[allow(clippy::vec_box)]
     timeouts: VecDeque<Box<types::Timespec>>,
+    /// `O_DIRECT` writes in flight, by `user_data`: each owns the buffer
+    /// the kernel reads, until its CQE is reaped.
+    writes: HashMap<u64, WriteReq>,
+    /// Writes whose CQE was reaped, with the result.
+    written: Vec<(WriteReq, i32)>,
 }
 
 impl RingSelector {
@@ -86,6 +94,8 @@ impl RingSelector {
             ready: Vec::new(),
             failed: Vec::new(),
             timeouts: VecDeque::new(),
+            writes: HashMap::new(),
+            written: Vec::new(),
         })
     }
 
@@ -150,6 +160,80 @@ impl RingSelector {
             w.poll = Some(ud);
         }
         Ok(())
+    }
+
+    /// Registers `bufs` with the ring (`IORING_REGISTER_BUFFERS`), as many
+    /// as `RLIMIT_MEMLOCK` allows (halving on refusal); marks those
+    /// registered with their index and returns how many.
+    pub(crate) fn register(&mut self, bufs: &mut [Buf]) -> usize {
+        let mut n = bufs.len();
+        while n > 0 {
+            let iovecs: Vec<libc::iovec> = bufs[..n]
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.bytes_mut().as_mut_ptr().cast(),
+                    iov_len: BUF,
+                })
+                .collect();
+            // SAFETY: every iovec names BUF bytes of a `Buf`'s heap
+            // allocation. The `Buf`s live in the receiver's pool (or in
+            // `self.writes` while a WRITE_FIXED names them) and are freed
+            // only after this ring is dropped (the engine drops its
+            // selector first), so registered memory is never freed while
+            // the kernel may use it.
+            if unsafe { self.ring.submitter().register_buffers(&iovecs) }.is_ok() {
+                for (i, b) in bufs[..n].iter_mut().enumerate() {
+                    b.fixed = u16::try_from(i).ok();
+                }
+                return n;
+            }
+            n /= 2;
+        }
+        0
+    }
+
+    /// Queues an `O_DIRECT` write of `req` to `fd` (`WRITE_FIXED` from a
+    /// registered buffer, else `WRITE`); the request comes back from
+    /// [`Self::take_written`] with its result. On failure to queue, it
+    /// comes back at once.
+    pub(crate) fn write(&mut self, fd: RawFd, req: WriteReq) -> Result<(), (WriteReq, io::Error)> {
+        let ud = WRITE_BIT | self.next_ud;
+        self.next_ud += 1;
+        let rest = &req.buf.bytes()[req.done..req.len];
+        let (ptr, len, at) = (rest.as_ptr(), rest.len() as u32, req.at + req.done as u64);
+        let entry = match req.buf.fixed {
+            // A short write goes on from an offset inside the buffer, still
+            // within the registered range.
+            Some(index) => opcode::WriteFixed::new(types::Fd(fd), ptr, len, index)
+                .offset(at)
+                .build(),
+            None => opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(at)
+                .build(),
+        };
+        let entry = entry.user_data(ud);
+        // SAFETY: the buffer belongs to `req`, which is moved into
+        // `self.writes` right below and stays there (not reused, not
+        // freed: its heap allocation does not move with the `WriteReq`)
+        // until this write's CQE is reaped; `Drop` waits for every write in
+        // flight before the buffers go. The fd is the connection's file,
+        // which the engine keeps open until every write it queued has
+        // completed.
+        if let Err(e) = unsafe { self.push(&entry) } {
+            return Err((req, e));
+        }
+        self.writes.insert(ud, req);
+        Ok(())
+    }
+
+    /// Writes in flight.
+    pub(crate) fn writes_in_flight(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Writes completed since the last call, with their results.
+    pub(crate) fn take_written(&mut self) -> Vec<(WriteReq, i32)> {
+        std::mem::take(&mut self.written)
     }
 
     /// Stops watching `token`; its fd may be closed once this returns.
@@ -238,6 +322,11 @@ impl RingSelector {
                 TIMEOUT_UD => {
                     self.timeouts.pop_front();
                 }
+                ud if ud & WRITE_BIT != 0 => {
+                    if let Some(req) = self.writes.remove(&ud) {
+                        self.written.push((req, res));
+                    }
+                }
                 _ => self.polled(ud, res, flags),
             }
         }
@@ -289,6 +378,24 @@ impl RingSelector {
         match result {
             Err(e) if !crate::sys::is_transient_enter_error(&e) => Err(e),
             _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for RingSelector {
+    /// The kernel may still be reading buffers of writes in flight: wait
+    /// for them (at most 30 s, a stuck disk) before the buffers go.
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.writes.is_empty() && std::time::Instant::now() < deadline {
+            if self.enter(Some(Duration::from_millis(100))).is_err() {
+                break;
+            }
+            self.reap();
+        }
+        if !self.writes.is_empty() {
+            // Leaked rather than freed under the kernel's feet.
+            std::mem::forget(std::mem::take(&mut self.writes));
         }
     }
 }

@@ -55,6 +55,8 @@ mod probe;
 mod receiver;
 mod recv;
 #[cfg(target_os = "linux")]
+mod recv_paths;
+#[cfg(target_os = "linux")]
 mod seccomp;
 mod send;
 mod send_cli;

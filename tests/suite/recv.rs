@@ -51,7 +51,7 @@ for_each_backend!(
 
 /// A fresh scratch directory holding an `out/` directory, and a `recv`
 /// server on `backend` writing into it with `args` after `--out out/`.
-fn serve_into_dir(
+pub(crate) fn serve_into_dir(
     backend: Option<ringmover::Backend>,
     name: &str,
     args: &[&str],
@@ -79,7 +79,7 @@ pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn sha256_file(path: &Path) -> String {
+pub(crate) fn sha256_file(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
         .output()
@@ -139,7 +139,7 @@ fn parsed_backend(name: &str) -> Option<ringmover::Backend> {
     .find(|b| b.name() == name)
 }
 
-fn recv_command(backend: &str, args: &[&str]) -> Command {
+pub(crate) fn recv_command(backend: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env("RINGMOVER_BACKEND", backend)
         .arg("recv")
@@ -159,7 +159,7 @@ impl Server {
         Server::spawn(recv_command(backend, &all))
     }
 
-    fn spawn(mut cmd: Command) -> Server {
+    pub(crate) fn spawn(mut cmd: Command) -> Server {
         let mut child = cmd.spawn().expect("spawning ringmover recv");
         let mut err = BufReader::new(child.stderr.take().unwrap());
         let mut first = String::new();
@@ -191,8 +191,14 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `sig` to the server.
-    fn signal(&self, sig: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, sig: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, sig).expect("signalling ringmover recv");
     }
@@ -243,7 +249,7 @@ pub(crate) fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Connects, sends `data`, closes the write side, and waits for the
 /// server's close.
-fn send_bytes(addr: SocketAddr, data: &[u8]) -> SocketAddr {
+pub(crate) fn send_bytes(addr: SocketAddr, data: &[u8]) -> SocketAddr {
     let mut s = connect(addr);
     let local = s.local_addr().unwrap();
     s.write_all(data)
@@ -505,7 +511,25 @@ fn send_then_reset(
     wait_until("recv to write every byte sent to the .part", || {
         part().is_some_and(|p| size_of(&p) == data.len() as u64)
     });
-    // SO_LINGER 0 then close: the kernel sends RST instead of FIN.
+    reset(s);
+    peer
+}
+
+/// Sends `data` (as much as the server takes before it closes), ends the
+/// stream and waits for the server to exit; returns what it left and the
+/// peer address.
+pub(crate) fn send_until_refused(server: Server, data: &[u8]) -> (Done, SocketAddr) {
+    let mut s = connect(server.addr);
+    let peer = s.local_addr().unwrap();
+    let _ = s.write_all(data);
+    let _ = s.shutdown(Shutdown::Write);
+    let done = server.finish();
+    drop(s);
+    (done, peer)
+}
+
+/// Closes `s` with a reset: SO_LINGER 0, then close (RST, not FIN).
+pub(crate) fn reset(s: TcpStream) {
     nix::sys::socket::setsockopt(
         &s,
         nix::sys::socket::sockopt::Linger,
@@ -516,7 +540,6 @@ fn send_then_reset(
     )
     .unwrap();
     drop(s);
-    peer
 }
 
 /// Checks a reset connection's record: exactly `data` kept in `part`.
@@ -702,39 +725,42 @@ fn existing_file_is_refused(backend: Option<ringmover::Backend>) {
 }
 
 fn rlimit_fsize_is_a_write_error(backend: Option<ringmover::Backend>) {
+    fsize_limit_is_a_write_error(backend, 1 << 20, &[]);
+}
+
+/// Runs `recv --out FILE ARGS` under RLIMIT_FSIZE `limit`, sends 4 MiB:
+/// the connection is a write error (EFBIG, not killed by SIGXFSZ) and the
+/// .part holds exactly the first `limit` bytes.
+pub(crate) fn fsize_limit_is_a_write_error(
+    backend: Option<ringmover::Backend>,
+    limit: u64,
+    args: &[&str],
+) {
     let backend = backend.map_or("auto", |b| b.name());
-    const LIMIT: u64 = 1 << 20;
     let dir = scratch("fsize");
     let out = dir.join("capped.bin");
-    let mut cmd = recv_command(
-        backend,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--json",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let mut cmd = recv_command(backend, &all);
     // SIGXFSZ is deliberately left at its default (terminate): ringmover
     // must ignore it itself so the write fails with EFBIG instead.
     // SAFETY: the closure only calls setrlimit(2), async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // rlim_t is i64 on FreeBSD.
-            let lim = LIMIT as libc::rlim_t;
+            let lim = limit as libc::rlim_t;
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, lim, lim)
                 .map_err(std::io::Error::from)
         });
     }
-    let server = Server::spawn(cmd);
-    let data = pattern(3 << 20, 13);
-    let mut s = connect(server.addr);
-    let peer = s.local_addr().unwrap();
-    let _ = s.write_all(&data);
-    let _ = s.shutdown(Shutdown::Write);
-    let done = server.finish();
-    drop(s);
+    let data = pattern(4 << 20, 13);
+    let (done, peer) = send_until_refused(Server::spawn(cmd), &data);
     assert_eq!(
         done.status.code(),
         Some(1),
@@ -746,8 +772,11 @@ fn rlimit_fsize_is_a_write_error(backend: Option<ringmover::Backend>) {
         r["error"].as_str().unwrap().contains("File too large"),
         "{r}"
     );
-    assert_eq!(r["bytes"], LIMIT, "{r}");
-    assert_eq!(fs::read(path_of(r)).unwrap(), &data[..LIMIT as usize]);
+    assert_eq!(r["bytes"], limit, "{r}");
+    assert!(
+        fs::read(path_of(r)).unwrap() == data[..limit as usize],
+        "{r}"
+    );
 }
 
 fn address_in_use_is_reported(backend: Option<ringmover::Backend>) {
@@ -889,16 +918,7 @@ fn failures_stay_with_their_connection(backend: Option<ringmover::Backend>) {
     let good = pattern(900_000, 21);
     (&healthy).write_all(&good[..400_000]).unwrap();
     (&resetting).write_all(&pattern(200_000, 22)).unwrap();
-    nix::sys::socket::setsockopt(
-        &resetting,
-        nix::sys::socket::sockopt::Linger,
-        &libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    drop(resetting);
+    reset(resetting);
     let greedy_writer = thread::spawn(move || {
         let mut g = greedy;
         let _ = g.write_all(&pattern(3 << 20, 23));
@@ -954,7 +974,7 @@ fn bench_recv_reports_every_method() {
 }
 
 /// The .part of the connection from `peer` in `dir`, once it exists.
-fn part_of(dir: &Path, peer: SocketAddr) -> Option<PathBuf> {
+pub(crate) fn part_of(dir: &Path, peer: SocketAddr) -> Option<PathBuf> {
     let suffix = format!("_{}.part", peer.port());
     files_in(dir)
         .into_iter()
