@@ -33,7 +33,7 @@ const UDP_GRO: libc::c_int = 104;
 /// the device drops at transmit, so it overstates GSO, which is dropped
 /// before being segmented).
 #[derive(Debug, clap::Args)]
-#[command(long_about)]
+#[command(long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
     /// Sending sockets (each round, every socket sends `BATCH` datagrams).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
@@ -59,6 +59,17 @@ pub struct Args {
     #[command(flatten)]
     run: super::RunArgs,
 }
+
+const AFTER_HELP: &str = "\
+Examples:
+  ringmover bench udp                                  # every target, 1 and 16 sockets
+  ringmover bench udp --targets loopback-gro --sizes 1200 --sockets 1
+  ringmover bench udp --strategy sendmmsg,uring-gso,epoll-gso --seconds 3 --json
+
+Exit status:
+  0  every cell ran
+  1  a cell failed (named on stderr)
+  2  bad command line";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Strategy {

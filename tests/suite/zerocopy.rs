@@ -392,6 +392,9 @@ pub fn detaching_with_notifications_pending_frees_nothing_early(b: Option<Backen
     let mut m = mover(b, 4, SIZE, ZeroCopy::Always);
     let (a, mut peer) = tcp_pair();
     nix::sys::socket::setsockopt(&peer, nix::sys::socket::sockopt::RcvBuf, &(64 << 10)).unwrap();
+    // A fixed send buffer too: autotuning may otherwise grow it to take all
+    // 4 MiB (tcp_wmem's maximum), and then nothing is left unsent.
+    nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::SndBuf, &(64 << 10)).unwrap();
     let c = m.attach(a).unwrap();
     let pool = m.pool().unwrap().clone();
     let mut done = Vec::new();
