@@ -4,9 +4,7 @@
 
 use std::io;
 
-use super::{
-    live_mut, Completion, Conn, ConnError, ConnState, Mover, Segmentation, ZcProbe, ZeroCopy,
-};
+use super::{live_mut, Completion, Conn, ConnError, ConnState, Mover, Segmentation};
 use crate::driver::Event;
 use crate::sys::net::FdKind;
 
@@ -115,20 +113,7 @@ impl Mover {
                         self.dirty.push(conn);
                     }
                 }
-                Event::Notified { token, copied } => {
-                    self.zc_notified += 1;
-                    self.zc_copied += u64::from(copied);
-                    if let (ZeroCopy::Auto { .. }, Some(st)) = (
-                        self.zero_copy,
-                        live_mut(&mut self.slots, Conn::from_token(token)),
-                    ) {
-                        if copied {
-                            st.copy_only = true;
-                        } else if st.zc_probe == ZcProbe::Probing {
-                            st.zc_probe = ZcProbe::Pays;
-                        }
-                    }
-                }
+                Event::Notified { token, copied } => self.notified(token, copied),
                 Event::Woken => self.woken(),
                 Event::Writable { token } => {
                     let conn = Conn::from_token(token);

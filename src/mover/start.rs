@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use super::{live_mut, Conn, Mover, Segmentation, ZcProbe, ZeroCopy};
+use super::{live_mut, Conn, Mover, Segmentation, ZeroCopy};
 use crate::driver::WriteOp;
 use crate::outbox::{NeverCopy, GSO_MAX_SEGMENTS, IOV_MAX};
 use crate::sys::net::FdKind;
@@ -151,21 +151,7 @@ impl Mover {
             // share a send, GSO is the saving that matters.
             let zero_copy = may_zero_copy
                 && st.ops[i].batch.segment_size.is_none()
-                && match self.zero_copy {
-                    ZeroCopy::Never => false,
-                    ZeroCopy::Always => true,
-                    ZeroCopy::Auto { min_bytes } => {
-                        batch_bytes >= min_bytes
-                            && match st.zc_probe {
-                                ZcProbe::Untried => {
-                                    st.zc_probe = ZcProbe::Probing;
-                                    true
-                                }
-                                ZcProbe::Probing => false,
-                                ZcProbe::Pays => true,
-                            }
-                    }
-                };
+                && st.zc_probe.wants(self.zero_copy, batch_bytes);
             let op = &mut st.ops[i];
             op.zero_copy = zero_copy;
             op.fixed = None;
