@@ -110,6 +110,24 @@ pub(super) fn refusal(
     }
 }
 
+/// Puts `conn` in line to start a write (`dirty`), unless it already is.
+pub(super) fn schedule(dirty: &mut Vec<Conn>, conn: Conn, st: &mut ConnState) {
+    if !st.scheduled {
+        st.scheduled = true;
+        dirty.push(conn);
+    }
+}
+
+/// After a push onto `st`'s outbox: unwritable once at the high watermark,
+/// and in line to start unless a write is in flight (its `Done`
+/// reschedules what is left).
+pub(super) fn queued_more(dirty: &mut Vec<Conn>, conn: Conn, st: &mut ConnState, high: usize) {
+    st.unwritable |= st.outbox.queued_bytes() >= high;
+    if st.in_flight == 0 {
+        schedule(dirty, conn, st);
+    }
+}
+
 impl Mover {
     pub(super) fn state(&self, conn: Conn) -> Option<&ConnState> {
         let slot = self.slots.get(conn.slot as usize)?;
@@ -117,9 +135,5 @@ impl Mover {
             return None;
         }
         slot.state.as_ref()
-    }
-
-    pub(super) fn state_mut(&mut self, conn: Conn) -> Option<&mut ConnState> {
-        live_mut(&mut self.slots, conn)
     }
 }

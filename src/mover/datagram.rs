@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use super::{refusal, Conn, ConnState, Mover, SendError, SendErrorKind};
+use super::{live_mut, queued_more, refusal, Conn, ConnState, Mover, SendError, SendErrorKind};
 use crate::sys::net::FdKind;
 
 /// Whether a datagram socket sends runs of equal-size datagrams to one
@@ -89,15 +89,11 @@ impl Mover {
     /// Queues one datagram on a live datagram socket, past the checks.
     fn push_datagram(&mut self, conn: Conn, bufs: Vec<Bytes>, dest: Option<SocketAddr>) {
         let high = self.watermarks.1;
-        let Some(st) = self.state_mut(conn) else {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
             return;
         };
         st.outbox.push(bufs, dest);
-        st.unwritable |= st.outbox.queued_bytes() >= high;
-        if st.in_flight == 0 && !st.scheduled {
-            st.scheduled = true;
-            self.dirty.push(conn);
-        }
+        queued_more(&mut self.dirty, conn, st, high);
     }
 
     /// Whether `conn` (a datagram socket) sends with GSO, and if the kernel

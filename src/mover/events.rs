@@ -4,7 +4,7 @@
 
 use std::io;
 
-use super::{live_mut, Completion, Conn, ConnError, ConnState, Mover, Segmentation};
+use super::{live_mut, schedule, Completion, Conn, ConnError, ConnState, Mover, Segmentation};
 use crate::driver::Event;
 use crate::sys::net::FdKind;
 
@@ -108,9 +108,8 @@ impl Mover {
                             Err(e) => Self::fail(&mut self.completions, conn, st, e),
                         }
                     }
-                    if chain_over && !st.failed && !st.outbox.is_empty() && !st.scheduled {
-                        st.scheduled = true;
-                        self.dirty.push(conn);
+                    if chain_over && !st.failed && !st.outbox.is_empty() {
+                        schedule(&mut self.dirty, conn, st);
                     }
                 }
                 Event::Notified { token, copied } => self.notified(token, copied),
@@ -125,10 +124,7 @@ impl Mover {
                         // retry the same, untouched op.
                         st.in_flight -= 1;
                         self.in_flight -= 1;
-                        if !st.scheduled {
-                            st.scheduled = true;
-                            self.dirty.push(conn);
-                        }
+                        schedule(&mut self.dirty, conn, st);
                     }
                 }
             }

@@ -37,7 +37,7 @@ use crate::packet::Packet;
 use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
 
-use conn::{live_mut, refusal, ConnState, Slot};
+use conn::{live_mut, queued_more, refusal, schedule, ConnState, Slot};
 use datagram::GsoCounters;
 use wait::Wake;
 use zerocopy::ZcProbe;
@@ -766,7 +766,7 @@ impl Mover {
     ) -> Result<(), SendError<I>> {
         let limit = self.max_queued;
         let high = self.watermarks.1;
-        let Some(st) = self.state_mut(conn) else {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
             return Err(SendError {
                 kind: SendErrorKind::UnknownConn,
                 bufs,
@@ -777,16 +777,12 @@ impl Mover {
             return Err(SendError { kind, bufs });
         }
         st.outbox.push(bufs, dest);
-        st.unwritable |= st.outbox.queued_bytes() >= high;
         if st.kind != FdKind::DatagramSocket && st.outbox.queued_bytes() == 0 {
             // Only empty buffers on a stream: nothing to write, nothing to keep.
             st.outbox.take_unsent();
             return Ok(());
         }
-        if st.in_flight == 0 && !st.scheduled {
-            st.scheduled = true;
-            self.dirty.push(conn);
-        }
+        queued_more(&mut self.dirty, conn, st, high);
         Ok(())
     }
 
@@ -819,7 +815,7 @@ impl Mover {
     /// Refuses, handing the packet back, exactly when `send` would.
     pub fn send_packet(&mut self, conn: Conn, packet: Packet) -> Result<(), SendError<Packet>> {
         let (limit, high) = (self.max_queued, self.watermarks.1);
-        let Some(st) = self.state_mut(conn) else {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
             return Err(SendError {
                 kind: SendErrorKind::UnknownConn,
                 bufs: packet,
@@ -833,11 +829,7 @@ impl Mover {
             return Ok(());
         }
         st.outbox.push_packet(packet, None);
-        st.unwritable |= st.outbox.queued_bytes() >= high;
-        if st.in_flight == 0 && !st.scheduled {
-            st.scheduled = true;
-            self.dirty.push(conn);
-        }
+        queued_more(&mut self.dirty, conn, st, high);
         Ok(())
     }
 
