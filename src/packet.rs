@@ -9,7 +9,10 @@ use bytes::Bytes;
 /// unit. Cloning it, and queueing it on a connection with
 /// [`Mover::send_packet`](crate::Mover::send_packet), costs one reference
 /// count however many pieces it has; sending the same packet to a thousand
-/// subscribers shares one list. Empty pieces are dropped when it is built.
+/// subscribers shares one list. [`Shards::send`](crate::Shards::send) and
+/// [`Group::publish`](crate::Group::publish) take the same type (also
+/// `shard::Packet`) and queue it that way on each connection. Empty pieces
+/// are dropped when it is built.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -103,5 +106,17 @@ impl FromIterator<Bytes> for Packet {
 impl From<Bytes> for Packet {
     fn from(b: Bytes) -> Packet {
         Packet::new([b])
+    }
+}
+
+impl From<Vec<Bytes>> for Packet {
+    fn from(v: Vec<Bytes>) -> Packet {
+        Packet::new(v)
+    }
+}
+
+impl<const N: usize> From<[Bytes; N]> for Packet {
+    fn from(a: [Bytes; N]) -> Packet {
+        Packet::new(a)
     }
 }

@@ -4,13 +4,15 @@
 //! per thread, each built on its own thread (a single-issuer ring stays
 //! single-issuer). A connection is placed on one shard when it is attached
 //! and stays there; any thread hands work to it through the shard's queue
-//! (`Bytes` are reference-counted, so nothing is copied), and wakes the
+//! (a [`Packet`] is its pieces behind one reference count, so nothing is
+//! copied on the way), and wakes the
 //! shard through its [`crate::Waker`] only when the shard may be
 //! asleep. A shard with nothing to do sleeps in the kernel.
 //!
 //! On top of the shards, a [`Group`] is a set of subscribers: [`Group::publish`]
 //! queues one message per shard that has subscribers, each shard queues the
-//! same `Bytes` to every subscriber it holds and flushes them all in one
+//! same [`Packet`] on every subscriber it holds ([`Mover::send_packet`]: one
+//! reference count each, however many pieces) and flushes them all in one
 //! submission. A subscriber that falls more than [`GroupOptions::limit`]
 //! bytes behind is handled by the [`SlowPolicy`] the caller picked, and
 //! reported as an [`Event`].
@@ -63,6 +65,9 @@ use bytes::Bytes;
 
 use crate::backend::Backend;
 use crate::mover::{Completion, Conn, Detached, Mover, MoverBuilder, SendErrorKind};
+/// The packet type producers hand the shards: [`crate::Packet`], the same
+/// one [`Mover::send_packet`] queues.
+pub use crate::packet::Packet;
 use crate::wake::Waker;
 
 /// What a queued message costs beyond its bytes (as Netty counts a fixed
@@ -75,58 +80,9 @@ const ROUND: usize = 1024;
 /// bytes drain.
 const DROP_GRACE: Duration = Duration::from_secs(2);
 
-/// A packet: pieces sent back to back, shared (not copied) by every
-/// connection it is queued to. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Packet {
-    pieces: Arc<[Bytes]>,
-    len: usize,
-}
-
-impl Packet {
-    /// A packet of `pieces`, in order.
-    pub fn new(pieces: impl IntoIterator<Item = Bytes>) -> Packet {
-        let pieces: Arc<[Bytes]> = pieces.into_iter().collect();
-        let len = pieces.iter().map(Bytes::len).sum();
-        Packet { pieces, len }
-    }
-
-    /// Total bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// No bytes at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The pieces.
-    pub fn pieces(&self) -> &[Bytes] {
-        &self.pieces
-    }
-
-    fn cost(&self) -> usize {
-        self.len + MSG_OVERHEAD
-    }
-}
-
-impl From<Bytes> for Packet {
-    fn from(b: Bytes) -> Packet {
-        Packet::new([b])
-    }
-}
-
-impl From<Vec<Bytes>> for Packet {
-    fn from(v: Vec<Bytes>) -> Packet {
-        Packet::new(v)
-    }
-}
-
-impl<const N: usize> From<[Bytes; N]> for Packet {
-    fn from(a: [Bytes; N]) -> Packet {
-        Packet::new(a)
-    }
+/// What a shard's queue charges a message of `packet`.
+fn cost(packet: &Packet) -> usize {
+    packet.len() + MSG_OVERHEAD
 }
 
 /// A connection attached to [`Shards`]: which shard holds it, and its
@@ -243,7 +199,7 @@ pub enum Event {
     Refused {
         /// The connection.
         conn: ShardConn,
-        /// Why, as the connection's [`Mover::send`] said.
+        /// Why, as the connection's [`Mover::send_packet`] said.
         error: io::Error,
         /// What was not queued.
         packet: Packet,
@@ -728,7 +684,8 @@ impl Shards {
     }
 
     /// Queues `packet` on `conn` from any thread: one message to its shard,
-    /// no copy. Refused at once when the shard's queue is full; if the
+    /// no copy on the way (the shard queues it with
+    /// [`Mover::send_packet`], which stages small pieces when it writes). Refused at once when the shard's queue is full; if the
     /// connection itself refuses it on the shard, [`Event::Refused`] brings
     /// it back.
     pub fn send(&self, conn: ShardConn, packet: impl Into<Packet>) -> Result<(), PublishError> {
@@ -737,7 +694,7 @@ impl Shards {
         if let Err(kind) = self.inner.room(shard) {
             return Err(PublishError { kind, packet });
         }
-        let cost = packet.cost();
+        let cost = cost(&packet);
         self.inner
             .push(
                 shard,
@@ -827,7 +784,7 @@ impl Drop for Shards {
     }
 }
 
-/// A broadcast group: publish once, every subscriber gets the same `Bytes`.
+/// A broadcast group: publish once, every subscriber gets the same [`Packet`].
 /// Cheap to clone, `Send + Sync`: publish from any thread.
 ///
 /// ```no_run
@@ -931,7 +888,8 @@ impl Group {
     }
 
     /// Queues `packet` to every subscriber: one message per shard that has
-    /// subscribers, the same `Bytes` for all (no copy), never blocking.
+    /// subscribers, the same [`Packet`] for all (one reference count per
+    /// subscriber, however many pieces; no copy), never blocking.
     /// Refused, for every shard, when one target shard's queue is full.
     pub fn publish(&self, packet: impl Into<Packet>) -> Result<(), PublishError> {
         let packet = packet.into();
@@ -954,7 +912,7 @@ impl Group {
                 return Err(PublishError { kind, packet });
             }
         }
-        let cost = packet.cost();
+        let cost = cost(&packet);
         let mut closed = None;
         for shard in targets() {
             let cmd = Cmd::Publish {
@@ -1250,7 +1208,7 @@ impl Cmd {
     /// The queue bytes it was charged.
     fn cost(&self) -> usize {
         match self {
-            Cmd::Send { packet, .. } | Cmd::Publish { packet, .. } => packet.cost(),
+            Cmd::Send { packet, .. } | Cmd::Publish { packet, .. } => cost(packet),
             _ => 0,
         }
     }
@@ -1258,7 +1216,7 @@ impl Cmd {
     fn into_packet(self) -> Packet {
         match self {
             Cmd::Send { packet, .. } | Cmd::Publish { packet, .. } => packet,
-            _ => Packet::new(std::iter::empty()),
+            _ => Packet::default(),
         }
     }
 }
@@ -1528,7 +1486,7 @@ impl Shard {
                 let _ = reply.send(res);
             }
             Cmd::Send { conn, packet } => {
-                if let Err(e) = self.mover.send(conn, packet.pieces.iter().cloned()) {
+                if let Err(e) = self.mover.send_packet(conn, packet) {
                     if let SendErrorKind::BackPressure { limit, .. } = e.kind {
                         if let Some(info) = self.info_mut(conn) {
                             if info.refused_at.is_none() {
@@ -1544,7 +1502,7 @@ impl Shard {
                     self.events.send(Event::Refused {
                         conn: self.handle(conn),
                         error,
-                        packet,
+                        packet: e.bufs,
                     });
                 }
             }
@@ -1718,7 +1676,7 @@ impl Shard {
             }
             let queued = self.mover.queued(sub.conn).unwrap_or(0);
             let fits = queued.saturating_add(len) <= limit
-                && match self.mover.send(sub.conn, packet.pieces.iter().cloned()) {
+                && match self.mover.send_packet(sub.conn, packet.clone()) {
                     Ok(()) => true,
                     // The engine's own per-connection limit: as over ours.
                     Err(e) if matches!(e.kind, SendErrorKind::BackPressure { .. }) => false,

@@ -341,8 +341,8 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
 }
 
 /// `shared`: every socket subscribed to one broadcast group on `threads`
-/// shards; the payload published again and again (one message per shard,
-/// the same `Bytes` for every subscriber) while no subscriber lags, for
+/// shards; one `Packet` of the payload published again and again (one
+/// message per shard, one reference count per subscriber) while no subscriber lags, for
 /// `seconds`; then a shutdown that flushes everything. Returns the bytes
 /// sent (checked: nothing left unsent, nobody disconnected).
 fn fanout_shared(
@@ -374,9 +374,10 @@ fn fanout_shared(
     }
     let t0 = Instant::now();
     let mut published = 0u64;
+    let packet = ringmover::Packet::from(payload.clone());
     while t0.elapsed() < seconds {
         group
-            .publish_wait(payload.clone(), Duration::from_secs(10))
+            .publish_wait(packet.clone(), Duration::from_secs(10))
             .map_err(std::io::Error::from)?;
         published += 1;
     }

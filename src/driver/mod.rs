@@ -4,7 +4,7 @@
 //! A driver starts a vectored write for a connection, submits, and waits;
 //! it reports an [`Event`] per finished write (or, for readiness backends,
 //! when a connection that hit `EAGAIN` becomes writable). The engine above
-//! (`mover.rs`) never matches on which driver it has except to report it.
+//! (`mover/`) never matches on which driver it has except to report it.
 #![allow(unsafe_code)]
 
 use std::io;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringmover::shard::{Event, GroupOptions, Shards, SlowPolicy};
-use ringmover::{Backend, FixedBufPool, ZeroCopy};
+use ringmover::{Backend, FixedBufPool, Packet, ZeroCopy};
 
 use crate::send::{builder, pattern, tcp_pair};
 
@@ -53,9 +53,12 @@ pub fn pool_shared_across_shards(b: Option<Backend>) {
     }
     let payload = leased(&pool, 3);
     assert_eq!(pool.available(), 1);
+    // One packet, published again and again: a reference count per
+    // subscriber, the registered payload never copied.
+    let packet = Packet::from(payload.clone());
     for _ in 0..8 {
         group
-            .publish_wait(payload.clone(), Duration::from_secs(10))
+            .publish_wait(packet.clone(), Duration::from_secs(10))
             .unwrap();
     }
     let want: Vec<u8> = payload.iter().copied().cycle().take(8 * SIZE).collect();
@@ -74,7 +77,7 @@ pub fn pool_shared_across_shards(b: Option<Backend>) {
         );
     }
     // Every engine let go of its references: the buffer is back.
-    drop(payload);
+    drop((packet, payload));
     assert_eq!(pool.available(), 2);
 }
 

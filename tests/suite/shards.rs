@@ -13,7 +13,7 @@ use bytes::Bytes;
 use ringmover::shard::{
     Event, Events, GroupOptions, PublishErrorKind, ShardConn, Shards, SlowPolicy,
 };
-use ringmover::{Backend, BackendChoice, Mover};
+use ringmover::{Backend, BackendChoice, Mover, Packet};
 
 use super::send::{pattern, pieces, tcp_pair};
 
@@ -168,7 +168,7 @@ pub fn two_shards_many_connections_byte_exact(b: Option<Backend>) {
                             continue;
                         }
                         any = true;
-                        let packet: Vec<Bytes> = packets[k].drain(..take).collect();
+                        let packet: Packet = packets[k].drain(..take).collect();
                         shards.send(conns[i], packet).expect("queueing a send");
                     }
                     if !any {
@@ -425,7 +425,9 @@ pub fn shutdown_reports_queued_work(b: Option<Backend>) {
         .publish(Bytes::from_static(b"late"))
         .expect_err("the shards are gone");
     assert_eq!(err.kind, PublishErrorKind::ShutDown);
-    assert_eq!(&err.packet.pieces()[0][..], b"late");
+    // The shards' packet is the crate's: it comes back whole.
+    let back: Packet = err.packet;
+    assert_eq!(&back.pieces()[0][..], b"late");
     assert_eq!(read_all(peer2).join().unwrap(), Vec::<u8>::new());
 }
 

@@ -5,9 +5,18 @@
 //! syscalls in the driver leaves. This module owns every connection's state,
 //! and with it the guarantee that no buffer is freed while the kernel may
 //! still read it (see `WriteOp`).
-// The one unsafe call here starts a write whose buffers this module owns:
-// it is where the in-flight invariant is kept, so it is where it is stated.
-#![allow(unsafe_code)]
+//!
+//! The files below: `conn.rs` the connection table, `start.rs` starting
+//! writes (the one `unsafe` call), `events.rs` completions, `wait.rs`
+//! waiting and the waker, `zerocopy.rs` the zero-copy policy,
+//! `datagram.rs` GSO and segmented sends.
+
+mod conn;
+mod datagram;
+mod events;
+mod start;
+mod wait;
+mod zerocopy;
 
 use std::cell::Cell;
 use std::fmt;
@@ -23,37 +32,19 @@ use crate::backend::{Backend, BackendChoice, Selection};
 use crate::driver::{Driver, Event, Token, WriteOp};
 use crate::fixed::{FixedBufMut, FixedBufPool};
 use crate::opcode::Opcode;
-use crate::outbox::{Framing, NeverCopy, Outbox, GSO_MAX_SEGMENTS, IOV_MAX};
+use crate::outbox::{Framing, Outbox};
 use crate::packet::Packet;
 use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
-use crate::wake::Waker;
 
-/// A connection attached to a [`Mover`]. Cheap to copy; stale handles (after
-/// [`Mover::detach`]) are rejected, never confused with a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Conn {
-    slot: u32,
-    generation: u32,
-}
+use conn::{live_mut, queued_more, refusal, schedule, ConnState, Slot};
+use datagram::GsoCounters;
+use wait::Wake;
+use zerocopy::ZcProbe;
 
-impl Conn {
-    fn token(self) -> Token {
-        (u64::from(self.slot) << 32) | u64::from(self.generation)
-    }
-
-    fn from_token(t: Token) -> Conn {
-        Conn {
-            slot: (t >> 32) as u32,
-            generation: t as u32,
-        }
-    }
-
-    /// A small number unique among attached connections (for logs).
-    pub fn index(self) -> u32 {
-        self.slot
-    }
-}
+pub use conn::Conn;
+pub use datagram::Segmentation;
+pub use zerocopy::ZeroCopy;
 
 /// Why a connection failed. Its queue was emptied into `unsent`.
 #[derive(Debug)]
@@ -210,26 +201,6 @@ pub struct Stats {
     pub gso_disabled: u64,
 }
 
-/// Whether a datagram socket sends runs of equal-size datagrams to one
-/// destination as one GSO `sendmsg` (`UDP_SEGMENT`, Linux 4.18).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Segmentation {
-    /// Up to 64 datagrams (64 KiB) per send.
-    On,
-    /// Never tried: not a UDP socket, not Linux, the socket refused the
-    /// `UDP_SEGMENT` probe at attach, or [`MoverBuilder::gso`] is off.
-    Off,
-    /// The kernel refused a GSO send on this socket with this errno (EIO:
-    /// the device cannot; EINVAL: e.g. `SO_NO_CHECK`; EMSGSIZE: segments
-    /// above the path MTU). Off for good; the datagrams went again one by
-    /// one, none lost or repeated.
-    Refused {
-        /// The errno of the refused send.
-        errno: i32,
-    },
-}
-
 /// Builds a [`Mover`]: every setting has a default, `build` selects the
 /// backend (io_uring where it works, else epoll, else poll(2), or what
 /// `RINGMOVER_BACKEND` or [`backend`](Self::backend) forces) and says why
@@ -289,35 +260,6 @@ enum FixedBufs {
 /// [`MoverBuilder::copy_threshold`]'s default: pieces under 1 KiB are
 /// copied into the staging buffer, larger ones referenced (docs/benchmarks.md).
 pub const DEFAULT_COPY_THRESHOLD: usize = 1 << 10;
-
-/// When sends avoid the copy into the kernel (io_uring `SEND_ZC`, 6.0, and
-/// `SENDMSG_ZC`, 6.1). Elsewhere, and where the opcodes are missing, every
-/// send copies (a recorded per-operation fallback).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum ZeroCopy {
-    /// Always copy.
-    #[default]
-    Never,
-    /// Zero-copy every socket send.
-    Always,
-    /// Zero-copy sends of at least `min_bytes`, asking the kernel to report
-    /// (`IORING_SEND_ZC_REPORT_USAGE`, 6.2) whether it copied anyway; a
-    /// connection whose sends get copied (loopback, veth) switches to the copy
-    /// path, which is cheaper there.
-    Auto {
-        /// Smallest send worth pinning pages for (zero-copy rarely pays
-        /// below a few KiB).
-        min_bytes: usize,
-    },
-}
-
-impl ZeroCopy {
-    /// `Auto` with a 16 KiB threshold.
-    pub const AUTO: ZeroCopy = ZeroCopy::Auto {
-        min_bytes: 16 << 10,
-    };
-}
 
 impl MoverBuilder {
     /// The backend; default: `RINGMOVER_BACKEND`, else `Auto`.
@@ -512,98 +454,6 @@ impl MoverBuilder {
     }
 }
 
-/// One connection's state. The `ops` and the `outbox` together are what the
-/// kernel reads while writes are in flight; see `WriteOp`'s invariant.
-#[derive(Debug)]
-struct ConnState {
-    fd: OwnedFd,
-    kind: FdKind,
-    outbox: Outbox,
-    /// One op per write of the current chain: a stream has one write in
-    /// flight at a time; a datagram socket up to a chain of them, the
-    /// `i`-th sending the `i`-th queued datagram. None is refilled until
-    /// the whole chain has completed.
-    // Boxed: an op's msghdr points into the op itself (its destination),
-    // so it must not move when the vector grows.
-    #[allow(clippy::vec_box)]
-    ops: Vec<Box<WriteOp>>,
-    /// Writes started and whose `Done` was not yet seen.
-    in_flight: usize,
-    /// `Done`s seen of the current chain: the next `Done` is `ops[done]`'s,
-    /// since a chain's writes complete in order.
-    done: usize,
-    /// A write of the current chain failed: the rest of it complete with
-    /// ECANCELED, unsent, and stay queued.
-    broken: bool,
-    /// In `dirty`, waiting to start.
-    scheduled: bool,
-    failed: bool,
-    /// The kernel copied a zero-copy send here, or refused zero-copy on
-    /// this socket: use the copy path (demoted per connection, observable
-    /// in `Stats::zc_copied`).
-    copy_only: bool,
-    /// `Auto`: what this connection has learnt about zero-copy.
-    zc_probe: ZcProbe,
-    /// Queue reached the high watermark and not yet back to the low one.
-    unwritable: bool,
-    /// Datagram sockets: whether runs of datagrams go as GSO sends.
-    gso: Segmentation,
-}
-
-/// The engine's GSO switch and counters (see [`Stats`]).
-#[derive(Debug, Default)]
-struct GsoCounters {
-    /// [`MoverBuilder::gso`]: probe datagram sockets at attach.
-    enabled: bool,
-    sends: u64,
-    datagrams: u64,
-    disabled: u64,
-}
-
-/// `ZeroCopy::Auto` learns per connection: one zero-copy send first (the
-/// probe), copies while its notification is outstanding, then either
-/// zero-copies everything (the kernel did not copy) or nothing (it did:
-/// loopback, veth delivery). Notification latency thus costs at most one
-/// slow send, never a stream of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ZcProbe {
-    Untried,
-    Probing,
-    Pays,
-}
-
-#[derive(Debug, Default)]
-struct Slot {
-    generation: u32,
-    state: Option<ConnState>,
-}
-
-/// The live state behind `conn`, if the handle is current. A free function
-/// over the slots so callers may hold other fields of the engine too.
-fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
-    let slot = slots.get_mut(conn.slot as usize)?;
-    if slot.generation != conn.generation {
-        return None;
-    }
-    slot.state.as_mut()
-}
-
-/// Why `st` refuses a send now, if it does.
-fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<SendErrorKind> {
-    if st.failed {
-        Some(SendErrorKind::Failed)
-    } else if dest.is_some() && st.kind != FdKind::DatagramSocket {
-        Some(SendErrorKind::NotDatagram)
-    } else if st.outbox.queued_bytes() >= limit {
-        Some(SendErrorKind::BackPressure {
-            queued: st.outbox.queued_bytes(),
-            limit,
-        })
-    } else {
-        None
-    }
-}
-
 /// The batched-send engine.
 ///
 /// # Threading
@@ -715,7 +565,7 @@ fn refusal(st: &ConnState, dest: Option<SocketAddr>, limit: usize) -> Option<Sen
 ///   an eventfd kept readable while a write waits for a socket to become
 ///   writable: the loop spins through `wait(Some(ZERO))` until it is.
 ///   Correct, but busy: prefer io_uring or epoll under an event loop. A
-///   [`Waker`]'s wake does not show on it (on io_uring and epoll it does).
+///   [`Waker`](crate::Waker)'s wake does not show on it (on io_uring and epoll it does).
 ///
 /// Nothing about the `Mover` changes: `flush` still submits, a blocking
 /// `wait` still works. `examples/event_loop.rs` is a complete poll(2)
@@ -796,17 +646,6 @@ impl AsRawFd for Mover {
     }
 }
 
-/// What `Mover::start` did for one connection.
-enum Started {
-    /// Writes started.
-    Yes,
-    /// Nothing to start (empty, failed, or a write already in flight).
-    Nothing,
-    /// The driver has no room now (io_uring: its completion queue is
-    /// spoken for): the connection stays scheduled.
-    NoRoom,
-}
-
 impl Mover {
     /// A builder with defaults.
     pub fn builder() -> MoverBuilder {
@@ -880,18 +719,6 @@ impl Mover {
         Ok(conn)
     }
 
-    fn state(&self, conn: Conn) -> Option<&ConnState> {
-        let slot = self.slots.get(conn.slot as usize)?;
-        if slot.generation != conn.generation {
-            return None;
-        }
-        slot.state.as_ref()
-    }
-
-    fn state_mut(&mut self, conn: Conn) -> Option<&mut ConnState> {
-        live_mut(&mut self.slots, conn)
-    }
-
     /// Queues `bufs` on `conn`: no copy, no syscall. On a stream they
     /// continue the byte stream; on a datagram socket they form one datagram
     /// to the connected peer. Nothing moves until [`flush`](Self::flush).
@@ -939,7 +766,7 @@ impl Mover {
     ) -> Result<(), SendError<I>> {
         let limit = self.max_queued;
         let high = self.watermarks.1;
-        let Some(st) = self.state_mut(conn) else {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
             return Err(SendError {
                 kind: SendErrorKind::UnknownConn,
                 bufs,
@@ -950,16 +777,12 @@ impl Mover {
             return Err(SendError { kind, bufs });
         }
         st.outbox.push(bufs, dest);
-        st.unwritable |= st.outbox.queued_bytes() >= high;
         if st.kind != FdKind::DatagramSocket && st.outbox.queued_bytes() == 0 {
             // Only empty buffers on a stream: nothing to write, nothing to keep.
             st.outbox.take_unsent();
             return Ok(());
         }
-        if st.in_flight == 0 && !st.scheduled {
-            st.scheduled = true;
-            self.dirty.push(conn);
-        }
+        queued_more(&mut self.dirty, conn, st, high);
         Ok(())
     }
 
@@ -992,7 +815,7 @@ impl Mover {
     /// Refuses, handing the packet back, exactly when `send` would.
     pub fn send_packet(&mut self, conn: Conn, packet: Packet) -> Result<(), SendError<Packet>> {
         let (limit, high) = (self.max_queued, self.watermarks.1);
-        let Some(st) = self.state_mut(conn) else {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
             return Err(SendError {
                 kind: SendErrorKind::UnknownConn,
                 bufs: packet,
@@ -1006,77 +829,8 @@ impl Mover {
             return Ok(());
         }
         st.outbox.push_packet(packet, None);
-        st.unwritable |= st.outbox.queued_bytes() >= high;
-        if st.in_flight == 0 && !st.scheduled {
-            st.scheduled = true;
-            self.dirty.push(conn);
-        }
+        queued_more(&mut self.dirty, conn, st, high);
         Ok(())
-    }
-
-    /// Queues `bufs` as datagrams of `segment_size` bytes each (the last
-    /// may be shorter), cut without copying: quinn-udp's `Transmit` with a
-    /// `segment_size`, so a caller with one buffer of many packets need
-    /// not queue them one by one. To `dest`, or the connected peer. With
-    /// GSO on ([`Mover::segmentation`]) they leave in as few sends as the
-    /// kernel allows (64 datagrams, 64 KiB each); otherwise one by one.
-    /// Empty `bufs` queue nothing. Refuses (buffers back, untouched) as
-    /// `send_to` does, and with `NotDatagram` on a stream or file.
-    pub fn send_segments<I: IntoIterator<Item = Bytes>>(
-        &mut self,
-        conn: Conn,
-        bufs: I,
-        segment_size: std::num::NonZeroUsize,
-        dest: Option<SocketAddr>,
-    ) -> Result<(), SendError<I>> {
-        let limit = self.max_queued;
-        let refuse = match self.state(conn) {
-            None => Some(SendErrorKind::UnknownConn),
-            Some(st) if st.kind != FdKind::DatagramSocket && !st.failed => {
-                Some(SendErrorKind::NotDatagram)
-            }
-            Some(st) => refusal(st, dest, limit),
-        };
-        if let Some(kind) = refuse {
-            return Err(SendError { kind, bufs });
-        }
-        let size = segment_size.get();
-        let (mut datagram, mut room) = (Vec::new(), size);
-        for mut b in bufs {
-            while !b.is_empty() {
-                let piece = b.split_to(room.min(b.len()));
-                room -= piece.len();
-                datagram.push(piece);
-                if room == 0 {
-                    self.push_datagram(conn, std::mem::take(&mut datagram), dest);
-                    room = size;
-                }
-            }
-        }
-        if !datagram.is_empty() {
-            self.push_datagram(conn, datagram, dest);
-        }
-        Ok(())
-    }
-
-    /// Queues one datagram on a live datagram socket, past the checks.
-    fn push_datagram(&mut self, conn: Conn, bufs: Vec<Bytes>, dest: Option<SocketAddr>) {
-        let high = self.watermarks.1;
-        let Some(st) = self.state_mut(conn) else {
-            return;
-        };
-        st.outbox.push(bufs, dest);
-        st.unwritable |= st.outbox.queued_bytes() >= high;
-        if st.in_flight == 0 && !st.scheduled {
-            st.scheduled = true;
-            self.dirty.push(conn);
-        }
-    }
-
-    /// Whether `conn` (a datagram socket) sends with GSO, and if the kernel
-    /// refused it, why (`None` if unknown).
-    pub fn segmentation(&self, conn: Conn) -> Option<Segmentation> {
-        self.state(conn).map(|s| s.gso)
     }
 
     /// Whether `conn` is below its high watermark, or back to its low one
@@ -1112,362 +866,6 @@ impl Mover {
             self.submissions += 1;
         }
         Ok(started)
-    }
-
-    /// Starts every scheduled connection; readiness backends finish writes
-    /// inline, so their events are processed (and resumptions started) here.
-    /// Connections not started (no room, or an error) stay scheduled, first
-    /// in line, so an error strands nothing: the next flush, wait or
-    /// flush_and_wait starts them.
-    fn start_dirty(&mut self) -> io::Result<usize> {
-        let mut started = 0;
-        while !self.dirty.is_empty() {
-            let mut dirty = std::mem::take(&mut self.dirty);
-            let mut next = 0;
-            let outcome = loop {
-                let Some(&conn) = dirty.get(next) else {
-                    break Ok(true);
-                };
-                match self.start(conn) {
-                    Ok(Started::Yes) => started += 1,
-                    Ok(Started::Nothing) => {}
-                    Ok(Started::NoRoom) => break Ok(false),
-                    Err(e) => break Err(e),
-                }
-                next += 1;
-            };
-            if next < dirty.len() {
-                let mut rest = dirty.split_off(next);
-                rest.append(&mut self.dirty);
-                self.dirty = rest;
-            }
-            self.process_events();
-            match outcome {
-                Ok(true) => {}
-                // Completions (in `wait`) make room; don't spin here.
-                Ok(false) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(started)
-    }
-
-    /// Starts `conn`'s next write, or for a datagram socket a chain of them.
-    /// Counts in flight only what the driver started; otherwise leaves the
-    /// connection scheduled (`NoRoom`, or the error).
-    fn start(&mut self, conn: Conn) -> io::Result<Started> {
-        let Some(st) = live_mut(&mut self.slots, conn) else {
-            return Ok(Started::Nothing);
-        };
-        st.scheduled = false;
-        if st.failed || st.in_flight > 0 || st.outbox.is_empty() {
-            return Ok(Started::Nothing);
-        }
-        let datagram = st.kind == FdKind::DatagramSocket;
-        if datagram && st.outbox.front_pieces() > IOV_MAX {
-            let msg = format!("datagram of more than {IOV_MAX} pieces");
-            Self::fail(
-                &mut self.completions,
-                conn,
-                st,
-                io::Error::new(io::ErrorKind::InvalidInput, msg),
-            );
-            return Ok(Started::Nothing);
-        }
-        let want = if datagram {
-            st.outbox.queued_messages()
-        } else {
-            1
-        };
-        // A zero-copy send owes two completions (its notification).
-        let may_zero_copy =
-            st.kind.is_socket() && !st.copy_only && self.zero_copy != ZeroCopy::Never;
-        let chain = self
-            .driver
-            .room(want, 1 + usize::from(may_zero_copy), &mut self.events);
-        if chain == 0 {
-            st.scheduled = true;
-            return Ok(Started::NoRoom);
-        }
-        if !datagram && (self.zero_copy == ZeroCopy::Never || st.copy_only) {
-            // Copy small, reference large; never copy registered memory.
-            let pool = self.pool.as_ref();
-            let registered =
-                |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
-            st.outbox.set_copy_threshold(self.copy_threshold);
-            st.outbox
-                .prepare(pool.map(|_| &registered as &NeverCopy<'_>));
-        }
-        // How many ops to fill: a chain stops before a datagram too big to
-        // send in one call (it fails the connection once it is the front).
-        // With GSO on, an op carries a run of datagrams.
-        let segments = match st.gso {
-            Segmentation::On => GSO_MAX_SEGMENTS,
-            _ => 1,
-        };
-        let (mut n, mut next) = (0, 0);
-        while n < chain {
-            if st.ops.len() == n {
-                st.ops.push(WriteOp::new());
-            }
-            // Nothing is in flight (checked above): every op may be refilled.
-            let op = &mut st.ops[n];
-            let filled = if datagram {
-                let batch = op.fill_datagrams(&st.outbox, next, segments);
-                next += batch.map_or(0, |b| b.datagrams);
-                batch.is_some()
-            } else {
-                op.fill(&st.outbox);
-                true
-            };
-            if !filled {
-                break;
-            }
-            n += 1;
-        }
-        if n == 0 {
-            return Ok(Started::Nothing);
-        }
-        st.done = 0;
-        st.broken = false;
-        let probe_before = st.zc_probe;
-        let mut first = 0;
-        for i in 0..n {
-            let batch_bytes = st.ops[i].batch.bytes;
-            // A GSO send copies: SENDMSG_ZC with UDP_SEGMENT fails with
-            // EMSGSIZE (seen on 6.18), and for datagrams small enough to
-            // share a send, GSO is the saving that matters.
-            let zero_copy = may_zero_copy
-                && st.ops[i].batch.segment_size.is_none()
-                && match self.zero_copy {
-                    ZeroCopy::Never => false,
-                    ZeroCopy::Always => true,
-                    ZeroCopy::Auto { min_bytes } => {
-                        batch_bytes >= min_bytes
-                            && match st.zc_probe {
-                                ZcProbe::Untried => {
-                                    st.zc_probe = ZcProbe::Probing;
-                                    true
-                                }
-                                ZcProbe::Probing => false,
-                                ZcProbe::Pays => true,
-                            }
-                    }
-                };
-            let op = &mut st.ops[i];
-            op.zero_copy = zero_copy;
-            op.fixed = None;
-            op.hold.clear();
-            let carried = op.batch.datagrams;
-            if zero_copy {
-                if datagram {
-                    op.hold
-                        .extend(st.outbox.datagrams_bufs(first, carried).cloned());
-                } else {
-                    op.hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
-                }
-                if let ([iov], Some(pool)) = (op.iovecs(), &self.pool) {
-                    op.fixed = pool.index_of(iov.iov_base as *const u8, iov.iov_len);
-                }
-            }
-            first += carried;
-        }
-        // SAFETY: `st.ops[..n]` are boxed and none is touched again until
-        // every `Done` of this chain has been seen (`in_flight` back to 0);
-        // the `Bytes` (and staged copies) their iovecs point at stay in
-        // `st.outbox`, which only
-        // advances on these writes' `Done`s; `Drop` and `detach` wait for
-        // every in-flight write before freeing either. On error nothing was
-        // started.
-        let res = unsafe {
-            self.driver.start(
-                conn.token(),
-                st.fd.as_raw_fd(),
-                st.kind,
-                &mut st.ops[..n],
-                &mut self.events,
-            )
-        };
-        if let Err(e) = res {
-            // Not started: no holds kept, no probe under way, still queued.
-            st.ops[..n].iter_mut().for_each(|op| op.hold.clear());
-            st.zc_probe = probe_before;
-            st.scheduled = true;
-            return Err(e);
-        }
-        st.in_flight += n;
-        self.in_flight += n;
-        self.writes += n as u64;
-        for op in st.ops[..n]
-            .iter()
-            .filter(|op| op.batch.segment_size.is_some())
-        {
-            self.gso.sends += 1;
-            self.gso.datagrams += op.batch.datagrams as u64;
-        }
-        Ok(Started::Yes)
-    }
-
-    /// A datagram write of `carried` datagrams (`segment`: its GSO segment
-    /// size) moved `n` bytes of `asked`: releases the datagrams sent and
-    /// returns their bytes. UDP sends all or nothing, so `n == asked`; a
-    /// short count (none is known) releases only the whole segments it
-    /// covers, leaves the rest queued, and breaks the chain (on io_uring
-    /// the rest of it is cancelled: datagram sends carry `MSG_WAITALL`), so
-    /// nothing is lost or sent twice.
-    fn sent_datagrams(
-        st: &mut ConnState,
-        n: usize,
-        asked: usize,
-        carried: usize,
-        segment: Option<u16>,
-    ) -> usize {
-        let (count, bytes) = match segment {
-            Some(size) if n < asked => {
-                let whole = (n / usize::from(size)).min(carried);
-                st.broken = true;
-                (whole, whole * usize::from(size))
-            }
-            // A single datagram is never split.
-            _ => (carried, asked),
-        };
-        st.outbox.advance_datagrams(count);
-        bytes
-    }
-
-    fn fail(completions: &mut Vec<Completion>, conn: Conn, st: &mut ConnState, error: io::Error) {
-        st.failed = true;
-        let unsent = st.outbox.take_unsent();
-        completions.push(Completion {
-            conn,
-            written: 0,
-            queued: 0,
-            error: Some(ConnError { error, unsent }),
-            writable_again: false,
-        });
-    }
-
-    fn process_events(&mut self) {
-        let mut events = std::mem::take(&mut self.events);
-        for ev in events.drain(..) {
-            match ev {
-                Event::Done { token, res } => {
-                    let conn = Conn::from_token(token);
-                    let Some(st) = live_mut(&mut self.slots, conn) else {
-                        continue;
-                    };
-                    if st.in_flight == 0 {
-                        continue;
-                    }
-                    st.in_flight -= 1;
-                    self.in_flight -= 1;
-                    let (zero_copy, asked) = st
-                        .ops
-                        .get(st.done)
-                        .map_or((false, 0), |op| (op.zero_copy, op.batch.bytes));
-                    let (carried, segment) = st
-                        .ops
-                        .get(st.done)
-                        .map_or((1, None), |op| (op.batch.datagrams, op.batch.segment_size));
-                    st.done += 1;
-                    let chain_over = st.in_flight == 0;
-                    if st.failed {
-                        // The dead connection's queue was handed back; the
-                        // rest of its chain failed with it.
-                    } else {
-                        match res {
-                            Ok(mut n) => {
-                                if st.kind == FdKind::DatagramSocket {
-                                    n = Self::sent_datagrams(st, n, asked, carried, segment);
-                                } else {
-                                    st.outbox.advance(n);
-                                }
-                                self.bytes += n as u64;
-                                self.short_writes += u64::from(n < asked);
-                                let again =
-                                    st.unwritable && st.outbox.queued_bytes() <= self.watermarks.0;
-                                st.unwritable &= !again;
-                                self.completions.push(Completion {
-                                    conn,
-                                    written: n,
-                                    queued: st.outbox.queued_bytes(),
-                                    error: None,
-                                    writable_again: again,
-                                });
-                            }
-                            // The rest of a chain whose earlier write failed:
-                            // not sent, still queued.
-                            Err(e) if st.broken && e.raw_os_error() == Some(libc::ECANCELED) => {}
-                            // The kernel refused GSO on this socket: off for
-                            // good; the same datagrams go again one by one.
-                            Err(e)
-                                if segment.is_some()
-                                    && matches!(
-                                        e.raw_os_error(),
-                                        Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
-                                    ) =>
-                            {
-                                st.gso = Segmentation::Refused {
-                                    errno: e.raw_os_error().unwrap_or(0),
-                                };
-                                self.gso.disabled += 1;
-                                st.broken = true;
-                            }
-                            // A socket that refuses zero-copy (e.g. Unix
-                            // stream): demote it and resend the same bytes
-                            // by copying.
-                            Err(e)
-                                if zero_copy
-                                    && matches!(
-                                        e.raw_os_error(),
-                                        Some(libc::EOPNOTSUPP | libc::EINVAL)
-                                    ) =>
-                            {
-                                st.copy_only = true;
-                                st.broken = true;
-                            }
-                            Err(e) => Self::fail(&mut self.completions, conn, st, e),
-                        }
-                    }
-                    if chain_over && !st.failed && !st.outbox.is_empty() && !st.scheduled {
-                        st.scheduled = true;
-                        self.dirty.push(conn);
-                    }
-                }
-                Event::Notified { token, copied } => {
-                    self.zc_notified += 1;
-                    self.zc_copied += u64::from(copied);
-                    if let (ZeroCopy::Auto { .. }, Some(st)) = (
-                        self.zero_copy,
-                        live_mut(&mut self.slots, Conn::from_token(token)),
-                    ) {
-                        if copied {
-                            st.copy_only = true;
-                        } else if st.zc_probe == ZcProbe::Probing {
-                            st.zc_probe = ZcProbe::Pays;
-                        }
-                    }
-                }
-                Event::Woken => self.woken(),
-                Event::Writable { token } => {
-                    let conn = Conn::from_token(token);
-                    let Some(st) = live_mut(&mut self.slots, conn) else {
-                        continue;
-                    };
-                    if st.in_flight > 0 {
-                        // Readiness backends: the one write hit EAGAIN;
-                        // retry the same, untouched op.
-                        st.in_flight -= 1;
-                        self.in_flight -= 1;
-                        if !st.scheduled {
-                            st.scheduled = true;
-                            self.dirty.push(conn);
-                        }
-                    }
-                }
-            }
-        }
-        self.events = events;
     }
 
     /// Waits for completions, finishing partial writes and retrying sockets
@@ -1508,39 +906,6 @@ impl Mover {
             return self.park(out, timeout);
         }
         self.wait_for(1, out, timeout)
-    }
-
-    /// `wait`, but on io_uring sleep until `min` completions are ready: one
-    /// wake-up instead of one per connection.
-    fn wait_for(
-        &mut self,
-        min: usize,
-        out: &mut Vec<Completion>,
-        timeout: Option<Duration>,
-    ) -> io::Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let notified = self.zc_notified;
-        loop {
-            self.start_dirty()?;
-            // Progress is a completion, or a notification (it frees buffers).
-            if !self.completions.is_empty()
-                || self.zc_notified != notified
-                || (self.in_flight == 0 && self.driver.notifs_pending() == 0)
-            {
-                break;
-            }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) => Some(left),
-                    None => break,
-                },
-                None => None,
-            };
-            self.driver.wait(min, left, &mut self.events)?;
-            self.process_events();
-        }
-        out.append(&mut self.completions);
-        Ok(())
     }
 
     /// [`flush`](Self::flush)es, then blocks until every connection's queue
@@ -1757,72 +1122,5 @@ impl Drop for Mover {
             }
             std::mem::forget(std::mem::replace(&mut self.driver, Driver::inert()));
         }
-    }
-}
-
-/// A [`Mover`]'s waker and whether it fired since `wait` last returned.
-#[derive(Debug)]
-struct Wake {
-    waker: Waker,
-    woken: bool,
-}
-
-impl Mover {
-    /// A [`Waker`] that ends this engine's [`wait`](Self::wait) early from
-    /// any thread. The first call creates an eventfd (a pipe off Linux)
-    /// and has the backend watch it (io_uring: a multishot `POLL_ADD`;
-    /// epoll/poll: registered for `POLLIN`); later calls return clones.
-    /// From then on `wait` also sleeps, in the kernel, when nothing is in
-    /// flight, until a completion, a wake or the timeout: what a thread
-    /// that is handed work by other threads needs (see [`crate::shard`]).
-    pub fn waker(&mut self) -> io::Result<Waker> {
-        if let Some(w) = &self.wake {
-            return Ok(w.waker.clone());
-        }
-        let waker = Waker::new()?;
-        self.driver.watch_wake(waker.raw_fd())?;
-        self.wake = Some(Wake {
-            waker: waker.clone(),
-            woken: false,
-        });
-        Ok(waker)
-    }
-
-    /// The waker fired: consume it (the fd stops polling readable) and
-    /// let the current or next `wait` return.
-    fn woken(&mut self) {
-        if let Some(w) = self.wake.as_mut() {
-            w.waker.reset();
-            w.woken = true;
-        }
-    }
-
-    /// `wait` with a waker: starts what is scheduled, then sleeps until a
-    /// completion, a zero-copy notification, a wake, or the timeout, even
-    /// with nothing in flight. A zero timeout still asks the kernel once
-    /// (without sleeping), so a caller that never sleeps still reaps.
-    fn park(&mut self, out: &mut Vec<Completion>, timeout: Option<Duration>) -> io::Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let notified = self.zc_notified;
-        let mut asked = false;
-        loop {
-            self.start_dirty()?;
-            let woken = self.wake.as_ref().is_some_and(|w| w.woken);
-            if woken || !self.completions.is_empty() || self.zc_notified != notified {
-                break;
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if asked && left == Some(Duration::ZERO) {
-                break;
-            }
-            asked = true;
-            self.driver.wait(1, left, &mut self.events)?;
-            self.process_events();
-        }
-        if let Some(w) = self.wake.as_mut() {
-            w.woken = false;
-        }
-        out.append(&mut self.completions);
-        Ok(())
     }
 }
