@@ -84,12 +84,12 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test: deps fmt lint
+	# every example builds first: the suite runs them (tests/suite/examples.rs)
+	$(CARGO) build --examples
 	# --all-targets also runs each criterion bench once, so they never rot
 	$(CARGO) test --all-targets
 	# doctests, README.md's example among them (--all-targets skips them)
 	$(CARGO) test --doc
-	# every example builds (with or without an examples/ directory)
-	$(CARGO) build --examples
 	# a library user (no default features) compiles no CLI crate
 	$(CARGO) check --lib --no-default-features
 	@if $(CARGO) tree -e normal --no-default-features --prefix none | grep -E '^(clap|clap_complete|clap_mangen|anyhow|serde|serde_json|indicatif) '; then \
