@@ -54,7 +54,6 @@ use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, OpFallback};
@@ -68,7 +67,6 @@ mod pump;
 mod readiness;
 #[cfg(target_os = "linux")]
 mod uring;
-mod wake;
 
 /// Limits applied to every connection of a [`Receiver`].
 #[derive(Debug, Clone, Default)]
@@ -432,7 +430,7 @@ impl Receiver {
     /// as `ringmover recv --threads` does), or that must look at a flag.
     /// A wake-up that comes while nobody waits ends the next wait at once.
     pub fn waker(&mut self) -> io::Result<Waker> {
-        Ok(Waker(self.engine.waker()?))
+        self.engine.waker()
     }
 
     /// What `O_DIRECT` output did so far ([`RecvOptions::direct`]).
@@ -460,16 +458,9 @@ impl Receiver {
     }
 }
 
-/// Wakes a [`Receiver::wait`] from another thread ([`Receiver::waker`]).
-#[derive(Debug, Clone)]
-pub struct Waker(Arc<wake::WakeFd>);
-
-impl Waker {
-    /// Makes the receiver's current or next `wait` return.
-    pub fn wake(&self) -> io::Result<()> {
-        self.0.wake()
-    }
-}
+/// Wakes a [`Receiver::wait`] from another thread ([`Receiver::waker`]):
+/// the same type as the `Mover`'s waker.
+pub use crate::wake::Waker;
 
 /// A listener being watched, with how many more connections to accept and
 /// whether `accept(2)` is failing.
@@ -1304,7 +1295,7 @@ mod tests {
             let w = r.waker().unwrap();
             let mut events = Vec::new();
             for _ in 0..3 {
-                let woken = Arc::new(AtomicBool::new(false));
+                let woken = std::sync::Arc::new(AtomicBool::new(false));
                 let (w, flag) = (w.clone(), woken.clone());
                 let t = std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_millis(50));

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[cfg(target_os = "linux")]
@@ -19,9 +18,9 @@ use super::direct::{self, Buf, WriteReq, REGISTERED};
 use super::pump::{pump, Mover, Pump};
 #[cfg(target_os = "linux")]
 use super::uring::RingSelector;
-use super::wake::WakeFd;
 use super::{next_timeout, Accepted, Conn, Event, Failure, Listen, PipeReport, RecvOptions};
 use crate::backend::OpFallback;
+use crate::wake::Waker;
 
 /// Token of the listener.
 const LISTENER: u64 = u64::MAX;
@@ -197,7 +196,7 @@ pub(crate) struct ReadinessEngine {
     /// Connections whose turn ended with bytes possibly left.
     again: Vec<u64>,
     /// Watched once a [`super::Waker`] was asked for.
-    waker: Option<Arc<WakeFd>>,
+    waker: Option<Waker>,
 }
 
 impl ReadinessEngine {
@@ -313,11 +312,11 @@ impl ReadinessEngine {
     }
 
     /// The fd that wakes `wait` from other threads, watched from now on.
-    pub(crate) fn waker(&mut self) -> io::Result<Arc<WakeFd>> {
+    pub(crate) fn waker(&mut self) -> io::Result<Waker> {
         if let Some(w) = &self.waker {
             return Ok(w.clone());
         }
-        let w = Arc::new(WakeFd::new()?);
+        let w = Waker::new()?;
         self.selector.add(w.as_fd(), WAKE)?;
         self.waker = Some(w.clone());
         Ok(w)
@@ -398,7 +397,7 @@ impl ReadinessEngine {
                 self.accept(events);
             } else if token == WAKE {
                 if let Some(w) = &self.waker {
-                    w.drain();
+                    w.reset();
                     // Only a one-shot poll (a ring without multishot)
                     // needs arming again; a failure shows as no wake-ups.
                     let _ = self.selector.rearm(WAKE);

@@ -48,6 +48,8 @@ macro_rules! for_each_backend {
 }
 
 mod cli;
+// Drives a Mover from an epoll loop too: Linux only.
+#[cfg(target_os = "linux")]
 mod event_loop;
 mod examples;
 mod fixed;
