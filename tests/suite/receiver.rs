@@ -132,15 +132,7 @@ fn write_stream(
             rest = &rest[n..];
         }
         if reset {
-            nix::sys::socket::setsockopt(
-                &s,
-                nix::sys::socket::sockopt::Linger,
-                &libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            )
-            .unwrap();
+            crate::util::reset(s);
         } else {
             s.shutdown(Shutdown::Write).unwrap();
             let _ = s.read(&mut [0u8; 1]);

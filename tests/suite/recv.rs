@@ -528,19 +528,7 @@ pub(crate) fn send_until_refused(server: Server, data: &[u8]) -> (Done, SocketAd
     (done, peer)
 }
 
-/// Closes `s` with a reset: SO_LINGER 0, then close (RST, not FIN).
-pub(crate) fn reset(s: TcpStream) {
-    nix::sys::socket::setsockopt(
-        &s,
-        nix::sys::socket::sockopt::Linger,
-        &libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    drop(s);
-}
+pub(crate) use crate::util::reset;
 
 /// Checks a reset connection's record: exactly `data` kept in `part`.
 fn assert_reset_kept(done: &Done, peer: SocketAddr, part: &Path, data: &[u8]) {

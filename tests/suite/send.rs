@@ -332,17 +332,8 @@ pub fn a_dead_peer_fails_only_its_own_connection(b: Option<Backend>) {
     let mut m = mover(b);
     let (a1, peer1) = tcp_pair();
     let (a2, peer2) = tcp_pair();
-    // Reset: SO_LINGER 0 then close sends RST; later sends get ECONNRESET/EPIPE.
-    nix::sys::socket::setsockopt(
-        &peer1,
-        nix::sys::socket::sockopt::Linger,
-        &libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    drop(peer1);
+    // Reset: later sends get ECONNRESET/EPIPE.
+    crate::util::reset(peer1);
     let rx2 = reader(peer2);
     let dead = m.attach(a1).unwrap();
     let live = m.attach(a2).unwrap();

@@ -115,3 +115,17 @@ pub fn wait_within(
         stderr: err.join().unwrap(),
     }
 }
+
+/// Closes `s` with a reset: SO_LINGER 0, then close (RST, not FIN).
+pub fn reset(s: std::net::TcpStream) {
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("setting SO_LINGER 0");
+    drop(s);
+}
