@@ -358,9 +358,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             let attached = match &mut shards {
                                 Some(s) => s.dispatch(socket, peer, file),
                                 None if is_stdout(&output) => {
-                                    receiver.attach_sequential(socket.into(), peer, file)
+                                    receiver.attach_sequential(socket, peer, file)
                                 }
-                                None => receiver.attach(socket.into(), peer, file),
+                                None => receiver.attach(socket, peer, file),
                             };
                             match attached {
                                 Ok(id) => Ok((id, output)),

@@ -47,7 +47,7 @@ fn main() -> io::Result<()> {
             if let Event::Incoming { socket, peer } = event {
                 let path = dir.join(format!("from-{}", peer.port()));
                 let file = std::fs::File::create(&path)?;
-                receiver.attach(socket.into(), peer, file)?;
+                receiver.attach(socket, peer, file)?;
             } else if let Event::Finished(done) = event {
                 println!(
                     "{}: {} bytes in {:?}: {:?}",

@@ -17,7 +17,7 @@
 //!         match event {
 //!             Event::Incoming { socket, peer } => {
 //!                 let file = std::fs::File::create("/tmp/out")?;
-//!                 receiver.attach(socket.into(), peer, file)?;
+//!                 receiver.attach(socket, peer, file)?;
 //!             }
 //!             Event::Finished(done) => println!("{}: {} bytes, {:?}", done.peer, done.bytes, done.result),
 //!             Event::AcceptFailed(e) => eprintln!("accept: {e}"),
@@ -375,9 +375,14 @@ impl Receiver {
     /// from offset 0 at explicit offsets; anything else (a pipe, a
     /// terminal, a device) as with [`attach_sequential`](Self::attach_sequential).
     /// The socket is made non-blocking.
-    pub fn attach(&mut self, socket: OwnedFd, peer: SocketAddr, file: File) -> io::Result<ConnId> {
+    pub fn attach(
+        &mut self,
+        socket: impl Into<OwnedFd>,
+        peer: SocketAddr,
+        file: File,
+    ) -> io::Result<ConnId> {
         let regular = file.metadata()?.file_type().is_file();
-        self.attach_as(socket, peer, file, !regular)
+        self.attach_as(socket.into(), peer, file, !regular)
     }
 
     /// Starts receiving `socket` into `file` at the file's own position,
@@ -388,11 +393,11 @@ impl Receiver {
     /// for its reader: meant for a receiver with one connection.
     pub fn attach_sequential(
         &mut self,
-        socket: OwnedFd,
+        socket: impl Into<OwnedFd>,
         peer: SocketAddr,
         file: File,
     ) -> io::Result<ConnId> {
-        self.attach_as(socket, peer, file, true)
+        self.attach_as(socket.into(), peer, file, true)
     }
 
     fn attach_as(
@@ -1072,7 +1077,7 @@ mod tests {
                 match e {
                     Event::Incoming { socket, peer } => {
                         let f = File::create(&path).unwrap();
-                        r.attach(socket.into(), peer, f).unwrap();
+                        r.attach(socket, peer, f).unwrap();
                         attached = true;
                         assert!(!r.is_listening(), "the limit of one stops listening");
                     }
@@ -1151,7 +1156,7 @@ mod tests {
                     match e {
                         Event::Incoming { socket, peer } => {
                             let f = File::options().write(true).open("/dev/null").unwrap();
-                            r.attach(socket.into(), peer, f).unwrap();
+                            r.attach(socket, peer, f).unwrap();
                         }
                         Event::Finished(f) => finished = Some(f),
                         Event::AcceptFailed(e) => panic!("{e}"),
@@ -1271,7 +1276,7 @@ mod tests {
                 for e in events.drain(..) {
                     if let Event::Incoming { socket, peer } = e {
                         let f = File::create(&path).unwrap();
-                        r.attach(socket.into(), peer, f).unwrap();
+                        r.attach(socket, peer, f).unwrap();
                     }
                 }
             }

@@ -449,7 +449,7 @@ fn ringmover(
             match e {
                 Event::Incoming { socket, peer } => {
                     let f = files.pop().context("more connections than expected")?;
-                    r.attach(socket.into(), peer, f)?;
+                    r.attach(socket, peer, f)?;
                 }
                 Event::Finished(done) => {
                     if let Err(why) = done.result {
@@ -503,7 +503,7 @@ fn idle(n: usize, json: bool) -> anyhow::Result<Outcome> {
         r.wait(Some(Duration::from_millis(100)), &mut events)?;
         for e in events.drain(..) {
             if let Event::Incoming { socket, peer } = e {
-                r.attach(socket.into(), peer, dev_null()?)?;
+                r.attach(socket, peer, dev_null()?)?;
                 attached += 1;
             }
         }

@@ -256,7 +256,7 @@ fn work(
                     socket,
                     peer,
                     file,
-                }) => match r.attach(socket.into(), peer, file) {
+                }) => match r.attach(socket, peer, file) {
                     Ok(id) => {
                         keys.insert(id, key);
                     }

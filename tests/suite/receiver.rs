@@ -67,7 +67,7 @@ fn serve(r: &mut Receiver, n: usize, mut file_for: impl FnMut(usize) -> File) ->
                 Event::Incoming { socket, peer } => {
                     let f = file_for(attached);
                     attached += 1;
-                    r.attach(socket.into(), peer, f).expect("Receiver::attach");
+                    r.attach(socket, peer, f).expect("Receiver::attach");
                 }
                 Event::Finished(f) => done.push(f),
                 Event::AcceptFailed(e) => panic!("accept: {e}"),
