@@ -337,12 +337,20 @@ impl Outbox {
     /// pieces and those for which `never_copy` answers true (registered
     /// buffers; `None`: there are none) referenced. `fill_iovecs` then
     /// follows the plan until `advance` has consumed all of it; partial
-    /// writes resume inside it without copying again.
-    pub fn prepare(&mut self, never_copy: Option<&NeverCopy<'_>>) {
-        let st = &mut self.stage;
+    /// writes resume inside it without copying again. Returns the bytes
+    /// it copied (0 when a plan was already under way).
+    pub fn prepare(&mut self, never_copy: Option<&NeverCopy<'_>>) -> usize {
+        let st = &self.stage;
         if st.threshold == 0 || self.framing == Framing::Datagram || st.active() {
-            return;
+            return 0;
         }
+        self.plan(never_copy);
+        self.stage.buf.len()
+    }
+
+    /// `prepare`'s planning, once it has decided to make a new plan.
+    fn plan(&mut self, never_copy: Option<&NeverCopy<'_>>) {
+        let st = &mut self.stage;
         st.segs.clear();
         st.buf.clear();
         st.buf.reserve(self.queued.min(STAGE_CAP));

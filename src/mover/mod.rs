@@ -445,6 +445,7 @@ impl MoverBuilder {
             short_writes: 0,
             one_thread: PhantomData,
             wake: None,
+            submit_now: false,
             gso: GsoCounters {
                 enabled: self.gso,
                 ..GsoCounters::default()
@@ -618,6 +619,8 @@ pub struct Mover {
     one_thread: PhantomData<*const ()>,
     /// Set by [`Mover::waker`]: the fd other threads wake `wait` with.
     wake: Option<Wake>,
+    /// The write just started staged at least `SUBMIT_STAGED_BYTES`.
+    pub(super) submit_now: bool,
     gso: GsoCounters,
     /// Someone asked for the pollable fd (`AsFd`): every `wait` first
     /// collects what makes it readable, so it stops polling readable.
@@ -845,7 +848,10 @@ impl Mover {
     /// flight, and submits them: on io_uring one SQE per connection (for a
     /// datagram socket, a linked chain of one per queued datagram, up to 32,
     /// kept in order) and one `io_uring_enter` per full submission queue
-    /// (⌈n / queue_depth⌉); on epoll/poll a non-blocking `sendmsg` or
+    /// (⌈n / queue_depth⌉), except that a write which has just copied 32 KiB
+    /// or more of small pieces into its staging buffer is submitted at once,
+    /// so the kernel copies it while it is still in cache (streaming: one
+    /// enter per such write); on epoll/poll a non-blocking `sendmsg` or
     /// `writev` each, finishing immediately what the sockets accept.
     /// Returns the number of connections started: on io_uring, those beyond
     /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start

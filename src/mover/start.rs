@@ -25,6 +25,13 @@ pub(super) enum Started {
     NoRoom,
 }
 
+/// Staged bytes from which a write is submitted at once rather than with
+/// the rest of its flush (see `start_dirty`). Measured (small packets,
+/// 1000 connections 64 KiB deep, io_uring): 0.477 CPU-s/GB submitting each
+/// such write, 0.543 submitting once per flush. Lock-step flushes of small
+/// packets stage far less per connection and keep one enter per flush.
+const SUBMIT_STAGED_BYTES: usize = 32 << 10;
+
 impl Mover {
     /// Starts every scheduled connection; readiness backends finish writes
     /// inline, so their events are processed (and resumptions started) here.
@@ -41,7 +48,20 @@ impl Mover {
                     break Ok(true);
                 };
                 match self.start(conn) {
-                    Ok(Started::Yes) => started += 1,
+                    Ok(Started::Yes) => {
+                        started += 1;
+                        // A write that just staged many bytes goes to the
+                        // kernel now, which copies them at submission:
+                        // while they are still in cache, not after the rest
+                        // of the flush has staged its own (tens of MiB for
+                        // a thousand busy connections).
+                        if std::mem::take(&mut self.submit_now) {
+                            if let Err(e) = self.driver.submit() {
+                                next += 1;
+                                break Err(e);
+                            }
+                        }
+                    }
                     Ok(Started::Nothing) => {}
                     Ok(Started::NoRoom) => break Ok(false),
                     Err(e) => break Err(e),
@@ -107,8 +127,10 @@ impl Mover {
             let registered =
                 |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
             st.outbox.set_copy_threshold(self.copy_threshold);
-            st.outbox
+            let staged = st
+                .outbox
                 .prepare(pool.map(|_| &registered as &NeverCopy<'_>));
+            self.submit_now |= staged >= SUBMIT_STAGED_BYTES;
         }
         // How many ops to fill: a chain stops before a datagram too big to
         // send in one call (it fails the connection once it is the front).
