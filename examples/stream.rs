@@ -43,8 +43,9 @@ fn main() -> std::io::Result<()> {
         .collect::<std::io::Result<Vec<_>>>()?;
     println!("backend: {}", mover.backend());
 
-    // Each packet: a small header (copied into the staging buffer when the
-    // write is prepared) and a 16 KiB slice of one payload (referenced).
+    // Each packet: a small header and a 16 KiB slice of one payload, queued
+    // by one reference (only packets whose pieces are all under the copy
+    // threshold are copied).
     let payload = Bytes::from(vec![0x5a; 1 << 20]);
     let mut writable = [true; CONNS];
     let (mut sent, mut pauses) = ([0u64; CONNS], [0u32; CONNS]);

@@ -8,7 +8,8 @@ use bytes::Bytes;
 /// An immutable list of `Bytes` pieces (headers, payload slices) sent as one
 /// unit. Cloning it, and queueing it on a connection with
 /// [`Mover::send_packet`](crate::Mover::send_packet), costs one reference
-/// count however many pieces it has; sending the same packet to a thousand
+/// count however many pieces it has (or, when all its pieces are under the
+/// copy threshold, one copy of its bytes and no reference); sending the same packet to a thousand
 /// subscribers shares one list. [`Shards::send`](crate::Shards::send) and
 /// [`Group::publish`](crate::Group::publish) take the same type (also
 /// `shard::Packet`) and queue it that way on each connection. Empty pieces
@@ -30,10 +31,10 @@ struct Inner {
     pieces: Box<[Bytes]>,
     len: usize,
     /// The longest piece: below the copy threshold, the whole packet is
-    /// staged in one go.
+    /// copied in one go.
     max_piece: usize,
     /// The pieces glued, made the first time a shared packet of small
-    /// pieces is staged: each connection then copies one run, not a
+    /// pieces is queued: each connection then copies one run, not a
     /// piece at a time.
     glued: OnceLock<Box<[u8]>>,
 }

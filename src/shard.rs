@@ -685,7 +685,7 @@ impl Shards {
 
     /// Queues `packet` on `conn` from any thread: one message to its shard,
     /// no copy on the way (the shard queues it with
-    /// [`Mover::send_packet`], which stages small pieces when it writes). Refused at once when the shard's queue is full; if the
+    /// [`Mover::send_packet`], which copies small pieces as they are queued). Refused at once when the shard's queue is full; if the
     /// connection itself refuses it on the shard, [`Event::Refused`] brings
     /// it back.
     pub fn send(&self, conn: ShardConn, packet: impl Into<Packet>) -> Result<(), PublishError> {

@@ -339,6 +339,18 @@ impl Driver {
         }
     }
 
+    /// Takes completions already posted, without a syscall (io_uring:
+    /// writes the kernel finished inline at submission). Readiness
+    /// backends report writes as they make them: nothing to take.
+    pub(crate) fn reap_posted(&mut self, events: &mut Vec<Event>) {
+        #[cfg(target_os = "linux")]
+        if let Driver::Uring(d) = self {
+            d.reap_posted(events);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = events;
+    }
+
     /// Hands queued work to the kernel (one `io_uring_enter`).
     pub(crate) fn submit(&mut self) -> io::Result<()> {
         each!(self, d => d.submit())

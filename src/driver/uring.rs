@@ -525,6 +525,12 @@ impl UringDriver {
         self.wait(1, Some(Duration::ZERO), events)
     }
 
+    /// Takes every posted completion into `events`, without entering.
+    pub(crate) fn reap_posted(&mut self, events: &mut Vec<Event>) {
+        self.reap();
+        events.append(&mut self.reaped);
+    }
+
     /// Takes every posted completion off the CQ ring into `self.reaped`,
     /// freeing its slot.
     fn reap(&mut self) {

@@ -74,6 +74,16 @@ pub(super) struct ConnState {
     pub(super) gso: Segmentation,
 }
 
+impl ConnState {
+    /// Zero-copy does not pay or is refused here: copy from now on, and
+    /// glue small pieces queued from now on (never before: zero-copy
+    /// writes need the queued `Bytes` themselves).
+    pub(super) fn demote_to_copy(&mut self, copy_threshold: usize) {
+        self.copy_only = true;
+        self.outbox.set_copy_threshold(copy_threshold);
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Slot {
     pub(super) generation: u32,

@@ -28,6 +28,7 @@ impl Mover {
 
     pub(super) fn process_events(&mut self) {
         let mut events = std::mem::take(&mut self.events);
+        let copy_threshold = self.copy_threshold;
         for ev in events.drain(..) {
             match ev {
                 Event::Done { token, res } => {
@@ -59,7 +60,7 @@ impl Mover {
                                 if st.kind == FdKind::DatagramSocket {
                                     n = Self::sent_datagrams(st, n, asked, carried, segment);
                                 } else {
-                                    st.outbox.advance(n);
+                                    st.outbox.advance_into(n, &mut self.glue);
                                 }
                                 self.bytes += n as u64;
                                 self.short_writes += u64::from(n < asked);
@@ -102,7 +103,7 @@ impl Mover {
                                         Some(libc::EOPNOTSUPP | libc::EINVAL)
                                     ) =>
                             {
-                                st.copy_only = true;
+                                st.demote_to_copy(copy_threshold);
                                 st.broken = true;
                             }
                             Err(e) => Self::fail(&mut self.completions, conn, st, e),

@@ -32,7 +32,7 @@ use crate::backend::{Backend, BackendChoice, Selection};
 use crate::driver::{Driver, Event, Token, WriteOp};
 use crate::fixed::{FixedBufMut, FixedBufPool};
 use crate::opcode::Opcode;
-use crate::outbox::{Framing, Outbox};
+use crate::outbox::{Framing, GluePool, NeverCopy, Outbox};
 use crate::packet::Packet;
 use crate::probe::RingSupport;
 use crate::sys::net::{self, FdKind};
@@ -52,7 +52,9 @@ pub use zerocopy::ZeroCopy;
 pub struct ConnError {
     /// The kernel's error (`EPIPE`, `ECONNRESET`, …), kind preserved.
     pub error: io::Error,
-    /// Exactly the bytes that were queued and not written, in order.
+    /// Exactly the bytes that were queued and not written, in order
+    /// (pieces under the copy threshold glued together, see
+    /// [`MoverBuilder::copy_threshold`]).
     pub unsent: Vec<Bytes>,
 }
 
@@ -152,7 +154,8 @@ impl<I> From<SendError<I>> for io::Error {
 pub struct Detached {
     /// The fd, as attached.
     pub fd: OwnedFd,
-    /// Exactly the queued bytes that were not written.
+    /// Exactly the queued bytes that were not written, in order (pieces
+    /// under the copy threshold glued together).
     pub unsent: Vec<Bytes>,
     /// Bytes written by writes whose completions were not yet handed out:
     /// chiefly the write in flight, cancelled part-way through. No
@@ -258,7 +261,7 @@ enum FixedBufs {
 }
 
 /// [`MoverBuilder::copy_threshold`]'s default: pieces under 1 KiB are
-/// copied into the staging buffer, larger ones referenced (docs/benchmarks.md).
+/// copied into the glued buffer, larger ones referenced (docs/benchmarks.md).
 pub const DEFAULT_COPY_THRESHOLD: usize = 1 << 10;
 
 impl MoverBuilder {
@@ -353,12 +356,18 @@ impl MoverBuilder {
         self
     }
 
-    /// Copy small, reference large: when a write is prepared, runs of queued
-    /// pieces shorter than `bytes` are copied into the connection's staging
-    /// buffer (at most 64 KiB per write) so the kernel sees a few large
-    /// segments instead of many tiny iovecs; larger pieces, and slices of
-    /// registered buffers whatever their size, are sent by reference. Writes
-    /// that go zero-copy never stage. 0 turns staging off. Default 1 KiB.
+    /// Copy small, reference large: pieces shorter than `bytes` queued on a
+    /// stream are copied, as they are queued, into the connection's glued
+    /// buffer (at most 64 KiB each; a new one once a write has taken it), so
+    /// the kernel sees a few large segments instead of many tiny iovecs and
+    /// the queue one entry instead of one per packet. A [`Packet`] is
+    /// copied whole when all its pieces are shorter, else queued by one
+    /// reference; larger pieces, and slices of registered buffers whatever
+    /// their size, are sent by reference. `unsent` then holds small pieces
+    /// glued together (set 0 to get the queued pieces themselves back).
+    /// Datagrams are never copied, and under a zero-copy policy a
+    /// connection copies nothing until zero-copy is found not to pay on it.
+    /// 0 turns copying off. Default 1 KiB.
     pub fn copy_threshold(mut self, bytes: usize) -> Self {
         self.copy_threshold = bytes;
         self
@@ -425,6 +434,7 @@ impl MoverBuilder {
         };
         Ok(Mover {
             pool,
+            glue: GluePool::default(),
             zero_copy,
             zc_copied: 0,
             zc_notified: 0,
@@ -501,14 +511,15 @@ impl MoverBuilder {
 /// [`Completion::writable_again`] says a connection that reached its high
 /// watermark is back at its low one: resume producing for it
 /// ([`MoverBuilder::write_watermarks`]; `send` refuses only at the hard
-/// byte limit). When a write is prepared, pieces under the copy threshold
-/// ([`MoverBuilder::copy_threshold`], 1 KiB) are copied into the
-/// connection's staging buffer (at most 64 KiB per write, freed when the
+/// byte limit). Pieces under the copy threshold
+/// ([`MoverBuilder::copy_threshold`], 1 KiB) are copied as they are queued
+/// into the connection's glued buffer (64 KiB at most each, freed when the
 /// queue empties), so the kernel copies a few large segments rather than
-/// hundreds of tiny iovecs; larger pieces and registered buffers go by
-/// reference, and zero-copy writes never stage. Exact accounting is
-/// unchanged: partial writes resume at the exact byte, and `unsent` (on
-/// failure or `detach`) is the original pieces, never the staged copies.
+/// hundreds of tiny iovecs and the queue holds a few entries rather than
+/// one per packet; larger pieces and registered buffers go by reference.
+/// Exact accounting is unchanged: partial writes resume at the exact byte,
+/// and `unsent` (on failure or `detach`) is exactly the bytes not written,
+/// small pieces glued together.
 /// `examples/stream.rs` is a complete producer.
 ///
 /// ```no_run
@@ -609,6 +620,8 @@ pub struct Mover {
     in_flight: usize,
     max_queued: usize,
     copy_threshold: usize,
+    /// Written glued buffers, for the next connection to glue into.
+    glue: GluePool,
     /// (low, high) writability watermarks.
     watermarks: (usize, usize),
     submissions: u64,
@@ -619,7 +632,7 @@ pub struct Mover {
     one_thread: PhantomData<*const ()>,
     /// Set by [`Mover::waker`]: the fd other threads wake `wait` with.
     wake: Option<Wake>,
-    /// The write just started staged at least `SUBMIT_STAGED_BYTES`.
+    /// The write just started carries at least `SUBMIT_STAGED_BYTES` glued.
     pub(super) submit_now: bool,
     gso: GsoCounters,
     /// Someone asked for the pollable fd (`AsFd`): every `wait` first
@@ -704,10 +717,16 @@ impl Mover {
         } else {
             Segmentation::Off
         };
+        let mut outbox = Outbox::new(framing);
+        if self.zero_copy == ZeroCopy::Never {
+            // Copy small, reference large: never together with zero-copy,
+            // which needs the queued `Bytes` themselves.
+            outbox.set_copy_threshold(self.copy_threshold);
+        }
         entry.state = Some(ConnState {
             fd,
             kind,
-            outbox: Outbox::new(framing),
+            outbox,
             ops: vec![WriteOp::new()],
             in_flight: 0,
             done: 0,
@@ -722,9 +741,15 @@ impl Mover {
         Ok(conn)
     }
 
-    /// Queues `bufs` on `conn`: no copy, no syscall. On a stream they
-    /// continue the byte stream; on a datagram socket they form one datagram
-    /// to the connected peer. Nothing moves until [`flush`](Self::flush).
+    /// Queues `bufs` on `conn`: no copy but of pieces under the copy
+    /// threshold ([`MoverBuilder::copy_threshold`]). On a stream they
+    /// continue the byte stream; on a datagram socket they form one
+    /// datagram to the connected peer. Nothing moves until
+    /// [`flush`](Self::flush), with one exception: when small pieces fill
+    /// a stream's 64 KiB glued buffer and no write of that connection is in
+    /// flight, the buffer starts writing at once (as a `BufWriter` writes
+    /// when full), so the kernel copies it while it is in cache; that costs
+    /// one syscall, and its completion comes from `wait` as any other.
     pub fn send<I: IntoIterator<Item = Bytes>>(
         &mut self,
         conn: Conn,
@@ -779,13 +804,21 @@ impl Mover {
         if let Some(kind) = refuse {
             return Err(SendError { kind, bufs });
         }
-        st.outbox.push(bufs, dest);
+        let pool = self.pool.as_ref();
+        let registered = |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
+        st.outbox.push_with(
+            bufs,
+            dest,
+            pool.map(|_| &registered as &NeverCopy<'_>),
+            &mut self.glue,
+        );
         if st.kind != FdKind::DatagramSocket && st.outbox.queued_bytes() == 0 {
             // Only empty buffers on a stream: nothing to write, nothing to keep.
             st.outbox.take_unsent();
             return Ok(());
         }
         queued_more(&mut self.dirty, conn, st, high);
+        self.start_filled(conn);
         Ok(())
     }
 
@@ -814,7 +847,10 @@ impl Mover {
     /// Queues `packet` on `conn` as `send` queues its pieces, but by one
     /// reference for the whole packet however many pieces it has: queue
     /// the same packet on a thousand connections with a thousand atomic
-    /// increments, and release it with as many decrements once written.
+    /// increments, and release it with as many decrements once written. A
+    /// packet whose pieces are all under the copy threshold is copied
+    /// instead (no reference kept; a packet shared by many connections is
+    /// glued once and each copies that one run).
     /// Refuses, handing the packet back, exactly when `send` would.
     pub fn send_packet(&mut self, conn: Conn, packet: Packet) -> Result<(), SendError<Packet>> {
         let (limit, high) = (self.max_queued, self.watermarks.1);
@@ -831,8 +867,16 @@ impl Mover {
         if packet.is_empty() && !datagram {
             return Ok(());
         }
-        st.outbox.push_packet(packet, None);
+        let pool = self.pool.as_ref();
+        let registered = |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
+        st.outbox.push_packet(
+            packet,
+            None,
+            pool.map(|_| &registered as &NeverCopy<'_>),
+            &mut self.glue,
+        );
         queued_more(&mut self.dirty, conn, st, high);
+        self.start_filled(conn);
         Ok(())
     }
 
@@ -848,10 +892,10 @@ impl Mover {
     /// flight, and submits them: on io_uring one SQE per connection (for a
     /// datagram socket, a linked chain of one per queued datagram, up to 32,
     /// kept in order) and one `io_uring_enter` per full submission queue
-    /// (⌈n / queue_depth⌉), except that a write which has just copied 32 KiB
-    /// or more of small pieces into its staging buffer is submitted at once,
-    /// so the kernel copies it while it is still in cache (streaming: one
-    /// enter per such write); on epoll/poll a non-blocking `sendmsg` or
+    /// (⌈n / queue_depth⌉), except that a write which carries 32 KiB or
+    /// more of glued small pieces is submitted at once, so the kernel
+    /// copies them while they are still in cache (streaming: one enter per
+    /// such write); on epoll/poll a non-blocking `sendmsg` or
     /// `writev` each, finishing immediately what the sockets accept.
     /// Returns the number of connections started: on io_uring, those beyond
     /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start

@@ -1,5 +1,5 @@
 //! Starting writes: each scheduled connection's next write (a stream's
-//! one, a datagram socket's chain), copy-small staging, the zero-copy
+//! one, a datagram socket's chain), sealing glued buffers, the zero-copy
 //! choice, and the one `unsafe` call that hands the driver buffers the
 //! engine owns until their completions.
 // The one unsafe call here starts a write whose buffers this module owns:
@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 
 use super::{live_mut, Conn, Mover, Segmentation, ZeroCopy};
 use crate::driver::WriteOp;
-use crate::outbox::{NeverCopy, GSO_MAX_SEGMENTS, IOV_MAX};
+use crate::outbox::{GSO_MAX_SEGMENTS, IOV_MAX};
 use crate::sys::net::FdKind;
 
 /// What `Mover::start` did for one connection.
@@ -25,11 +25,11 @@ pub(super) enum Started {
     NoRoom,
 }
 
-/// Staged bytes from which a write is submitted at once rather than with
+/// Glued bytes from which a write is submitted at once rather than with
 /// the rest of its flush (see `start_dirty`). Measured (small packets,
 /// 1000 connections 64 KiB deep, io_uring): 0.477 CPU-s/GB submitting each
 /// such write, 0.543 submitting once per flush. Lock-step flushes of small
-/// packets stage far less per connection and keep one enter per flush.
+/// packets glue far less per connection and keep one enter per flush.
 const SUBMIT_STAGED_BYTES: usize = 32 << 10;
 
 impl Mover {
@@ -50,10 +50,10 @@ impl Mover {
                 match self.start(conn) {
                     Ok(Started::Yes) => {
                         started += 1;
-                        // A write that just staged many bytes goes to the
+                        // A write that carries many glued bytes goes to the
                         // kernel now, which copies them at submission:
                         // while they are still in cache, not after the rest
-                        // of the flush has staged its own (tens of MiB for
+                        // of the flush has started its own (tens of MiB for
                         // a thousand busy connections).
                         if std::mem::take(&mut self.submit_now) {
                             if let Err(e) = self.driver.submit() {
@@ -82,6 +82,35 @@ impl Mover {
             }
         }
         Ok(started)
+    }
+
+    /// After a send: a connection whose glued buffer just filled (64 KiB)
+    /// and has no write in flight starts writing it now, as a `BufWriter`
+    /// does when full, so the kernel copies it while in cache; the rest of
+    /// its queue waits for `flush` as usual. An error leaves it scheduled
+    /// for `flush`, which reports it.
+    pub(super) fn start_filled(&mut self, conn: Conn) {
+        let Some(st) = live_mut(&mut self.slots, conn) else {
+            return;
+        };
+        if !st.outbox.take_filled() || st.in_flight > 0 {
+            return;
+        }
+        match self.start(conn) {
+            Ok(Started::Yes) => {
+                self.submit_now = false;
+                // A write the kernel finished at submission frees its
+                // glued buffer now, for the next connection to fill while
+                // it is in cache.
+                if self.driver.submit().is_ok() {
+                    self.driver.reap_posted(&mut self.events);
+                    self.process_events();
+                }
+            }
+            // Still in `dirty` (a send with nothing in flight schedules),
+            // and marked so: `flush` retries and reports.
+            Ok(Started::Nothing | Started::NoRoom) | Err(_) => {}
+        }
     }
 
     /// Starts `conn`'s next write, or for a datagram socket a chain of them.
@@ -121,16 +150,9 @@ impl Mover {
             st.scheduled = true;
             return Ok(Started::NoRoom);
         }
-        if !datagram && (self.zero_copy == ZeroCopy::Never || st.copy_only) {
-            // Copy small, reference large; never copy registered memory.
-            let pool = self.pool.as_ref();
-            let registered =
-                |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
-            st.outbox.set_copy_threshold(self.copy_threshold);
-            let staged = st
-                .outbox
-                .prepare(pool.map(|_| &registered as &NeverCopy<'_>));
-            self.submit_now |= staged >= SUBMIT_STAGED_BYTES;
+        if !datagram {
+            // What was glued goes to the kernel while in cache.
+            self.submit_now |= st.outbox.seal() >= SUBMIT_STAGED_BYTES;
         }
         // How many ops to fill: a chain stops before a datagram too big to
         // send in one call (it fails the connection once it is the front).
@@ -171,7 +193,10 @@ impl Mover {
             // A GSO send copies: SENDMSG_ZC with UDP_SEGMENT fails with
             // EMSGSIZE (seen on 6.18), and for datagrams small enough to
             // share a send, GSO is the saving that matters.
+            // A gluing outbox (threshold set) has copies with no `Bytes`
+            // to hold: it is never sent zero-copy (`demote_to_copy`).
             let zero_copy = may_zero_copy
+                && st.outbox.copy_threshold() == 0
                 && st.ops[i].batch.segment_size.is_none()
                 && st.zc_probe.wants(self.zero_copy, batch_bytes);
             let op = &mut st.ops[i];
@@ -194,8 +219,9 @@ impl Mover {
         }
         // SAFETY: `st.ops[..n]` are boxed and none is touched again until
         // every `Done` of this chain has been seen (`in_flight` back to 0);
-        // the `Bytes` (and staged copies) their iovecs point at stay in
-        // `st.outbox`, which only
+        // the `Bytes` (and glued buffers, sealed above so no later `send`
+        // grows or moves them) their iovecs point at stay in `st.outbox`,
+        // which only
         // advances on these writes' `Done`s; `Drop` and `detach` wait for
         // every in-flight write before freeing either. On error nothing was
         // started.

@@ -73,12 +73,13 @@ impl Mover {
     pub(super) fn notified(&mut self, token: Token, copied: bool) {
         self.zc_notified += 1;
         self.zc_copied += u64::from(copied);
+        let threshold = self.copy_threshold;
         if let (ZeroCopy::Auto { .. }, Some(st)) = (
             self.zero_copy,
             live_mut(&mut self.slots, Conn::from_token(token)),
         ) {
             if copied {
-                st.copy_only = true;
+                st.demote_to_copy(threshold);
             } else if st.zc_probe == ZcProbe::Probing {
                 st.zc_probe = ZcProbe::Pays;
             }

@@ -85,7 +85,16 @@ pub fn builder(backend: Option<Backend>) -> MoverBuilder {
 
 /// Which backend a suite instance runs on; `None` is `Auto`.
 pub fn mover(backend: Option<Backend>) -> Mover {
-    let m = builder(backend).build().expect("building the mover");
+    built(backend, builder(backend))
+}
+
+/// `mover`, copying no piece: every queued piece is its own iovec.
+pub fn mover_uncopied(backend: Option<Backend>) -> Mover {
+    built(backend, builder(backend).copy_threshold(0))
+}
+
+fn built(backend: Option<Backend>, builder: MoverBuilder) -> Mover {
+    let m = builder.build().expect("building the mover");
     if let Some(b) = backend {
         assert_eq!(m.backend(), b);
     } else if let Ok(expected) = std::env::var("RINGMOVER_EXPECT_BACKEND") {
@@ -160,7 +169,7 @@ fn errors(done: &[Completion]) -> Vec<String> {
 }
 
 pub fn more_than_iov_max_pieces_arrive_byte_exact(b: Option<Backend>) {
-    let mut m = mover(b);
+    let mut m = mover_uncopied(b);
     let (a, peer) = tcp_pair();
     let rx = reader(peer);
     let conn = m.attach(a).unwrap();
@@ -184,7 +193,10 @@ pub fn more_than_iov_max_pieces_arrive_byte_exact(b: Option<Backend>) {
 }
 
 pub fn partial_writes_resume_at_the_exact_byte(b: Option<Backend>) {
-    let mut m = mover(b);
+    // Pieces as queued (glued ones are tested below): every send waits
+    // for the flush, so each completion's `queued` is the total less what
+    // was written.
+    let mut m = mover_uncopied(b);
     let (a, peer) = tcp_pair();
     set_sndbuf(&a, 4096);
     // A slow reader keeps the tiny send buffer full: many short writes.
@@ -205,6 +217,56 @@ pub fn partial_writes_resume_at_the_exact_byte(b: Option<Backend>) {
         // kernel; its short writes are tested on a pipe, below.)
         assert!(m.stats().short_writes > 0, "{:?}", m.stats());
     }
+    drop(m.detach(conn).unwrap());
+    assert!(rx.join().unwrap() == data[..]);
+}
+
+/// Small pieces are glued as they are queued: a connection whose 64 KiB
+/// glued buffer fills with nothing in flight starts writing it inside
+/// `send` (as a `BufWriter` does when full), less than that waits for the
+/// flush; short writes resume inside glued buffers at the exact byte, and
+/// the counts add up.
+pub fn glued_small_pieces_arrive_byte_exact(b: Option<Backend>) {
+    let mut m = mover(b);
+    let (a, peer) = tcp_pair();
+    set_sndbuf(&a, 4096);
+    peer.set_nonblocking(true).unwrap();
+    let conn = m.attach(a).unwrap();
+    let data = Bytes::from(pattern(9, 3 << 20));
+    // Under one glued buffer: nothing moves before the flush.
+    let first = data.slice(..1000);
+    m.send(conn, pieces(&first, 1)).unwrap();
+    assert_eq!(m.stats().writes, 0, "{:?}", m.stats());
+    std::thread::sleep(Duration::from_millis(20));
+    let mut probe = [0u8; 1];
+    let early = (&peer).read(&mut probe);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "bytes arrived before any flush: {early:?}"
+    );
+    peer.set_nonblocking(false).unwrap();
+    let rx = slow_reader(peer, 1500);
+    for (i, chunk) in data[1000..].chunks(100_000).enumerate() {
+        let chunk = data.slice_ref(chunk);
+        m.send(conn, pieces(&chunk, i as u64)).unwrap();
+    }
+    assert!(
+        m.stats().writes >= 1,
+        "a full glued buffer waited: {:?}",
+        m.stats()
+    );
+    let mut done = Vec::new();
+    m.flush_and_wait(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), data.len());
+    // Each completion's `queued` is what was queued by then less what was
+    // written: never more than the total less the running sum.
+    let mut written = 0;
+    for c in &done {
+        written += c.written;
+        assert!(c.queued <= data.len() - written, "{c:?}");
+    }
+    assert!(done.last().unwrap().is_drained());
     drop(m.detach(conn).unwrap());
     assert!(rx.join().unwrap() == data[..]);
 }
@@ -867,6 +929,7 @@ for_each_backend!(
     auto;
     more_than_iov_max_pieces_arrive_byte_exact,
     partial_writes_resume_at_the_exact_byte,
+    glued_small_pieces_arrive_byte_exact,
     thousand_connections_each_get_their_own_stream,
     a_dead_peer_fails_only_its_own_connection,
     back_pressure_returns_the_buffers,
