@@ -145,10 +145,15 @@ fn mover(
     while !stop.load(Ordering::Relaxed) {
         for c in need.drain(..) {
             listed[c.index() as usize] = false;
-            while mover.queued(c).unwrap_or(usize::MAX) < opts.queue {
+            // At most `queue` bytes per connection per pass: a full glued
+            // buffer starts writing inside `send_packet`, and a fast peer
+            // would otherwise keep one connection refilling forever.
+            let mut budget = opts.queue;
+            while budget > 0 && mover.queued(c).unwrap_or(usize::MAX) < opts.queue {
                 mover
                     .send_packet(c, packet.clone())
                     .map_err(std::io::Error::from)?;
+                budget = budget.saturating_sub(packet.len());
             }
         }
         mover.flush()?;
