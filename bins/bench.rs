@@ -10,6 +10,8 @@ mod zerocopy;
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::Outcome;
 
 /// Measure ringmover against the usual ways of doing the same job.
@@ -41,7 +43,9 @@ enum Which {
         "Examples:\n",
         "  ringmover bench gather\n",
         "  ringmover bench gather --seconds 0.3 --conns 1,100 --shape small,srs\n",
-        "  ringmover bench gather --payload 1MiB --piece 16KiB --header 64 --json\n\n",
+        "  ringmover bench gather --payload 1MiB --piece 16KiB --header 64 --json\n",
+        "  ringmover bench sink --listen 127.0.0.1:7000 &\n",
+        "  ringmover bench gather --to 127.0.0.1:7000 --conns 10000 --stalled 0,1 --queue 16K --shape small\n\n",
         "Exit status:\n",
         "  0  every cell ran\n",
         "  1  a cell failed (named on stderr)\n",
@@ -190,6 +194,81 @@ fn ksoftirqd_pids() -> Vec<i32> {
         comm.starts_with("ksoftirqd/").then_some(pid)
     })
     .collect()
+}
+
+/// Makes room for `need` more file descriptors than are open now: raises
+/// `RLIMIT_NOFILE`'s soft limit (up to the hard one), and the hard limit
+/// too where the kernel lets us (root, up to `fs.nr_open`). `what` says
+/// who needs them ("10000 connections"), for the note on stderr when the
+/// limit moves and for the error when it cannot, which ends with `hint`
+/// (another way to need fewer) when given.
+pub fn reserve_fds(need: u64, what: &str, hint: Option<&str>) -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // Already open (std streams, the sink's listener), plus room for the
+    // few each cell opens besides its sockets (rings, epoll, eventfds).
+    let open = std::fs::read_dir("/proc/self/fd").map_or(16, |d| d.count() as u64);
+    let need = need + open + 64;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    if soft >= need {
+        return Ok(());
+    }
+    if hard >= need {
+        setrlimit(Resource::RLIMIT_NOFILE, need, hard)
+            .with_context(|| format!("setrlimit(RLIMIT_NOFILE, {need}, {hard})"))?;
+        eprintln!(
+            "note: raised RLIMIT_NOFILE's soft limit from {soft} to {need}: {what} need about {need} file descriptors"
+        );
+        return Ok(());
+    }
+    // Above the hard limit: only root (CAP_SYS_RESOURCE) may raise it, and
+    // never above fs.nr_open; the kernel says EPERM either way.
+    match setrlimit(Resource::RLIMIT_NOFILE, need, need) {
+        Ok(()) => {
+            eprintln!(
+                "note: raised RLIMIT_NOFILE from {soft} (hard limit {hard}) to {need}: {what} need about {need} file descriptors"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            let fix = match nr_open {
+                Some(max) if need > max => format!(
+                    "that is above fs.nr_open ({max}), the most any process may open: \
+                     raise it (sysctl fs.nr_open, as root)"
+                ),
+                _ if nix::unistd::geteuid().is_root() && !has_cap_sys_resource() => format!(
+                    "this process is root but without CAP_SYS_RESOURCE (a container that \
+                     drops it?), which raising the hard limit needs: raise it where the bench \
+                     is started (e.g. `docker run --ulimit nofile={need}:{need}`)"
+                ),
+                _ => format!(
+                    "raising the hard limit needs root (CAP_SYS_RESOURCE): run the bench as \
+                     root, or raise the limit before it starts (`ulimit -n {need}` in a root shell)"
+                ),
+            };
+            let hint = hint.map_or_else(String::new, |h| format!("; or {h}"));
+            anyhow::bail!(
+                "{what} need about {need} file descriptors, above RLIMIT_NOFILE's hard limit \
+                 of {hard} (soft {soft}), and raising it failed ({e}): {fix}; or use fewer \
+                 --conns{hint}"
+            )
+        }
+    }
+}
+
+/// Whether this process holds CAP_SYS_RESOURCE (bit 24 of `CapEff` in
+/// /proc/self/status), which raising a hard resource limit needs.
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
 /// Resets the process's peak RSS (`VmHWM`) so each run reports its own.

@@ -14,8 +14,7 @@ use ringmover::outbox::{Framing, Outbox};
 use ringmover::{Backend, BackendChoice, Mover, Packet};
 use serde_json::json;
 
-use super::sink::connect;
-use super::sink::Sink;
+use super::sink::{connect, connect_stalled, Sink};
 use super::{peak_rss, reset_peak_rss, CpuMeter};
 use crate::units::parse_size;
 use crate::Outcome;
@@ -37,6 +36,27 @@ use crate::Outcome;
 /// thread; and ringmover on the uring, epoll and poll backends (one
 /// send_packet per packet, one flush, completions refill). --threads N
 /// shares the connections among N threads (ringmover: one Mover each).
+///
+/// Stalled connections (--stalled PERCENT[,PERCENT...], streaming only):
+/// that share of the connections goes to a listener inside the bench that
+/// accepts and never reads, as clients that stopped reading. The sender
+/// keeps them in its loop like every other; each fills its socket buffers
+/// and then its per-connection limit (--queue bytes: ringmover's
+/// max_queued_bytes, the baselines' own count) and stays there. GB/s,
+/// packets/s and CPU-s/GB count only the connections that read; `vs 0%`
+/// compares each strategy's GB/s with its own cell at --stalled 0 in the
+/// same run (include 0, e.g. --stalled 0,1; the percentages run in
+/// ascending order), and `stall-q KiB` is the most a stalled connection
+/// held queued (the limit plus at most one packet). Every strategy runs
+/// with stalled connections, the baselines too. With --to, the stalled
+/// connections still go to the bench's own listener: the external sink
+/// reads everything it gets, so it serves only the connections that read.
+///
+/// Many connections need many file descriptors (two per connection with
+/// the built-in sink; with --to, one per connection plus one per stalled
+/// connection): the bench raises RLIMIT_NOFILE itself, the hard limit too
+/// where allowed (root with CAP_SYS_RESOURCE), and when it cannot, fails
+/// before connecting, saying how many it needs.
 ///
 /// Lock-step rounds (--queue 0): one packet per connection, then wait for
 /// all. Strategies: write (one write(2) per header and per piece), copy
@@ -94,6 +114,13 @@ pub struct Args {
     /// Send to this external sink instead of the built-in one.
     #[arg(long, value_name = "ADDR")]
     to: Option<SocketAddr>,
+
+    /// Streaming only: percentages of --conns whose receiver never reads,
+    /// each run in turn, e.g. 0,1 (every cell with none stalled, then with
+    /// 1% of the connections stalled: 100 of 10000). At least one
+    /// connection when above 0, never all of them.
+    #[arg(long, value_delimiter = ',', value_parser = parse_percent, default_value = "0", value_name = "PERCENT")]
+    stalled: Vec<f64>,
 
     /// Unmeasured time each cell first runs, so fresh connections are past
     /// TCP slow start and socket-buffer autotuning when measuring starts.
@@ -199,6 +226,38 @@ pub struct Measured {
     pub cpu: Duration,
     pub syscalls: u64,
     pub peak_rss: u64,
+    /// The most bytes a stalled connection had queued (0: none stalled).
+    pub stalled_queued: usize,
+}
+
+/// `--stalled`: a percentage in [0, 100), with or without a `%`.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let p: f64 = t
+        .strip_suffix('%')
+        .unwrap_or(t)
+        .parse()
+        .map_err(|_| format!("invalid percentage {s:?}: expected e.g. 0, 1, 0.5"))?;
+    if !(0.0..100.0).contains(&p) {
+        return Err(format!("percentage {s:?} out of range: 0 to less than 100"));
+    }
+    Ok(p)
+}
+
+/// How many of `conns` connections `percent` stalls: rounded, at least one
+/// when `percent` is above 0, and never all of them (someone must read).
+fn stalled_count(conns: usize, percent: f64) -> anyhow::Result<usize> {
+    if percent == 0.0 {
+        return Ok(0);
+    }
+    let n = ((conns as f64 * percent / 100.0).round() as usize).max(1);
+    if n >= conns {
+        bail!(
+            "--stalled {percent}% of {conns} connections stalls {n}, leaving none that reads: \
+             use more --conns or a smaller percentage"
+        );
+    }
+    Ok(n)
 }
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
@@ -268,93 +327,178 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if args.conns.contains(&0) {
         bail!("--conns: connection counts must be at least 1");
     }
+    // Ascending, so each strategy's cell at 0% comes before those it is
+    // compared with.
+    let mut stalled = args.stalled.clone();
+    stalled.sort_by(f64::total_cmp);
+    stalled.dedup();
+    let stalling = stalled.iter().any(|&p| p > 0.0);
+    if stalling && queue == 0 {
+        bail!("--stalled needs streaming (--queue greater than 0): lock-step rounds wait for every connection");
+    }
+    // File descriptors per cell: every connection, the built-in sink's end
+    // of each, and the bench's own end of each stalled one.
+    let mut fds = (0u64, 0usize);
+    for &conns in &args.conns {
+        for &p in &stalled {
+            let n = stalled_count(conns, p)?;
+            let need = match args.to {
+                None => 2 * conns,
+                Some(_) => conns + n,
+            } as u64;
+            fds = fds.max((need, conns));
+        }
+    }
+    // The built-in sink holds the other end of each connection: a sink in
+    // its own process halves what this one needs.
+    let hint = args.to.is_none().then_some(
+        "run the sink as its own process (`ringmover bench sink --listen 127.0.0.1:7000`, \
+         then --to 127.0.0.1:7000), which halves what this process needs",
+    );
+    super::reserve_fds(fds.0, &format!("{} connections", fds.1), hint)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if !args.run.json {
-        writeln!(
+        if stalling {
+            write!(out, "{:<6} {:>5} {:>7}", "shape", "conns", "stalled")?;
+        } else {
+            write!(out, "{:<6} {:>5}", "shape", "conns")?;
+        }
+        write!(
             out,
-            "{:<6} {:>5}  {:<16} {:>8} {:>11} {:>9} {:>11} {:>9} {:>8}",
-            "shape",
-            "conns",
-            "strategy",
-            "GB/s",
-            "packets/s",
-            "CPU-s/GB",
-            "syscalls/MB",
-            "RSS MiB",
-            "vs writev"
+            "  {:<16} {:>8} {:>11} {:>9} {:>11} {:>9}",
+            "strategy", "GB/s", "packets/s", "CPU-s/GB", "syscalls/MB", "RSS MiB",
         )?;
+        if stalling {
+            write!(out, " {:>11}", "stall-q KiB")?;
+        }
+        write!(out, " {:>8}", "vs writev")?;
+        if stalling {
+            write!(out, " {:>6}", "vs 0%")?;
+        }
+        writeln!(out)?;
     }
     for shape in &shapes {
         for &conns in &args.conns {
-            let mut writev_pps = None;
-            let mut rows = Vec::new();
-            for &s in &strategies {
-                let m = if queue > 0 {
-                    let (socks, sink) = connect(conns, args.to)?;
-                    super::stream::measure(s, &packet(shape), socks, sink, &opts)
-                } else {
-                    measure(
-                        s,
-                        shape,
-                        conns,
-                        &args.run,
-                        args.warmup,
-                        args.to,
-                        opts.copy_threshold,
-                    )
+            // Each strategy's GB/s with none stalled, for `vs 0%`.
+            let mut unstalled: Vec<(Strategy, f64)> = Vec::new();
+            for &percent in &stalled {
+                let n = stalled_count(conns, percent)?;
+                let mut writev_pps = None;
+                let mut rows = Vec::new();
+                for &s in &strategies {
+                    let m = if queue > 0 {
+                        cell(s, shape, conns, n, args.to, &opts)
+                    } else {
+                        measure(
+                            s,
+                            shape,
+                            conns,
+                            &args.run,
+                            args.warmup,
+                            args.to,
+                            opts.copy_threshold,
+                        )
+                    }
+                    .with_context(|| match n {
+                        0 => format!("{} with {conns} connections", s.name()),
+                        n => format!("{} with {conns} connections, {n} stalled", s.name()),
+                    })?;
+                    let pps = m.packets as f64 / m.wall.as_secs_f64();
+                    if s == Strategy::Writev {
+                        writev_pps = Some(pps);
+                    }
+                    rows.push((s, m, pps));
                 }
-                .with_context(|| format!("{} with {conns} connections", s.name()))?;
-                let pps = m.packets as f64 / m.wall.as_secs_f64();
-                if s == Strategy::Writev {
-                    writev_pps = Some(pps);
+                for (s, m, pps) in rows {
+                    let gb = m.bytes as f64 / 1e9;
+                    let gbps = gb / m.wall.as_secs_f64();
+                    let ratio = writev_pps.map(|w| pps / w);
+                    let vs_unstalled = match n {
+                        0 => {
+                            unstalled.push((s, gbps));
+                            None
+                        }
+                        _ => unstalled.iter().find(|u| u.0 == s).map(|u| gbps / u.1),
+                    };
+                    if args.run.json {
+                        let v = json!({
+                            "shape": shape.name,
+                            "payload": shape.payload,
+                            "piece": shape.piece,
+                            "header": shape.header,
+                            "conns": conns,
+                            "stalled": n,
+                            "stalled_percent": percent,
+                            "queue": queue,
+                            "threads": args.threads,
+                            "strategy": s.name(),
+                            "bytes": m.bytes,
+                            "packets": m.packets,
+                            "seconds": m.wall.as_secs_f64(),
+                            "gb_per_s": gbps,
+                            "packets_per_s": pps,
+                            "cpu_s_per_gb": m.cpu.as_secs_f64() / gb,
+                            "syscalls_per_mb": m.syscalls as f64 / (m.bytes as f64 / 1e6),
+                            "peak_rss": m.peak_rss,
+                            "stalled_queued_max": (n > 0).then_some(m.stalled_queued),
+                            "vs_writev": ratio,
+                            "vs_unstalled": vs_unstalled,
+                        });
+                        crate::json::write_typed(&mut out, "bench-gather", &v)?;
+                    } else {
+                        if stalling {
+                            write!(out, "{:<6} {:>5} {:>7}", shape.name, conns, n)?;
+                        } else {
+                            write!(out, "{:<6} {:>5}", shape.name, conns)?;
+                        }
+                        write!(
+                            out,
+                            "  {:<16} {:>8.2} {:>11.0} {:>9.3} {:>11.2} {:>9.1}",
+                            s.name(),
+                            gbps,
+                            pps,
+                            m.cpu.as_secs_f64() / gb,
+                            m.syscalls as f64 / (m.bytes as f64 / 1e6),
+                            m.peak_rss as f64 / f64::from(1u32 << 20),
+                        )?;
+                        if stalling {
+                            match n {
+                                0 => write!(out, " {:>11}", "-")?,
+                                _ => write!(out, " {:>11.1}", m.stalled_queued as f64 / 1024.0)?,
+                            }
+                        }
+                        let ratio = ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}x"));
+                        write!(out, " {ratio:>8}")?;
+                        if stalling {
+                            let r = vs_unstalled.map_or_else(|| "-".into(), |r| format!("{r:.2}x"));
+                            write!(out, " {r:>6}")?;
+                        }
+                        writeln!(out)?;
+                    }
+                    out.flush()?;
                 }
-                rows.push((s, m, pps));
-            }
-            for (s, m, pps) in rows {
-                let gb = m.bytes as f64 / 1e9;
-                let ratio = writev_pps.map(|w| pps / w);
-                if args.run.json {
-                    let v = json!({
-                        "shape": shape.name,
-                        "payload": shape.payload,
-                        "piece": shape.piece,
-                        "header": shape.header,
-                        "conns": conns,
-                        "queue": queue,
-                        "threads": args.threads,
-                        "strategy": s.name(),
-                        "bytes": m.bytes,
-                        "packets": m.packets,
-                        "seconds": m.wall.as_secs_f64(),
-                        "gb_per_s": gb / m.wall.as_secs_f64(),
-                        "packets_per_s": pps,
-                        "cpu_s_per_gb": m.cpu.as_secs_f64() / gb,
-                        "syscalls_per_mb": m.syscalls as f64 / (m.bytes as f64 / 1e6),
-                        "peak_rss": m.peak_rss,
-                        "vs_writev": ratio,
-                    });
-                    crate::json::write_typed(&mut out, "bench-gather", &v)?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:<6} {:>5}  {:<16} {:>8.2} {:>11.0} {:>9.3} {:>11.2} {:>9.1} {:>8}",
-                        shape.name,
-                        conns,
-                        s.name(),
-                        gb / m.wall.as_secs_f64(),
-                        pps,
-                        m.cpu.as_secs_f64() / gb,
-                        m.syscalls as f64 / (m.bytes as f64 / 1e6),
-                        m.peak_rss as f64 / f64::from(1u32 << 20),
-                        ratio.map_or_else(|| "-".into(), |r| format!("{r:.2}x")),
-                    )?;
-                }
-                out.flush()?;
             }
         }
     }
     Ok(Outcome::Success)
+}
+
+/// One streaming cell: `conns` connections, `n_stalled` of them to a
+/// listener that never reads, the rest to the sink.
+fn cell(
+    strategy: Strategy,
+    shape: &Shape,
+    conns: usize,
+    n_stalled: usize,
+    to: Option<SocketAddr>,
+    opts: &super::stream::Opts,
+) -> anyhow::Result<Measured> {
+    let (socks, sink) = connect(conns - n_stalled, to)?;
+    // Held open until the cell ends: closing them would let the stalled
+    // connections fail instead of wait.
+    let (stalled, _peers) = connect_stalled(n_stalled)?;
+    super::stream::measure(strategy, &packet(shape), socks, stalled, sink, opts)
 }
 
 /// One round of a strategy: one packet to every connection. Returns the
@@ -407,7 +551,7 @@ fn rounds<'a>(
         }
         Strategy::Coalesce | Strategy::Glue => bail!("{} needs --queue", strategy.name()),
         Strategy::Mover(backend) => {
-            let mut mover = build_mover(backend, socks.len(), copy_threshold)?;
+            let mut mover = build_mover(backend, socks.len(), copy_threshold, None)?;
             let packet = Packet::new(pkt.iter().cloned());
             let handles = socks
                 .into_iter()
@@ -432,17 +576,22 @@ fn rounds<'a>(
     })
 }
 
-/// A `Mover` on `backend` sized for `conns` connections.
+/// A `Mover` on `backend` sized for `conns` connections, each holding at
+/// most `limit` bytes queued (plus the packet that reaches it) when given.
 pub fn build_mover(
     backend: Backend,
     conns: usize,
     copy_threshold: Option<usize>,
+    limit: Option<usize>,
 ) -> std::io::Result<Mover> {
     let mut builder = Mover::builder()
         .backend(BackendChoice::Force(backend))
         .queue_depth(conns.next_power_of_two().clamp(8, 4096) as u32);
     if let Some(t) = copy_threshold {
         builder = builder.copy_threshold(t);
+    }
+    if let Some(limit) = limit {
+        builder = builder.max_queued_bytes(limit);
     }
     builder.build()
 }
@@ -495,5 +644,6 @@ fn measure(
         cpu,
         syscalls,
         peak_rss: peak,
+        stalled_queued: 0,
     })
 }

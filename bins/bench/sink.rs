@@ -69,6 +69,37 @@ pub fn connect(n: usize, to: Option<SocketAddr>) -> anyhow::Result<(Vec<TcpStrea
     Ok((socks, sink))
 }
 
+/// The receiving ends of stalled connections: accepted, held, never read.
+/// Once a connection's socket buffers (ours to send, theirs to receive)
+/// are full, every write to it waits, as to a client that stopped reading.
+/// It lives in the bench itself, so `--to` an external sink (which reads
+/// everything it gets) can still be measured with stalled connections.
+#[derive(Debug)]
+pub struct StalledPeers {
+    _held: Vec<TcpStream>,
+}
+
+/// Connects `n` sockets (TCP_NODELAY) to a loopback listener of this
+/// process that accepts them and never reads.
+pub fn connect_stalled(n: usize) -> anyhow::Result<(Vec<TcpStream>, StalledPeers)> {
+    let listener = listen_loopback()?;
+    let addr = listener.local_addr()?;
+    let mut socks = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = TcpStream::connect(addr)
+            .with_context(|| format!("connecting a stalled connection to {addr}"))?;
+        s.set_nodelay(true)?;
+        // Accepted at once, one by one: the backlog never fills.
+        let (peer, _) = listener
+            .accept()
+            .context("accepting a stalled connection")?;
+        socks.push(s);
+        held.push(peer);
+    }
+    Ok((socks, StalledPeers { _held: held }))
+}
+
 /// `ringmover bench sink`: the same sink as its own process, so the
 /// senders' CPU accounting and the sink's are separate (`bench ... --to`).
 #[derive(Debug, clap::Args)]
@@ -80,8 +111,15 @@ pub struct Args {
 
 /// Serves every connection that comes until killed; prints the address.
 pub fn run(args: &Args) -> anyhow::Result<crate::Outcome> {
-    let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    // How many will come is the senders' business: take all the
+    // descriptors we may (soft limit up to the hard one), best effort.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+    let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("listening on {}", listener.local_addr()?);
     serve(listener, None)?;
     Ok(crate::Outcome::Success)
@@ -169,19 +207,26 @@ fn serve(listener: TcpListener, n: Option<usize>) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// A loopback listener on an ephemeral port with the largest backlog, so
-/// a thousand connects never wait on SYN retries.
+/// A loopback listener on an ephemeral port (see [`listen`]).
 fn listen_loopback() -> anyhow::Result<TcpListener> {
+    listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// A listener on `addr` with the largest backlog (std's is 128), so ten
+/// thousand connects never wait on SYN retries while the sink accepts.
+fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     use nix::sys::socket::{
-        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
+        bind, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrStorage,
     };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))?;
-    listen(&fd, Backlog::MAXCONN)?;
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // As std sets it: a restarted sink may bind while old connections linger.
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    nix::sys::socket::listen(&fd, Backlog::MAXCONN)?;
     Ok(TcpListener::from(fd))
 }

@@ -3,6 +3,10 @@
 //! writes and takes completions; throughput is what the sink's kernel
 //! acknowledged (`tcpi_bytes_acked`), so bytes still queued in the sender,
 //! in user space or in flight, never count.
+//!
+//! Stalled connections (`--stalled`) are kept in the same loop, but their
+//! receiver never reads: they fill to their per-connection limit and stay
+//! there. Only the connections that read count towards the throughput.
 
 use std::io::IoSlice;
 use std::net::TcpStream;
@@ -15,7 +19,7 @@ use bytes::Bytes;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use ringmover::outbox::IOV_MAX;
-use ringmover::{Backend, Packet};
+use ringmover::{Backend, Conn, Packet, SendErrorKind};
 
 use super::gather::{build_mover, Measured, Strategy};
 use super::sink::Sink;
@@ -34,25 +38,55 @@ pub struct Opts {
     pub seconds: Duration,
 }
 
-/// Runs `strategy` over `socks` on `opts.threads` threads: warm up, then
+/// One sender thread's connections: the last `stalled` of `socks` are
+/// stalled (their receiver never reads).
+#[derive(Debug, Default)]
+struct Share {
+    socks: Vec<TcpStream>,
+    stalled: usize,
+}
+
+/// What a sender thread did.
+#[derive(Debug, Default)]
+struct Sent {
+    /// Bytes written to the connections that read (sockets closed on
+    /// return, so the built-in sink can check it got them all).
+    written: u64,
+    /// The most bytes a stalled connection had queued after a refill.
+    stalled_queued: usize,
+}
+
+/// Runs `strategy` over `socks` (whose receivers read) and `stalled`
+/// (whose receivers never do) on `opts.threads` threads: warm up, then
 /// measure for `opts.seconds`, then stop, let ringmover finish what it
-/// queued, close, and check the built-in sink got every byte written.
+/// queued on the reading connections, close, and check the built-in sink
+/// got every byte written to them.
 pub fn measure(
     strategy: Strategy,
     pkt: &[Bytes],
     socks: Vec<TcpStream>,
+    stalled: Vec<TcpStream>,
     sink: Option<Sink>,
     opts: &Opts,
 ) -> anyhow::Result<Measured> {
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
+    // Only what the reading connections' peers acknowledged counts.
     let fds: Vec<RawFd> = socks.iter().map(AsRawFd::as_raw_fd).collect();
     let acked = || fds.iter().map(|&fd| bytes_acked(fd)).sum::<u64>();
     let stop = AtomicBool::new(false);
     let calls: Vec<AtomicU64> = (0..opts.threads).map(|_| AtomicU64::new(0)).collect();
     let calls_now = || calls.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
-    let mut shares: Vec<Vec<TcpStream>> = (0..opts.threads).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Share> = (0..opts.threads).map(|_| Share::default()).collect();
+    let reading = socks.len();
     for (i, s) in socks.into_iter().enumerate() {
-        shares[i % opts.threads].push(s);
+        shares[i % opts.threads].socks.push(s);
+    }
+    // Dealt on from where the reading ones stopped, so the stalled ones
+    // are spread over the threads as evenly as the rest.
+    for (i, s) in stalled.into_iter().enumerate() {
+        let share = &mut shares[(reading + i) % opts.threads];
+        share.socks.push(s);
+        share.stalled += 1;
     }
     let exclude = Sink::tids(&sink);
     let (window, written) = std::thread::scope(|scope| {
@@ -73,11 +107,13 @@ pub fn measure(
         let (cpu, wall, peak) = (meter.elapsed(), t0.elapsed(), peak_rss());
         let (a1, c1) = (acked(), calls_now());
         stop.store(true, Ordering::Relaxed);
-        let mut written = 0u64;
+        let (mut written, mut stalled_queued) = (0u64, 0usize);
         for w in workers {
-            written += w
+            let sent = w
                 .join()
                 .map_err(|_| anyhow::anyhow!("a sender thread panicked"))??;
+            written += sent.written;
+            stalled_queued = stalled_queued.max(sent.stalled_queued);
         }
         let bytes = a1.saturating_sub(a0);
         let window = Measured {
@@ -87,6 +123,7 @@ pub fn measure(
             cpu,
             syscalls: c1 - c0,
             peak_rss: peak,
+            stalled_queued,
         };
         anyhow::Ok((window, written))
     })?;
@@ -99,19 +136,19 @@ pub fn measure(
     Ok(window)
 }
 
-/// One sender thread; returns the bytes it wrote (sockets closed on return).
+/// One sender thread (sockets closed on return).
 fn worker(
     strategy: Strategy,
-    socks: Vec<TcpStream>,
+    share: Share,
     pkt: &[Bytes],
     opts: &Opts,
     stop: &AtomicBool,
     calls: &AtomicU64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Sent> {
     match strategy {
-        Strategy::Mover(b) => mover(b, socks, pkt, opts, stop, calls),
+        Strategy::Mover(b) => mover(b, share, pkt, opts, stop, calls),
         Strategy::Writev | Strategy::Coalesce | Strategy::Glue => {
-            baseline(strategy, socks, pkt, opts.queue, stop, calls)
+            baseline(strategy, share, pkt, opts.queue, stop, calls)
         }
         Strategy::Write | Strategy::Copy => {
             bail!(
@@ -122,38 +159,54 @@ fn worker(
     }
 }
 
-/// ringmover: refill every connection whose write completed up to `queue`
-/// bytes (one `send_packet` per packet: one reference count), flush, wait
-/// for completions.
+/// ringmover: every connection whose write completed is refilled until
+/// its byte limit (`max_queued_bytes`, set to `queue`) refuses (one
+/// `send_packet` per packet: one reference count), then flush, wait for
+/// completions. A stalled connection fills to its limit once and stays
+/// there, its write waiting: it is never refilled, and costs nothing more.
 fn mover(
     backend: Backend,
-    socks: Vec<TcpStream>,
+    share: Share,
     pkt: &[Bytes],
     opts: &Opts,
     stop: &AtomicBool,
     calls: &AtomicU64,
-) -> anyhow::Result<u64> {
-    let mut mover = build_mover(backend, socks.len(), opts.copy_threshold)?;
+) -> anyhow::Result<Sent> {
+    let mut mover = build_mover(
+        backend,
+        share.socks.len(),
+        opts.copy_threshold,
+        Some(opts.queue),
+    )?;
     let packet = Packet::new(pkt.iter().cloned());
-    let mut need = socks
-        .into_iter()
-        .map(|s| mover.attach(s))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let first_stalled = share.socks.len() - share.stalled;
+    let (mut need, mut stalled_conns) = (Vec::new(), Vec::new());
+    // Indexed by `Conn::index`.
+    let mut stalled = Vec::new();
+    for (i, s) in share.socks.into_iter().enumerate() {
+        let c = mover.attach(s)?;
+        let at = c.index() as usize;
+        if stalled.len() <= at {
+            stalled.resize(at + 1, false);
+        }
+        stalled[at] = i >= first_stalled;
+        if stalled[at] {
+            stalled_conns.push(c);
+        }
+        need.push(c);
+    }
     // Indexed by `Conn::index`: already in `need`.
-    let mut listed = vec![true; need.len()];
+    let mut listed = vec![true; stalled.len()];
     let mut done = Vec::new();
+    let mut sent = Sent::default();
     while !stop.load(Ordering::Relaxed) {
         for c in need.drain(..) {
-            listed[c.index() as usize] = false;
-            // At most `queue` bytes per connection per pass: a full glued
-            // buffer starts writing inside `send_packet`, and a fast peer
-            // would otherwise keep one connection refilling forever.
-            let mut budget = opts.queue;
-            while budget > 0 && mover.queued(c).unwrap_or(usize::MAX) < opts.queue {
-                mover
-                    .send_packet(c, packet.clone())
-                    .map_err(std::io::Error::from)?;
-                budget = budget.saturating_sub(packet.len());
+            let i = c.index() as usize;
+            listed[i] = false;
+            top_up(&mut mover, c, &packet, opts.queue)?;
+            if stalled[i] {
+                let q = mover.queued(c).unwrap_or(0);
+                sent.stalled_queued = sent.stalled_queued.max(q);
             }
         }
         mover.flush()?;
@@ -163,17 +216,48 @@ fn mover(
                 bail!("a connection failed: {}", e.error);
             }
             let i = d.conn.index() as usize;
+            if !stalled[i] {
+                sent.written += d.written as u64;
+            }
             if !std::mem::replace(&mut listed[i], true) {
                 need.push(d.conn);
             }
         }
         calls.store(mover.stats().syscalls, Ordering::Relaxed);
     }
+    // A stalled connection never drains: detach it (which cancels its
+    // write in flight) and close it, then finish the others.
+    for c in stalled_conns {
+        drop(mover.detach(c)?);
+    }
     mover.flush_and_wait(&mut done)?;
     if let Some(e) = done.iter().find_map(|c| c.error.as_ref()) {
         bail!("a connection failed: {}", e.error);
     }
-    Ok(mover.stats().bytes)
+    sent.written += done.iter().map(|d| d.written as u64).sum::<u64>();
+    Ok(sent)
+}
+
+/// Queues `packet` on `conn` until the connection's byte limit refuses it,
+/// or `queue` bytes went in.
+fn top_up(
+    mover: &mut ringmover::Mover,
+    conn: Conn,
+    packet: &Packet,
+    queue: usize,
+) -> anyhow::Result<()> {
+    // At most `queue` bytes per call: a full glued buffer starts writing
+    // inside `send_packet`, and a fast peer would otherwise keep one
+    // connection refilling forever, never at its limit.
+    let mut budget = queue;
+    while budget > 0 {
+        match mover.send_packet(conn, packet.clone()) {
+            Ok(()) => budget = budget.saturating_sub(packet.len()),
+            Err(e) if matches!(e.kind, SendErrorKind::BackPressure { .. }) => break,
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+    }
+    Ok(())
 }
 
 /// A baseline connection's queue: `packets` whole packets, of which the
@@ -211,15 +295,19 @@ enum Turn {
 /// each turn a connection is topped up to `queue` bytes and written until
 /// it is empty or the socket is full. Topping up is only a count (no
 /// per-packet work), so these mark the kernel's floor more than a server.
+/// A stalled connection fills its socket, then is never ready again.
 fn baseline(
     strategy: Strategy,
-    socks: Vec<TcpStream>,
+    share: Share,
     pkt: &[Bytes],
     queue: usize,
     stop: &AtomicBool,
     calls: &AtomicU64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Sent> {
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
+    let socks = share.socks;
+    let first_stalled = socks.len() - share.stalled;
+    let mut sent = Sent::default();
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     for (i, s) in socks.iter().enumerate() {
         s.set_nonblocking(true)?;
@@ -231,12 +319,16 @@ fn baseline(
     let mut next = Vec::new();
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOV_MAX);
-    let (mut written, mut syscalls) = (0u64, 0u64);
+    let mut syscalls = 0u64;
     while !stop.load(Ordering::Relaxed) {
         for &i in &ready {
             let q = &mut queues[i];
             while q.bytes(pkt_len) < queue {
                 q.packets += 1;
+            }
+            let stalled = i >= first_stalled;
+            if stalled {
+                sent.stalled_queued = sent.stalled_queued.max(q.bytes(pkt_len));
             }
             let fd = socks[i].as_fd();
             let turn = loop {
@@ -273,7 +365,9 @@ fn baseline(
                 syscalls += 1;
                 match n {
                     Ok(n) => {
-                        written += n as u64;
+                        if !stalled {
+                            sent.written += n as u64;
+                        }
                         if strategy == Strategy::Glue {
                             q.at += n;
                         } else {
@@ -301,7 +395,7 @@ fn baseline(
         ready.extend(events[..k].iter().map(|e| e.data() as usize));
         calls.store(syscalls, Ordering::Relaxed);
     }
-    Ok(written)
+    Ok(sent)
 }
 
 /// `iov` := `packets` copies of `pkt`, the first `offset` bytes skipped,

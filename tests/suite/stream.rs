@@ -2,14 +2,18 @@
 //! writability watermarks; and `bench gather --queue`, which drives them.
 //! Every behaviour runs on every backend.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ringmover::{Backend, BackendChoice, Completion, Mover, MoverBuilder, Packet, SendErrorKind};
+use ringmover::{
+    Backend, BackendChoice, Completion, Conn, Mover, MoverBuilder, Packet, SendErrorKind,
+};
 
-use crate::send::{pattern, slow_reader, tcp_pair};
+use crate::send::{pattern, slow_reader, tcp_pair, tcp_pairs};
 
 fn builder(backend: Option<Backend>) -> MoverBuilder {
     Mover::builder().backend(backend.map_or(BackendChoice::Auto, BackendChoice::Force))
@@ -228,12 +232,206 @@ pub fn detach_mid_stream_returns_exactly_the_rest(b: Option<Backend>) {
     assert!(unsent[..] == want[got.len()..]);
 }
 
+/// Reads every socket of `peers` to EOF on one thread (poll(2)), failing
+/// after a generous deadline (a hang bound, not a speed check); returns
+/// what each sent, in the order given.
+fn read_all_polled(peers: Vec<TcpStream>) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = vec![Vec::new(); peers.len()];
+        let mut open: Vec<usize> = (0..peers.len()).collect();
+        let mut buf = vec![0u8; 64 << 10];
+        while !open.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} peers never saw EOF",
+                open.len(),
+                peers.len()
+            );
+            let mut fds: Vec<PollFd<'_>> = open
+                .iter()
+                .map(|&i| PollFd::new(peers[i].as_fd(), PollFlags::POLLIN))
+                .collect();
+            match poll(&mut fds, PollTimeout::from(200u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => panic!("poll: {e}"),
+            }
+            let ready: Vec<usize> = fds
+                .iter()
+                .zip(&open)
+                .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, &i)| i)
+                .collect();
+            drop(fds);
+            for i in ready {
+                // Readable (or hung up): this read does not block.
+                match (&peers[i]).read(&mut buf) {
+                    Ok(0) => open.retain(|&j| j != i),
+                    Ok(n) => got[i].extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => panic!("reading peer {i}: {e}"),
+                }
+            }
+        }
+        got
+    })
+}
+
+/// Issue 10's load item, with fewer connections: 200 streaming, 4 whose
+/// peers never read (their socket buffers fill). The producer keeps
+/// offering every connection packets: the reading ones while writable,
+/// the stalled ones every round until their byte limit refuses. Every
+/// reading connection gets its whole stream, byte-exact; no connection
+/// ever holds more than its limit plus the one packet that reached it,
+/// however much is offered (so what the engine holds stays within
+/// connections × limit); and a stalled connection's written bytes plus
+/// what `detach` hands back are exactly what it accepted.
+pub fn stalled_connections_do_not_hold_back_the_rest(b: Option<Backend>) {
+    const CONNS: usize = 200;
+    const LIMIT: usize = 32 << 10;
+    // Per reading connection: 100 packets of 2012 bytes, six limits' worth.
+    const PACKETS: u32 = 100;
+    // Rounds in a row every stalled connection must end refused and with
+    // no write completed (its write waits on a full socket) before the end.
+    const STUCK_ROUNDS: u32 = 20;
+    let stalled = |i: usize| i % 50 == 7;
+    let mut m = builder(b).max_queued_bytes(LIMIT).build().unwrap();
+    let (ours, peers) = tcp_pairs(CONNS);
+    let (mut reading, mut held) = (Vec::new(), Vec::new());
+    for (i, p) in peers.into_iter().enumerate() {
+        if stalled(i) {
+            // A small, fixed send buffer (no autotuning): it fills soon.
+            // (A tiny receive buffer would too, but reading it at the end
+            // would then wait on the sender's zero-window probes.)
+            set_sndbuf(&ours[i], 4096);
+            held.push((i, p));
+        } else {
+            reading.push((i, p));
+        }
+    }
+    let order: Vec<usize> = reading.iter().map(|(i, _)| *i).collect();
+    let rx = read_all_polled(reading.into_iter().map(|(_, p)| p).collect());
+    let conns: Vec<Conn> = ours.into_iter().map(|s| m.attach(s).unwrap()).collect();
+    let index: HashMap<Conn, usize> = conns.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let bodies: Vec<Bytes> = (0..CONNS)
+        .map(|i| Bytes::from(pattern(i as u64 + 100, 2000)))
+        .collect();
+    let pkt_len = packet(0, &bodies[0]).len();
+    let mut next = vec![0u32; CONNS];
+    let mut want: Vec<Vec<u8>> = vec![Vec::new(); CONNS];
+    let mut written = vec![0usize; CONNS];
+    let mut stuck = vec![0u32; CONNS];
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, &c) in conns.iter().enumerate() {
+            if stalled(i) {
+                // A producer that ignores writability: the limit stops it.
+                loop {
+                    let p = packet(next[i], &bodies[i]);
+                    match m.send_packet(c, p.clone()) {
+                        Ok(()) => {
+                            want[i].extend(p.pieces().iter().flat_map(|b| b.to_vec()));
+                            next[i] += 1;
+                        }
+                        Err(e) => {
+                            match e.kind {
+                                SendErrorKind::BackPressure { queued, limit } => {
+                                    assert_eq!(limit, LIMIT);
+                                    assert!(queued >= LIMIT, "refused at {queued}");
+                                }
+                                other => panic!("connection {i} refused: {other:?}"),
+                            }
+                            assert_eq!(e.bufs.len(), p.len(), "the packet comes back");
+                            stuck[i] += 1;
+                            break;
+                        }
+                    }
+                }
+            } else {
+                while next[i] < PACKETS && m.is_writable(c) == Some(true) {
+                    let p = packet(next[i], &bodies[i]);
+                    want[i].extend(p.pieces().iter().flat_map(|b| b.to_vec()));
+                    m.send_packet(c, p).unwrap();
+                    next[i] += 1;
+                }
+            }
+            let q = m.queued(c).unwrap();
+            assert!(
+                q < LIMIT + pkt_len,
+                "connection {i} holds {q} bytes: over its limit of {LIMIT} plus one packet"
+            );
+        }
+        m.flush().unwrap();
+        let from = seen.len();
+        m.wait(Some(Duration::from_millis(10)), &mut seen).unwrap();
+        for c in &seen[from..] {
+            assert!(c.error.is_none(), "{:?}", c.error);
+            let i = index[&c.conn];
+            written[i] += c.written;
+            // It moved: not stuck yet.
+            stuck[i] = 0;
+        }
+        let behind: Vec<usize> = (0..CONNS)
+            .filter(|&i| !stalled(i))
+            .filter(|&i| next[i] < PACKETS || m.queued(conns[i]) != Some(0))
+            .collect();
+        if behind.is_empty() && (0..CONNS).all(|i| !stalled(i) || stuck[i] >= STUCK_ROUNDS) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {} reading connections behind (first: {:?}), stalled stuck for {:?} rounds",
+            behind.len(),
+            behind.first().map(|&i| (i, next[i], m.queued(conns[i]))),
+            (0..CONNS)
+                .filter(|&i| stalled(i))
+                .map(|i| stuck[i])
+                .collect::<Vec<_>>()
+        );
+    }
+    // The reading connections: everything written, closed, read to EOF.
+    for &i in &order {
+        let d = m.detach(conns[i]).unwrap();
+        assert!(d.unsent.is_empty(), "connection {i}");
+        assert_eq!(written[i] + d.written, want[i].len(), "connection {i}");
+    }
+    let got = rx.join().expect("the reader thread failed");
+    for (&i, got) in order.iter().zip(&got) {
+        assert!(
+            *got == want[i],
+            "connection {i}: got {} of {} bytes, or different ones",
+            got.len(),
+            want[i].len()
+        );
+    }
+    // The stalled ones: still holding bytes, and exact about them.
+    for (i, mut peer) in held {
+        let d = m.detach(conns[i]).unwrap();
+        let unsent: Vec<u8> = d.unsent.iter().flat_map(|b| b.to_vec()).collect();
+        let wrote = written[i] + d.written;
+        assert!(!unsent.is_empty(), "stalled connection {i} drained");
+        assert_eq!(wrote + unsent.len(), want[i].len(), "connection {i}");
+        drop(d.fd);
+        peer.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got)
+            .expect("reading what a stalled connection had written");
+        assert_eq!(got.len(), wrote, "connection {i}");
+        assert!(got[..] == want[i][..wrote], "connection {i}");
+        assert!(unsent[..] == want[i][wrote..], "connection {i}");
+    }
+}
+
 for_each_backend!(
     auto;
     writability_flips_once_each_way,
     default_watermarks_follow_back_pressure,
     staged_packets_arrive_byte_exact,
     detach_mid_stream_returns_exactly_the_rest,
+    stalled_connections_do_not_hold_back_the_rest,
 );
 
 /// io_uring: a write that staged 32 KiB or more is submitted at once (the
@@ -380,9 +578,144 @@ fn bench_sink_serves_another_process() {
         "--warmup",
         "0.05",
         "--json",
+        // One of the three stalled: it goes to the bench's own listener,
+        // which never reads, not to the sink.
+        "--stalled",
+        "0,34",
     ]));
     sink.kill().unwrap();
     sink.wait().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(crate::util::stdout(&out).lines().count(), 2);
+    let stalled: Vec<u64> = crate::util::stdout(&out)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
+            v["stalled"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(stalled, [0, 0, 1, 1]);
+}
+
+/// `bench gather --stalled`: stalled connections go to a listener that
+/// never reads; each row counts only the connections that read (the
+/// built-in sink checks it got every byte written to them, or the bench
+/// fails), says how many were stalled and the most one held queued (its
+/// limit, --queue, plus at most one packet), and compares with the same
+/// strategy's cell with none stalled.
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_gather_stalled_counts_only_the_readers() {
+    use crate::util::{output_within, ringmover, stderr, stdout};
+    let out = output_within(
+        ringmover().args([
+            "bench",
+            "gather",
+            "--queue",
+            "16K",
+            "--conns",
+            "20",
+            "--stalled",
+            "10,0",
+            "--shape",
+            "small",
+            "--strategy",
+            "glue,epoll",
+            "--seconds",
+            "0.1",
+            "--warmup",
+            "0.05",
+            "--json",
+        ]),
+        Duration::from_secs(120),
+        "bench gather --stalled",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cells: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["strategy"].as_str().unwrap(),
+                v["stalled"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // Ascending, whatever order they were given in.
+    assert_eq!(
+        cells,
+        [
+            ("glue", 0),
+            ("ringmover-epoll", 0),
+            ("glue", 2),
+            ("ringmover-epoll", 2)
+        ]
+    );
+    let packet = 512 + 4 * 12;
+    for v in &lines {
+        assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
+        if v["stalled"] == 0 {
+            assert!(v["stalled_queued_max"].is_null(), "{v}");
+            assert!(v["vs_unstalled"].is_null(), "{v}");
+        } else {
+            let q = v["stalled_queued_max"].as_u64().unwrap();
+            assert!((16 << 10..(16 << 10) + packet).contains(&q), "{v}");
+            assert!(v["vs_unstalled"].as_f64().unwrap() > 0.0, "{v}");
+            assert_eq!(v["stalled_percent"], 10.0, "{v}");
+        }
+    }
+}
+
+/// The bench raises RLIMIT_NOFILE's soft limit to what its connections
+/// need, and says so; past what the kernel allows (`fs.nr_open`) it fails
+/// before opening anything, naming the limit and the number needed.
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_gather_makes_room_for_its_descriptors() {
+    use crate::util::{output_within, stderr, stdout};
+    let bench = |soft: &str, conns: &str| {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.env_remove("RINGMOVER_BACKEND")
+            .arg("-c")
+            .arg(format!("ulimit -S -n {soft} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_ringmover"))
+            .args(["bench", "gather", "--queue", "16K", "--conns", conns])
+            .args([
+                "--stalled",
+                "0,2",
+                "--shape",
+                "small",
+                "--strategy",
+                "epoll",
+            ])
+            .args(["--seconds", "0.1", "--warmup", "0.05", "--json"]);
+        output_within(&mut cmd, Duration::from_secs(120), "bench gather")
+    };
+    // 100 connections and the sink's ends need about 270 descriptors.
+    let out = bench("64", "100");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("raised RLIMIT_NOFILE's soft limit from 64"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out).lines().count(), 2);
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .expect("reading fs.nr_open")
+        .trim()
+        .parse()
+        .unwrap();
+    let out = bench("64", &nr_open.to_string());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{nr_open} connections need about"))
+            && err.contains("RLIMIT_NOFILE")
+            && err.contains("fs.nr_open"),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty());
 }
