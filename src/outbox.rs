@@ -266,13 +266,13 @@ impl Outbox {
     }
 
     /// Queues a packet as `push` queues its pieces, but by one reference
-    /// for all of them, or, on a stream when every piece is shorter than
+    /// for all of them (a clone of `packet`), or, on a stream when every piece is shorter than
     /// the copy threshold, copied whole into the glued buffer (a datagram
     /// socket gets one datagram of its pieces, each referenced). Pieces
     /// for which `never_copy` answers true are never copied.
     pub fn push_packet(
         &mut self,
-        packet: Packet,
+        packet: &Packet,
         dest: Option<SocketAddr>,
         never_copy: Option<&NeverCopy<'_>>,
         pool: &mut GluePool,
@@ -294,7 +294,7 @@ impl Outbox {
             }
             Framing::Stream => {
                 let count = packet.pieces().len();
-                self.push_entry(Entry::Packet(packet), count);
+                self.push_entry(Entry::Packet(packet.clone()), count);
             }
         }
     }
@@ -941,13 +941,13 @@ mod tests {
         o.set_copy_threshold(1024);
         // Mixed: one reference for the whole packet, nothing copied.
         let mixed = Packet::new([b(b"h1"), big.clone(), b(b"h2")]);
-        o.push_packet(mixed, None, nc, &mut pool);
+        o.push_packet(&mixed, None, nc, &mut pool);
         // Small pieces and all-small packets: glued into one buffer; a
         // registered piece stays referenced and ends that buffer.
         o.push_with([b(b"x"), b(b"yz")], None, nc, &mut pool);
-        o.push_packet(Packet::new([b(b"p1"), b(b"p2")]), None, nc, &mut pool);
+        o.push_packet(&Packet::new([b(b"p1"), b(b"p2")]), None, nc, &mut pool);
         o.push_packet(
-            Packet::new([b(b"q"), reg.clone(), b(b"r")]),
+            &Packet::new([b(b"q"), reg.clone(), b(b"r")]),
             None,
             nc,
             &mut pool,
@@ -994,7 +994,7 @@ mod tests {
             let mut boxes: Vec<Outbox> = (0..100).map(|_| Outbox::new(Framing::Stream)).collect();
             for o in &mut boxes {
                 o.set_copy_threshold(threshold);
-                o.push_packet(pkt.clone(), None, None, &mut pool);
+                o.push_packet(&pkt, None, None, &mut pool);
                 let pieces = if threshold > 100 { 1 } else { 8 };
                 assert_eq!((o.queued_bytes(), o.front_pieces()), (800, pieces));
                 o.seal();
@@ -1019,7 +1019,7 @@ mod tests {
         }
         // A packet larger than one buffer is split across two.
         o.push_packet(
-            Packet::new(vec![piece.clone(); 70]),
+            &Packet::new(vec![piece.clone(); 70]),
             None,
             None,
             &mut GluePool::default(),
@@ -1185,7 +1185,7 @@ mod tests {
                         if shared {
                             held.push(pkt.clone());
                         }
-                        o.push_packet(pkt, None, nc, &mut pool);
+                        o.push_packet(&pkt, None, nc, &mut pool);
                     } else {
                         o.push_with(bufs, None, nc, &mut pool);
                     }

@@ -1,6 +1,7 @@
 //! A packet: one message of many pieces, shared by every connection it is
 //! queued on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -37,6 +38,10 @@ struct Inner {
     /// pieces is queued: each connection then copies one run, not a
     /// piece at a time.
     glued: OnceLock<Box<[u8]>>,
+    /// Set at the first copy: a packet copied again (to another
+    /// connection, or the same one) is glued then. Relaxed load and store,
+    /// never a locked read-modify-write: a race only glues a copy early.
+    copied: AtomicBool,
 }
 
 impl Packet {
@@ -53,6 +58,7 @@ impl Packet {
             len,
             max_piece,
             glued: OnceLock::new(),
+            copied: AtomicBool::new(false),
         })))
     }
 
@@ -70,16 +76,24 @@ impl Packet {
         self.0.as_ref().map_or(0, |i| i.max_piece)
     }
 
-    /// Copies the packet to the end of `buf`: for a packet others share
-    /// too (a fan-out), from its glued form, made once for all of them.
+    /// Copies the packet to the end of `buf`: for a packet copied more
+    /// than once (a fan-out, or a packet reused), from its glued form, made
+    /// once, so each copy is one `memcpy` rather than one per piece.
     pub(crate) fn copy_to(&self, buf: &mut Vec<u8>) {
         let Some(inner) = &self.0 else { return };
-        if Arc::strong_count(inner) > 1 {
+        if let Some(glued) = inner.glued.get() {
+            return buf.extend_from_slice(glued);
+        }
+        if inner.pieces.len() > 1
+            && (Arc::strong_count(inner) > 1 || inner.copied.load(Ordering::Relaxed))
+        {
             buf.extend_from_slice(inner.glued.get_or_init(|| inner.pieces.concat().into()));
-        } else {
-            for p in inner.pieces.iter() {
-                buf.extend_from_slice(p);
-            }
+            return;
+        }
+        inner.copied.store(true, Ordering::Relaxed);
+        buf.reserve(inner.len);
+        for p in inner.pieces.iter() {
+            buf.extend_from_slice(p);
         }
     }
 

@@ -251,7 +251,7 @@ fn top_up(
     // connection refilling forever, never at its limit.
     let mut budget = queue;
     while budget > 0 {
-        match mover.send_packet(conn, packet.clone()) {
+        match mover.send_packet(conn, packet) {
             Ok(()) => budget = budget.saturating_sub(packet.len()),
             Err(e) if matches!(e.kind, SendErrorKind::BackPressure { .. }) => break,
             Err(e) => return Err(std::io::Error::from(e).into()),

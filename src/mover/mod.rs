@@ -18,6 +18,7 @@ mod start;
 mod wait;
 mod zerocopy;
 
+use std::borrow::Borrow;
 use std::cell::Cell;
 use std::fmt;
 use std::io;
@@ -850,9 +851,15 @@ impl Mover {
     /// increments, and release it with as many decrements once written. A
     /// packet whose pieces are all under the copy threshold is copied
     /// instead (no reference kept; a packet shared by many connections is
-    /// glued once and each copies that one run).
+    /// glued once and each copies that one run). Takes a `Packet` or a
+    /// `&Packet`: a borrowed one is cloned only if it is referenced, so a
+    /// packet of small pieces costs no reference count at all.
     /// Refuses, handing the packet back, exactly when `send` would.
-    pub fn send_packet(&mut self, conn: Conn, packet: Packet) -> Result<(), SendError<Packet>> {
+    pub fn send_packet<P: Borrow<Packet>>(
+        &mut self,
+        conn: Conn,
+        packet: P,
+    ) -> Result<(), SendError<P>> {
         let (limit, high) = (self.max_queued, self.watermarks.1);
         let Some(st) = live_mut(&mut self.slots, conn) else {
             return Err(SendError {
@@ -864,13 +871,13 @@ impl Mover {
             return Err(SendError { kind, bufs: packet });
         }
         let datagram = st.kind == FdKind::DatagramSocket;
-        if packet.is_empty() && !datagram {
+        if packet.borrow().is_empty() && !datagram {
             return Ok(());
         }
         let pool = self.pool.as_ref();
         let registered = |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
         st.outbox.push_packet(
-            packet,
+            packet.borrow(),
             None,
             pool.map(|_| &registered as &NeverCopy<'_>),
             &mut self.glue,
