@@ -1676,7 +1676,7 @@ impl Shard {
             }
             let queued = self.mover.queued(sub.conn).unwrap_or(0);
             let fits = queued.saturating_add(len) <= limit
-                && match self.mover.send_packet(sub.conn, packet.clone()) {
+                && match self.mover.send_packet(sub.conn, packet) {
                     Ok(()) => true,
                     // The engine's own per-connection limit: as over ours.
                     Err(e) if matches!(e.kind, SendErrorKind::BackPressure { .. }) => false,

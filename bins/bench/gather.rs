@@ -562,7 +562,7 @@ fn rounds<'a>(
                 let before = mover.stats().syscalls;
                 for &c in &handles {
                     mover
-                        .send_packet(c, packet.clone())
+                        .send_packet(c, &packet)
                         .map_err(std::io::Error::from)?;
                 }
                 mover.flush_and_wait(&mut done)?;
