@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringmover::{Backend, Completion, Mover, Segmentation, SendErrorKind, ZeroCopy};
 
-use crate::send::{builder, mover, pattern, tcp_pair};
+use crate::send::{builder, drain_datagrams, mover, on_own_thread, pattern, tcp_pair};
 
 /// How long any one datagram may take to arrive before the test fails.
 const RECV_LIMIT: Duration = Duration::from_secs(10);
@@ -340,6 +340,38 @@ pub fn unix_datagram_sockets_never_try_gso(b: Option<Backend>) {
     assert_eq!(m.stats().gso_sends, 0);
 }
 
+/// Detaching right after a flush, while a long chain runs and is about to
+/// stall (the peer never reads): detach returns (a cancel that misses a
+/// chain between two writes is sent again), and what arrived plus what
+/// comes back is the burst, in order, once.
+pub fn detach_while_a_long_chain_runs_returns_the_rest(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    on_own_thread(
+        "detach during a long chain",
+        Duration::from_secs(30),
+        move || {
+            let mut m = mover(b);
+            let (tx, rx) = UnixDatagram::pair().unwrap();
+            let conn = m.attach(tx).unwrap();
+            let (n, len) = (1000, 1000);
+            for i in 0..n {
+                m.send(conn, [datagram(i, len)]).unwrap();
+            }
+            m.flush().unwrap();
+            let d = m.detach(conn).unwrap();
+            let mut arrived = drain_datagrams(&rx, len);
+            assert_eq!(arrived.len(), d.written, "written is what arrived");
+            assert!(d.written < n * len, "the peer never read, yet all was sent");
+            arrived.extend(d.unsent.iter().flat_map(|b| b.to_vec()));
+            let want: Vec<u8> = (0..n).flat_map(|i| datagram(i, len).to_vec()).collect();
+            assert!(
+                arrived == want,
+                "arrived + unsent is the burst, in order, once"
+            );
+        },
+    );
+}
+
 for_each_backend!(
     gso_sends_thousands_of_datagrams_in_order,
     without_gso_every_datagram_is_its_own_send,
@@ -349,4 +381,5 @@ for_each_backend!(
     gso_refused_with_einval_falls_back,
     gso_refused_with_eio_falls_back,
     unix_datagram_sockets_never_try_gso,
+    detach_while_a_long_chain_runs_returns_the_rest,
 );
