@@ -846,8 +846,10 @@ impl Mover {
 
     /// Starts a write for every connection with queued data and none in
     /// flight, and submits them: on io_uring one SQE per connection (for a
-    /// datagram socket, a linked chain of one per queued datagram, up to 32,
-    /// kept in order) and one `io_uring_enter` per full submission queue
+    /// datagram socket, a linked chain of one per queued datagram, kept in
+    /// order: up to 128 for a socket alone, a share of 128 sends in flight
+    /// when several wait, at least one each) and one `io_uring_enter` per
+    /// full submission queue
     /// (⌈n / queue_depth⌉), except that a write which has just copied 32 KiB
     /// or more of small pieces into its staging buffer is submitted at once,
     /// so the kernel copies it while it is still in cache (streaming: one

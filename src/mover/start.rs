@@ -47,7 +47,7 @@ impl Mover {
                 let Some(&conn) = dirty.get(next) else {
                     break Ok(true);
                 };
-                match self.start(conn) {
+                match self.start(conn, dirty.len() - next) {
                     Ok(Started::Yes) => {
                         started += 1;
                         // A write that just staged many bytes goes to the
@@ -84,10 +84,11 @@ impl Mover {
         Ok(started)
     }
 
-    /// Starts `conn`'s next write, or for a datagram socket a chain of them.
-    /// Counts in flight only what the driver started; otherwise leaves the
-    /// connection scheduled (`NoRoom`, or the error).
-    fn start(&mut self, conn: Conn) -> io::Result<Started> {
+    /// Starts `conn`'s next write, or for a datagram socket a chain of them
+    /// (as long as the driver allows with `waiting` connections, this one
+    /// included, in line). Counts in flight only what the driver started;
+    /// otherwise leaves the connection scheduled (`NoRoom`, or the error).
+    fn start(&mut self, conn: Conn, waiting: usize) -> io::Result<Started> {
         let Some(st) = live_mut(&mut self.slots, conn) else {
             return Ok(Started::Nothing);
         };
@@ -114,9 +115,8 @@ impl Mover {
         // A zero-copy send owes two completions (its notification).
         let may_zero_copy =
             st.kind.is_socket() && !st.copy_only && self.zero_copy != ZeroCopy::Never;
-        let chain = self
-            .driver
-            .room(want, 1 + usize::from(may_zero_copy), &mut self.events);
+        let cost = 1 + usize::from(may_zero_copy);
+        let chain = self.driver.room(want, cost, waiting, &mut self.events);
         if chain == 0 {
             st.scheduled = true;
             return Ok(Started::NoRoom);
