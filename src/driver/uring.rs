@@ -1,5 +1,6 @@
 //! io_uring leaf: one SQE per connection write (`SENDMSG` for sockets,
-//! `WRITEV` for everything else) and one `io_uring_enter` per submit.
+//! `SEND` for a datagram in one buffer, `WRITEV` for everything else) and
+//! one `io_uring_enter` per submit.
 //!
 //! Two capacities bound what it accepts: the SQ ring (a datagram chain is
 //! pushed whole or not at all, so it never spans two submissions) and the
@@ -97,6 +98,12 @@ pub(crate) struct UringDriver {
     zc_done: usize,
     /// Kernel accepts `IORING_SEND_ZC_REPORT_USAGE` (6.2).
     report_usage: bool,
+    /// `IORING_OP_SEND` (5.6) for a datagram in one buffer: no `msghdr`
+    /// and iovec array for the kernel to copy in.
+    send: bool,
+    /// `SEND` takes a destination address too (6.0: `addr2`/`addr_len`;
+    /// earlier kernels fail such an SQE with EINVAL).
+    send_to: bool,
     /// The wake fd's poll, once `watch_wake` was called.
     wake: Option<WakeWatch>,
     /// What an event loop polls: an eventfd registered with the ring
@@ -176,6 +183,8 @@ impl UringDriver {
             // REPORT_USAGE came in 6.2, with the RECVSEND_BUNDLE-era feature
             // set; EXT_ARG+NODROP alone do not tell, so ask the version.
             report_usage: kernel_at_least(6, 2),
+            send: crate::probe::RingSupport::detect().supports(crate::opcode::Opcode::SEND),
+            send_to: kernel_at_least(6, 0),
             wake: None,
             poll_efd: OnceCell::new(),
             poll_error: Cell::new(None),
@@ -301,15 +310,31 @@ impl UringDriver {
                 entry
             } else {
                 cost += 1;
-                match kind {
-                    FdKind::StreamSocket | FdKind::DatagramSocket => {
+                match (kind, op.iovecs()) {
+                    // One datagram in one buffer, no GSO cmsg: SEND, whose
+                    // preparation reads no msghdr or iovec array from us.
+                    (FdKind::DatagramSocket, [iov])
+                        if self.send
+                            && op.batch.segment_size.is_none()
+                            && u32::try_from(iov.iov_len).is_ok()
+                            && (self.send_to || op.dest().is_none()) =>
+                    {
+                        let mut e =
+                            opcode::Send::new(fd, iov.iov_base as *const u8, iov.iov_len as u32)
+                                .flags(msg_flags);
+                        if let Some((addr, len)) = op.dest() {
+                            e = e.dest_addr(addr).dest_addr_len(len);
+                        }
+                        e.build()
+                    }
+                    (FdKind::StreamSocket | FdKind::DatagramSocket, _) => {
                         opcode::SendMsg::new(fd, op.msghdr())
                             .flags(msg_flags as u32)
                             .build()
                     }
                     // An explicit offset: where this connection's writes
                     // have reached (0, ignored, for pipes and O_APPEND).
-                    FdKind::File | FdKind::Other => {
+                    (FdKind::File | FdKind::Other, _) => {
                         let at = offset.unwrap_or(0);
                         offset = offset.map(|o| o + op.batch.bytes as u64);
                         opcode::Writev::new(fd, op.iovecs().as_ptr(), op.iovecs().len() as u32)
@@ -329,9 +354,11 @@ impl UringDriver {
             });
         }
         // SAFETY: the caller upholds the WriteOp invariant for every
-        // entry's msghdr/iovecs and the Bytes behind them until its
-        // completion; for zero-copy, `self.zc` holds the Bytes until the
-        // notification (inserted below, before anything can be reaped).
+        // entry's msghdr/iovecs (a SEND's buffer and destination: the one
+        // iovec's memory and the op's own address) and the Bytes behind
+        // them until its completion; for zero-copy, `self.zc` holds the
+        // Bytes until the notification (inserted below, before anything
+        // can be reaped).
         unsafe { self.ring.submission().push_multiple(&entries) }
             .map_err(|_| io::Error::other("io_uring submission queue full after making room"))?;
         let zc_ops = ops.iter_mut().filter(|op| op.zero_copy && kind.is_socket());
