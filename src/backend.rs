@@ -127,6 +127,7 @@ pub const OPTIONAL_OPS: &[(Opcode, &str)] = &[
         Opcode::ASYNC_CANCEL,
         "wait for in-flight sends instead of cancelling them",
     ),
+    (Opcode::SEND, "SENDMSG for every datagram"),
     (Opcode::SEND_ZC, "copying SENDMSG"),
     (Opcode::SENDMSG_ZC, "copying SENDMSG"),
 ];
@@ -288,12 +289,16 @@ mod tests {
 
     #[test]
     fn missing_optional_op_is_a_recorded_fallback() {
-        // 5.6-like: WRITEV, POLL_ADD, SENDMSG, ASYNC_CANCEL but no SEND_ZC.
-        let ring = ring_with(&[2, 6, 9, 14]);
+        // 5.6-like: WRITEV, POLL_ADD, SENDMSG, ASYNC_CANCEL, SEND but no SEND_ZC.
+        let ring = ring_with(&[2, 6, 9, 14, 26]);
         let s = Selection::choose_with(BackendChoice::Auto, &ring).unwrap();
         assert_eq!(s.backend, Backend::Uring);
         let ops: Vec<Opcode> = s.fallbacks.iter().map(|f| f.op).collect();
         assert_eq!(ops, vec![Opcode::SEND_ZC, Opcode::SENDMSG_ZC]);
+        // 5.5-like: no SEND either; datagrams go as SENDMSG.
+        let s = Selection::choose_with(BackendChoice::Auto, &ring_with(&[2, 6, 9, 14])).unwrap();
+        let ops: Vec<Opcode> = s.fallbacks.iter().map(|f| f.op).collect();
+        assert_eq!(ops, vec![Opcode::SEND, Opcode::SEND_ZC, Opcode::SENDMSG_ZC]);
     }
 
     #[test]

@@ -87,6 +87,8 @@ impl Opcode {
     pub const SENDMSG: Opcode = Opcode(9);
     /// `IORING_OP_ASYNC_CANCEL` (Linux 5.5).
     pub const ASYNC_CANCEL: Opcode = Opcode(14);
+    /// `IORING_OP_SEND` (Linux 5.6; with a destination address, 6.0).
+    pub const SEND: Opcode = Opcode(26);
     /// `IORING_OP_SPLICE` (Linux 5.7).
     pub const SPLICE: Opcode = Opcode(30);
     /// `IORING_OP_SEND_ZC` (Linux 6.0).

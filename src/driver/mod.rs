@@ -320,14 +320,23 @@ impl Driver {
 
     /// How many of `want` writes (`want` queued datagrams, or 1 for a
     /// stream) may start now as one chain, each owing `cost` completions
-    /// (2 for a zero-copy send: the send and its notification). 0: none
-    /// until completions are reaped (io_uring keeps what it owes within its
-    /// completion queue). io_uring chains up to 32 datagrams, so a flush
-    /// sends many per socket in one `io_uring_enter`, in order; readiness
-    /// backends finish each write inline anyway and answer 1. Completions
-    /// reaped to make room go to `events`.
-    pub(crate) fn room(&mut self, want: usize, cost: usize, events: &mut Vec<Event>) -> usize {
-        each!(self, d => d.room(want, cost, events))
+    /// (2 for a zero-copy send: the send and its notification), while
+    /// `waiting` connections (this one included) are in line for the same
+    /// room. 0: none until completions are reaped (io_uring keeps what it
+    /// owes within its completion queue). io_uring chains a socket's
+    /// datagrams up to its share of the 128 sends it keeps in flight (at
+    /// least 1, at most the SQ ring), so a flush sends a burst in one
+    /// `io_uring_enter`, in order; readiness backends finish each write
+    /// inline anyway and answer 1. Completions reaped to make room go to
+    /// `events`.
+    pub(crate) fn room(
+        &mut self,
+        want: usize,
+        cost: usize,
+        waiting: usize,
+        events: &mut Vec<Event>,
+    ) -> usize {
+        each!(self, d => d.room(want, cost, waiting, events))
     }
 
     /// Zero-copy sends whose notification has not arrived.

@@ -109,7 +109,13 @@ impl<S: Selector> Readiness<S> {
 
     /// Each write finishes inline, so there is nothing to chain: one at a
     /// time, and never more in flight than connections.
-    pub(crate) fn room(&mut self, _want: usize, _cost: usize, _events: &mut Vec<Event>) -> usize {
+    pub(crate) fn room(
+        &mut self,
+        _want: usize,
+        _cost: usize,
+        _waiting: usize,
+        _events: &mut Vec<Event>,
+    ) -> usize {
         1
     }
 

@@ -8,6 +8,12 @@ use super::{live_mut, schedule, Completion, Conn, ConnError, ConnState, Mover, S
 use crate::driver::Event;
 use crate::sys::net::FdKind;
 
+/// Ops a connection keeps once a chain is over and its queue is empty. A
+/// datagram chain may be 128 sends long (a few hundred bytes per op), and
+/// a socket that bursts once should not hold that much for good; bursts
+/// of up to this many reuse their ops.
+const KEPT_OPS: usize = 64;
+
 impl Mover {
     pub(super) fn fail(
         completions: &mut Vec<Completion>,
@@ -111,6 +117,9 @@ impl Mover {
                     }
                     if chain_over && !st.failed && !st.outbox.is_empty() {
                         schedule(&mut self.dirty, conn, st);
+                    } else if chain_over {
+                        // Nothing in flight reads them any more.
+                        st.ops.truncate(KEPT_OPS);
                     }
                 }
                 Event::Notified { token, copied } => self.notified(token, copied),

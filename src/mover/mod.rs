@@ -897,12 +897,14 @@ impl Mover {
 
     /// Starts a write for every connection with queued data and none in
     /// flight, and submits them: on io_uring one SQE per connection (for a
-    /// datagram socket, a linked chain of one per queued datagram, up to 32,
-    /// kept in order) and one `io_uring_enter` per full submission queue
-    /// (⌈n / queue_depth⌉), except that a write which carries 32 KiB or
-    /// more of glued small pieces is submitted at once, so the kernel
-    /// copies them while they are still in cache (streaming: one enter per
-    /// such write); on epoll/poll a non-blocking `sendmsg` or
+    /// datagram socket, a linked chain of one per queued datagram, kept in
+    /// order: up to 128 for a socket alone, a share of 128 sends in flight
+    /// when several wait, at least one each) and one `io_uring_enter` per
+    /// full submission queue (⌈n / queue_depth⌉), except that a write
+    /// which carries 32 KiB or more of glued small pieces is submitted at
+    /// once, so the kernel copies them while they are still in cache
+    /// (streaming: one enter per such write); on epoll/poll a non-blocking
+    /// `sendmsg` or
     /// `writev` each, finishing immediately what the sockets accept.
     /// Returns the number of connections started: on io_uring, those beyond
     /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start
@@ -1024,11 +1026,19 @@ impl Mover {
                 "unknown or detached connection",
             ));
         };
-        if st.in_flight > 0 {
+        let mut left = st.in_flight;
+        if left > 0 {
             self.driver.cancel(conn.token())?;
-            while self.state(conn).is_some_and(|s| s.in_flight > 0) {
-                self.driver.wait(1, None, &mut self.events)?;
+            while left > 0 {
+                self.driver.wait(1, Some(CANCEL_RETRY), &mut self.events)?;
                 self.process_events();
+                let now = self.state(conn).map_or(0, |s| s.in_flight);
+                if now == left {
+                    // No progress: the cancel may have missed (see
+                    // CANCEL_RETRY) and the chain stalled since. Again.
+                    self.driver.cancel(conn.token())?;
+                }
+                left = now;
             }
         }
         let slot = &mut self.slots[conn.slot as usize];
@@ -1136,13 +1146,19 @@ impl Mover {
 /// notifications before leaking what the kernel may still read.
 const DROP_GRACE: Duration = Duration::from_secs(2);
 
-impl Drop for Mover {
-    fn drop(&mut self) {
-        if self.in_flight == 0 && self.driver.notifs_pending() == 0 {
-            return;
-        }
-        // The kernel may still read in-flight buffers: cancel, and wait for
-        // every completion before the Bytes and ops are freed.
+/// How long `detach` and `Drop` wait for a cancelled connection to make
+/// progress before cancelling it again. io_uring's cancel finds a chain's
+/// write only while it runs or waits for the socket; a write whose
+/// predecessor has just completed waits in the ring's task work, where no
+/// cancel looks (it answers ENOENT), then runs on and may stall on a full
+/// socket. A chain that moves needs no second cancel; one that stalls is
+/// found by it.
+const CANCEL_RETRY: Duration = Duration::from_millis(10);
+
+impl Mover {
+    /// Asks the driver to cancel every connection's in-flight writes;
+    /// false if it could not queue a cancel.
+    fn cancel_in_flight(&mut self) -> bool {
         let tokens: Vec<Token> = self
             .slots
             .iter()
@@ -1157,7 +1173,18 @@ impl Drop for Mover {
                 })
             })
             .collect();
-        let mut ok = tokens.iter().all(|&t| self.driver.cancel(t).is_ok());
+        tokens.iter().all(|&t| self.driver.cancel(t).is_ok())
+    }
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        if self.in_flight == 0 && self.driver.notifs_pending() == 0 {
+            return;
+        }
+        // The kernel may still read in-flight buffers: cancel, and wait for
+        // every completion before the Bytes and ops are freed.
+        let mut ok = self.cancel_in_flight();
         // Cancelled writes complete at once, but a zero-copy notification
         // waits for the peer to acknowledge the data, which a peer that never
         // reads never does: wait a bounded time, never hang in drop.
@@ -1166,8 +1193,16 @@ impl Drop for Mover {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
-            ok = self.driver.wait(1, Some(left), &mut self.events).is_ok();
+            let before = self.in_flight;
+            ok = self
+                .driver
+                .wait(1, Some(left.min(CANCEL_RETRY)), &mut self.events)
+                .is_ok();
             self.process_events();
+            if ok && self.in_flight > 0 && self.in_flight == before {
+                // See CANCEL_RETRY: a cancel may have missed a chain.
+                ok = self.cancel_in_flight();
+            }
         }
         if self.in_flight > 0 || self.driver.notifs_pending() > 0 {
             // Could not confirm completion: leak rather than free memory the

@@ -47,7 +47,7 @@ impl Mover {
                 let Some(&conn) = dirty.get(next) else {
                     break Ok(true);
                 };
-                match self.start(conn) {
+                match self.start(conn, dirty.len() - next) {
                     Ok(Started::Yes) => {
                         started += 1;
                         // A write that carries many glued bytes goes to the
@@ -96,7 +96,7 @@ impl Mover {
         if !st.outbox.take_filled() || st.in_flight > 0 {
             return;
         }
-        match self.start(conn) {
+        match self.start(conn, 1) {
             Ok(Started::Yes) => {
                 self.submit_now = false;
                 // A write the kernel finished at submission frees its
@@ -113,10 +113,11 @@ impl Mover {
         }
     }
 
-    /// Starts `conn`'s next write, or for a datagram socket a chain of them.
-    /// Counts in flight only what the driver started; otherwise leaves the
-    /// connection scheduled (`NoRoom`, or the error).
-    fn start(&mut self, conn: Conn) -> io::Result<Started> {
+    /// Starts `conn`'s next write, or for a datagram socket a chain of them
+    /// (as long as the driver allows with `waiting` connections, this one
+    /// included, in line). Counts in flight only what the driver started;
+    /// otherwise leaves the connection scheduled (`NoRoom`, or the error).
+    fn start(&mut self, conn: Conn, waiting: usize) -> io::Result<Started> {
         let Some(st) = live_mut(&mut self.slots, conn) else {
             return Ok(Started::Nothing);
         };
@@ -143,9 +144,8 @@ impl Mover {
         // A zero-copy send owes two completions (its notification).
         let may_zero_copy =
             st.kind.is_socket() && !st.copy_only && self.zero_copy != ZeroCopy::Never;
-        let chain = self
-            .driver
-            .room(want, 1 + usize::from(may_zero_copy), &mut self.events);
+        let cost = 1 + usize::from(may_zero_copy);
+        let chain = self.driver.room(want, cost, waiting, &mut self.events);
         if chain == 0 {
             st.scheduled = true;
             return Ok(Started::NoRoom);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ringmover::{Backend, Completion, Mover, Segmentation, SendErrorKind, ZeroCopy};
 
-use crate::send::{builder, mover, pattern, tcp_pair};
+use crate::send::{builder, drain_datagrams, mover, on_own_thread, pattern, tcp_pair};
 
 /// How long any one datagram may take to arrive before the test fails.
 const RECV_LIMIT: Duration = Duration::from_secs(10);
@@ -340,6 +340,353 @@ pub fn unix_datagram_sockets_never_try_gso(b: Option<Backend>) {
     assert_eq!(m.stats().gso_sends, 0);
 }
 
+// Chains longer than the old cap of 32: io_uring links a socket's burst
+// into one chain (up to 128 for a socket alone, a share of 128 sends in
+// flight among several); every backend must keep order, bytes and errors
+// exact.
+
+/// Datagrams per round of `long_chains_keep_order_with_and_without_gso`:
+/// more than 32 writes in one chain with GSO on or off, and (at most 200
+/// bytes each) within a default receive buffer, so none is dropped.
+const LONG_ROUND: usize = 100;
+
+/// The `i`-th datagram of a long chain: 200 bytes, then 100, alternating,
+/// so a GSO run is a pair (a shorter datagram ends it) and a round of 100
+/// is 50 GSO sends.
+fn paired(i: usize) -> Bytes {
+    datagram(i, if i % 2 == 0 { 200 } else { 100 })
+}
+
+/// Thousands of datagrams, each round one flush of 100 (one chain of 100
+/// sends, or of 50 GSO pairs, on io_uring: a socket alone chains up to
+/// 128), to the connected peer and to an explicit destination: all arrive
+/// in order, whole, once.
+pub fn long_chains_keep_order_with_and_without_gso(b: Option<Backend>) {
+    for gso in [true, false] {
+        for connected in [true, false] {
+            let what = format!("gso {gso}, connected {connected}");
+            let mut m = builder(b).gso(gso).build().unwrap();
+            let rx = receiver();
+            let dest = rx.local_addr().unwrap();
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            if connected {
+                tx.connect(dest).unwrap();
+            }
+            let tx = m.attach(tx).unwrap();
+            let (rounds, mut done) = (30, Vec::new());
+            let before = m.stats();
+            for r in 0..rounds {
+                for i in r * LONG_ROUND..(r + 1) * LONG_ROUND {
+                    if connected {
+                        m.send(tx, [paired(i)]).unwrap();
+                    } else {
+                        m.send_to(tx, [paired(i)], dest).unwrap();
+                    }
+                }
+                m.flush_and_wait(&mut done).unwrap();
+                no_errors(&done);
+                for i in r * LONG_ROUND..(r + 1) * LONG_ROUND {
+                    expect(&rx, &paired(i), &format!("{what}: datagram {i}"));
+                }
+            }
+            let n = rounds * LONG_ROUND;
+            let written: usize = done.iter().map(|c| c.written).sum();
+            assert_eq!(written, (n / 2) * 300, "{what}: every byte once");
+            let s = m.stats();
+            let gso_on = gso && gso_expected() == Segmentation::On;
+            let writes = if gso_on { n / 2 } else { n };
+            assert_eq!(s.writes - before.writes, writes as u64, "{what}: {s:?}");
+            if gso_on {
+                assert_eq!(s.gso_datagrams - before.gso_datagrams, n as u64, "{what}");
+            }
+            if m.backend() == Backend::Uring {
+                // One chain per round: its submission and one wait. Chains
+                // of 32 took four submissions and waits per round.
+                let enters = s.enters - before.enters;
+                assert!(
+                    enters <= 3 * rounds as u64,
+                    "{what}: {enters} enters for {rounds} rounds"
+                );
+            }
+        }
+    }
+}
+
+/// A Unix datagram socket's send buffer holds about a hundred of these, so
+/// a chain of thousands stalls (EAGAIN, the kernel polls, the chain goes
+/// on) again and again while a slow reader drains: every datagram still
+/// arrives once, whole, in order. Also with a small ring, whose SQ bounds
+/// each chain.
+pub fn a_long_chain_stalls_and_resumes_in_order(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    for depth in [None, Some(16)] {
+        on_own_thread("a stalled long chain", Duration::from_secs(60), move || {
+            let mut builder = builder(b);
+            if let Some(d) = depth {
+                builder = builder.queue_depth(d);
+            }
+            let mut m = builder.build().unwrap();
+            let (tx, rx) = UnixDatagram::pair().unwrap();
+            rx.set_read_timeout(Some(RECV_LIMIT)).unwrap();
+            let conn = m.attach(tx).unwrap();
+            let (n, len) = (3000, 1000);
+            for i in 0..n {
+                m.send(conn, [datagram(i, len)]).unwrap();
+            }
+            let reader = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 2 * len];
+                for i in 0..n {
+                    if i % 500 == 0 {
+                        // Let the sender fill the socket and stall.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let got = rx.recv(&mut buf).unwrap_or_else(|e| {
+                        panic!("depth {depth:?}: waiting for datagram {i}: {e}")
+                    });
+                    assert!(
+                        buf[..got] == datagram(i, len)[..],
+                        "depth {depth:?}: datagram {i} differs or is out of order"
+                    );
+                }
+            });
+            let mut done = Vec::new();
+            m.flush_and_wait(&mut done).unwrap();
+            no_errors(&done);
+            let written: usize = done.iter().map(|c| c.written).sum();
+            assert_eq!(written, n * len, "depth {depth:?}");
+            reader.join().unwrap();
+        });
+    }
+}
+
+/// A datagram the kernel refuses (too big: EMSGSIZE) in the middle of a
+/// long chain, with GSO on and off: the error names it, it and every
+/// datagram after it come back unsent, in order; those before it arrive;
+/// nothing is lost or sent twice.
+pub fn an_error_mid_chain_is_reported_against_its_datagram(b: Option<Backend>) {
+    for gso in [true, false] {
+        let mut m = builder(b).gso(gso).build().unwrap();
+        let rx = receiver();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        let conn = m.attach(tx).unwrap();
+        let (before, after, len) = (99, 100, 100);
+        let big = 70_000;
+        let body = move |i: usize| datagram(i, if i == before { big } else { len });
+        for i in 0..before + 1 + after {
+            m.send(conn, [body(i)]).unwrap();
+        }
+        let mut done = Vec::new();
+        m.flush_and_wait(&mut done).unwrap();
+        let failed: Vec<_> = done.iter().filter_map(|c| c.error.as_ref()).collect();
+        assert_eq!(failed.len(), 1, "gso {gso}: one failure, reported once");
+        let e = failed[0];
+        assert_eq!(e.error.raw_os_error(), Some(libc::EMSGSIZE), "{}", e.error);
+        let unsent: Vec<u8> = e.unsent.iter().flat_map(|b| b.to_vec()).collect();
+        let want: Vec<u8> = (before..before + 1 + after)
+            .flat_map(|i| body(i).to_vec())
+            .collect();
+        assert!(
+            unsent == want,
+            "gso {gso}: unsent is the refused datagram and the rest"
+        );
+        let written: usize = done.iter().map(|c| c.written).sum();
+        assert_eq!(written, before * len, "gso {gso}: those before it, once");
+        for i in 0..before {
+            expect(&rx, &body(i), &format!("gso {gso}: datagram {i}"));
+        }
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        assert!(
+            rx.recv(&mut [0u8; 16]).is_err(),
+            "gso {gso}: nothing after the refused one"
+        );
+        let e = m.send(conn, [Bytes::from_static(b"x")]).unwrap_err();
+        assert_eq!(e.kind, SendErrorKind::Failed);
+        assert_eq!(
+            m.stats().gso_disabled,
+            0,
+            "a lone datagram's EMSGSIZE is not GSO's"
+        );
+    }
+}
+
+/// The same with a chain that stalls before it reaches the refused
+/// datagram (a Unix datagram socket refuses one larger than its send
+/// buffer with EMSGSIZE): those before it arrive, in order; it and the
+/// rest come back unsent.
+pub fn an_error_mid_stalled_chain_is_reported_against_its_datagram(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    on_own_thread(
+        "an error after a stall",
+        Duration::from_secs(60),
+        move || {
+            let mut m = mover(b);
+            let (tx, rx) = UnixDatagram::pair().unwrap();
+            rx.set_read_timeout(Some(RECV_LIMIT)).unwrap();
+            let conn = m.attach(tx).unwrap();
+            let (before, after, len) = (1000, 500, 1000);
+            let big = 1 << 20;
+            let body = move |i: usize| datagram(i, if i == before { big } else { len });
+            for i in 0..before + 1 + after {
+                m.send(conn, [body(i)]).unwrap();
+            }
+            let reader = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 2 * len];
+                for i in 0..before {
+                    if i % 250 == 0 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let got = rx
+                        .recv(&mut buf)
+                        .unwrap_or_else(|e| panic!("waiting for datagram {i}: {e}"));
+                    assert!(
+                        buf[..got] == body(i)[..],
+                        "datagram {i} differs or is out of order"
+                    );
+                }
+                rx.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                match rx.recv(&mut buf) {
+                    Ok(n) => panic!("a datagram of {n} bytes arrived after the refused one"),
+                    Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+                }
+            });
+            let mut done = Vec::new();
+            m.flush_and_wait(&mut done).unwrap();
+            let failed: Vec<_> = done.iter().filter_map(|c| c.error.as_ref()).collect();
+            assert_eq!(failed.len(), 1, "one failure, reported once");
+            assert_eq!(failed[0].error.raw_os_error(), Some(libc::EMSGSIZE));
+            let unsent: Vec<u8> = failed[0].unsent.iter().flat_map(|b| b.to_vec()).collect();
+            let want: Vec<u8> = (before..before + 1 + after)
+                .flat_map(|i| body(i).to_vec())
+                .collect();
+            assert!(
+                unsent == want,
+                "unsent is the refused datagram and the rest"
+            );
+            let written: usize = done.iter().map(|c| c.written).sum();
+            assert_eq!(written, before * len);
+            reader.join().unwrap();
+        },
+    );
+}
+
+/// A connected socket whose peer port is closed: the kernel's ICMP "port
+/// unreachable" comes back on loopback while the first send runs, and the
+/// next send on the socket fails with ECONNREFUSED. That datagram is the
+/// one reported: what came before it counts as written, it and every
+/// datagram after it come back unsent, in order, none twice.
+pub fn a_refused_destination_fails_from_the_datagram_it_reaches(b: Option<Backend>) {
+    for gso in [true, false] {
+        let mut m = builder(b).gso(gso).build().unwrap();
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(closed.local_addr().unwrap()).unwrap();
+        drop(closed);
+        let conn = m.attach(tx).unwrap();
+        let (n, len) = (500, 300);
+        for i in 0..n {
+            m.send(conn, [datagram(i, len)]).unwrap();
+        }
+        let mut done = Vec::new();
+        m.flush_and_wait(&mut done).unwrap();
+        let failed: Vec<_> = done.iter().filter_map(|c| c.error.as_ref()).collect();
+        assert_eq!(failed.len(), 1, "gso {gso}: one failure, reported once");
+        let e = failed[0];
+        assert_eq!(
+            e.error.raw_os_error(),
+            Some(libc::ECONNREFUSED),
+            "{}",
+            e.error
+        );
+        let written: usize = done.iter().map(|c| c.written).sum();
+        assert!(
+            written >= len && written % len == 0,
+            "gso {gso}: the first send went out ({written} bytes written)"
+        );
+        let first = written / len;
+        let unsent: Vec<u8> = e.unsent.iter().flat_map(|b| b.to_vec()).collect();
+        let want: Vec<u8> = (first..n).flat_map(|i| datagram(i, len).to_vec()).collect();
+        assert!(
+            unsent == want,
+            "gso {gso}: unsent is datagram {first} (the refused one) and all after it"
+        );
+        let e = m.send(conn, [Bytes::from_static(b"x")]).unwrap_err();
+        assert_eq!(e.kind, SendErrorKind::Failed);
+    }
+}
+
+/// Many sockets with deep queues flushed at once on a small ring (SQ 64,
+/// 448 completions for writes), one send per datagram: each socket's chain
+/// is its share of the sends the ring keeps in flight, so all ten start in
+/// that flush (chains as long as the SQ would start only seven before the
+/// CQ is spoken for), and every datagram is accounted once.
+pub fn deep_queues_on_many_sockets_all_start_at_once(b: Option<Backend>) {
+    let mut m = builder(b).queue_depth(64).gso(false).build().unwrap();
+    // Nobody reads: loopback drops what does not fit; sends still succeed.
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (socks, n, len) = (10, 1000, 64);
+    let conns: Vec<_> = (0..socks)
+        .map(|_| {
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            tx.connect(sink.local_addr().unwrap()).unwrap();
+            m.attach(tx).unwrap()
+        })
+        .collect();
+    for &c in &conns {
+        for i in 0..n {
+            m.send(c, [datagram(i, len)]).unwrap();
+        }
+    }
+    // Readiness backends count each inline resumption too.
+    let started = m.flush().unwrap();
+    assert!(
+        started >= socks,
+        "{started} starts: every socket starts in the first flush"
+    );
+    let mut done = Vec::new();
+    m.flush_and_wait(&mut done).unwrap();
+    no_errors(&done);
+    for &c in &conns {
+        let written: usize = done.iter().filter(|d| d.conn == c).map(|d| d.written).sum();
+        assert_eq!(written, n * len, "{c:?}");
+        assert_eq!(m.queued(c), Some(0));
+    }
+}
+
+/// Detaching right after a flush, while a long chain runs and is about to
+/// stall (the peer never reads): detach returns (a cancel that misses a
+/// chain between two writes is sent again), and what arrived plus what
+/// comes back is the burst, in order, once.
+pub fn detach_while_a_long_chain_runs_returns_the_rest(b: Option<Backend>) {
+    use std::os::unix::net::UnixDatagram;
+    on_own_thread(
+        "detach during a long chain",
+        Duration::from_secs(30),
+        move || {
+            let mut m = mover(b);
+            let (tx, rx) = UnixDatagram::pair().unwrap();
+            let conn = m.attach(tx).unwrap();
+            let (n, len) = (1000, 1000);
+            for i in 0..n {
+                m.send(conn, [datagram(i, len)]).unwrap();
+            }
+            m.flush().unwrap();
+            let d = m.detach(conn).unwrap();
+            let mut arrived = drain_datagrams(&rx, len);
+            assert_eq!(arrived.len(), d.written, "written is what arrived");
+            assert!(d.written < n * len, "the peer never read, yet all was sent");
+            arrived.extend(d.unsent.iter().flat_map(|b| b.to_vec()));
+            let want: Vec<u8> = (0..n).flat_map(|i| datagram(i, len).to_vec()).collect();
+            assert!(
+                arrived == want,
+                "arrived + unsent is the burst, in order, once"
+            );
+        },
+    );
+}
+
 for_each_backend!(
     gso_sends_thousands_of_datagrams_in_order,
     without_gso_every_datagram_is_its_own_send,
@@ -349,4 +696,11 @@ for_each_backend!(
     gso_refused_with_einval_falls_back,
     gso_refused_with_eio_falls_back,
     unix_datagram_sockets_never_try_gso,
+    long_chains_keep_order_with_and_without_gso,
+    a_long_chain_stalls_and_resumes_in_order,
+    an_error_mid_chain_is_reported_against_its_datagram,
+    an_error_mid_stalled_chain_is_reported_against_its_datagram,
+    a_refused_destination_fails_from_the_datagram_it_reaches,
+    deep_queues_on_many_sockets_all_start_at_once,
+    detach_while_a_long_chain_runs_returns_the_rest,
 );
