@@ -332,6 +332,11 @@ impl Outbox {
         self.glued += len;
     }
 
+    /// Unwritten bytes in glued buffers.
+    pub fn glued_bytes(&self) -> usize {
+        self.glued
+    }
+
     /// Whether a glued buffer filled up (to [`STAGE_CAP`]) since the last
     /// call: worth writing now, while its bytes are in cache.
     pub fn take_filled(&mut self) -> bool {

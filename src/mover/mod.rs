@@ -747,10 +747,12 @@ impl Mover {
     /// continue the byte stream; on a datagram socket they form one
     /// datagram to the connected peer. Nothing moves until
     /// [`flush`](Self::flush), with one exception: when small pieces fill
-    /// a stream's 64 KiB glued buffer and no write of that connection is in
-    /// flight, the buffer starts writing at once (as a `BufWriter` writes
-    /// when full), so the kernel copies it while it is in cache; that costs
-    /// one syscall, and its completion comes from `wait` as any other.
+    /// a stream's 64 KiB glued buffer, or bring a queue holding glued bytes
+    /// to its high watermark ([`MoverBuilder::write_watermarks`]), and no
+    /// write of that connection is in flight, its write starts at once (as
+    /// a `BufWriter` writes when full), so the kernel copies the bytes while
+    /// they are in cache; that costs one syscall, and its completion comes
+    /// from `wait` as any other.
     pub fn send<I: IntoIterator<Item = Bytes>>(
         &mut self,
         conn: Conn,

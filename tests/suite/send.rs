@@ -271,6 +271,33 @@ pub fn glued_small_pieces_arrive_byte_exact(b: Option<Backend>) {
     assert!(rx.join().unwrap() == data[..]);
 }
 
+/// A queue of glued pieces at its high watermark starts writing inside
+/// `send` (the producer pauses there anyway), so the kernel copies it while
+/// in cache; below it, nothing moves before the flush.
+pub fn a_glued_queue_at_its_high_watermark_starts_writing(b: Option<Backend>) {
+    let mut m = built(b, builder(b).max_queued_bytes(16 << 10));
+    let (a, peer) = tcp_pair();
+    let rx = reader(peer);
+    let conn = m.attach(a).unwrap();
+    let piece = Bytes::from(pattern(4, 100));
+    let mut sent = 0;
+    while m.stats().writes == 0 && sent < 1 << 20 {
+        m.send(conn, [piece.clone()]).unwrap();
+        sent += piece.len();
+    }
+    // Started by the send that reached the mark, not before, not after.
+    assert_eq!(m.stats().writes, 1, "{:?}", m.stats());
+    assert!((16 << 10..(16 << 10) + 100).contains(&sent), "{sent}");
+    let mut done = Vec::new();
+    m.flush_and_wait(&mut done).unwrap();
+    assert_eq!(errors(&done), Vec::<String>::new());
+    assert_eq!(done.iter().map(|c| c.written).sum::<usize>(), sent);
+    drop(m.detach(conn).unwrap());
+    let got = rx.join().unwrap();
+    assert_eq!(got.len(), sent);
+    assert!(got.chunks(100).all(|c| c == &piece[..]));
+}
+
 /// A pipe with a slow reader takes part of each write on every backend
 /// (io_uring too: WRITEV to a pipe completes short): each resumes at the
 /// exact byte, and the counts add up.
@@ -722,8 +749,14 @@ pub fn detach_returns_fd_and_unsent_bytes(b: Option<Backend>) {
     set_sndbuf(&a, 4096);
     let raw = a.as_raw_fd();
     let conn = m.attach(a).unwrap();
-    // A slow reader: the one big write is in flight, part-way, at detach.
-    let rx = slow_reader(peer, 1500);
+    // A reader held back until after the detach: the one big write is in
+    // flight, part-way (what the socket buffers took), at detach, however
+    // loaded the machine.
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let rx = std::thread::spawn(move || {
+        let _ = gate.recv();
+        slow_reader(peer, 1500).join().unwrap()
+    });
     let data = Bytes::from(pattern(9, 8 << 20));
     m.send(conn, [data.clone()]).unwrap();
     m.flush().unwrap();
@@ -732,12 +765,13 @@ pub fn detach_returns_fd_and_unsent_bytes(b: Option<Backend>) {
         .unwrap();
     let before = m.stats();
     let detached = m.detach(conn).unwrap();
+    go.send(()).unwrap();
     assert_eq!(detached.fd.as_raw_fd(), raw);
     let unsent: Vec<u8> = detached.unsent.iter().flat_map(|b| b.to_vec()).collect();
     let written = done.iter().map(|c| c.written).sum::<usize>() + detached.written;
     assert!(
         !unsent.is_empty(),
-        "8 MiB cannot pass a slow reader in 20 ms"
+        "8 MiB cannot pass a reader that has not read"
     );
     // Exactly: every byte is reported written or handed back, once.
     assert_eq!(written + unsent.len(), data.len());
@@ -930,6 +964,7 @@ for_each_backend!(
     more_than_iov_max_pieces_arrive_byte_exact,
     partial_writes_resume_at_the_exact_byte,
     glued_small_pieces_arrive_byte_exact,
+    a_glued_queue_at_its_high_watermark_starts_writing,
     thousand_connections_each_get_their_own_stream,
     a_dead_peer_fails_only_its_own_connection,
     back_pressure_returns_the_buffers,
