@@ -57,8 +57,11 @@ pub struct FanoutArgs {
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     payload: u64,
     /// Strategies: shared (one buffer published to a broadcast group,
-    /// zero-copy Auto), copy (a private copy per connection, rounds of one
-    /// send each and a drain).
+    /// zero-copy Auto: each connection's first sends probe whether
+    /// zero-copy pays, which on loopback it does not), shared-copy (the
+    /// same with zero-copy off, what loopback and short runs favour), copy
+    /// (a private copy per connection, rounds of one send each and a
+    /// drain).
     #[arg(long, value_delimiter = ',', default_value = "shared,copy")]
     strategy: Vec<String>,
     /// Threads: shards for `shared`, sending threads (connections split
@@ -285,10 +288,12 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
     for &conns in &args.conns {
         for strategy in &args.strategy {
             let strategy = strategy.trim().to_ascii_lowercase();
+            // The broadcast API's zero-copy policy, or None for `copy`.
             let shared = match strategy.as_str() {
-                "shared" => true,
-                "copy" => false,
-                other => bail!("unknown strategy {other:?}: expected shared or copy"),
+                "shared" => Some(ZeroCopy::AUTO),
+                "shared-copy" => Some(ZeroCopy::Never),
+                "copy" => None,
+                other => bail!("unknown strategy {other:?}: expected shared, shared-copy or copy"),
             };
             let (socks, sink) = connect(conns, args.to)?;
             reset_peak_rss();
@@ -296,10 +301,9 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
             let payload = Bytes::from(vec![0x5Au8; size]);
             let meter = CpuMeter::start(&Sink::tids(&sink));
             let t0 = Instant::now();
-            let bytes = if shared {
-                fanout_shared(socks, &payload, args.threads, args.run.seconds)?
-            } else {
-                fanout_copy(socks, &payload, args.threads, args.run.seconds)?
+            let bytes = match shared {
+                Some(zc) => fanout_shared(socks, &payload, args.threads, zc, args.run.seconds)?,
+                None => fanout_copy(socks, &payload, args.threads, args.run.seconds)?,
             };
             let wall = t0.elapsed();
             let cpu = meter.elapsed();
@@ -340,7 +344,7 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// `shared`: every socket subscribed to one broadcast group on `threads`
+/// `shared` and `shared-copy`: every socket subscribed to one broadcast group on `threads`
 /// shards; one `Packet` of the payload published again and again (one
 /// message per shard, one reference count per subscriber) while no subscriber lags, for
 /// `seconds`; then a shutdown that flushes everything. Returns the bytes
@@ -349,6 +353,7 @@ fn fanout_shared(
     socks: Vec<std::net::TcpStream>,
     payload: &Bytes,
     threads: usize,
+    zero_copy: ZeroCopy,
     seconds: Duration,
 ) -> anyhow::Result<u64> {
     use ringmover::shard::{Event, GroupOptions, Shards, SlowPolicy};
@@ -358,7 +363,7 @@ fn fanout_shared(
         .threads(threads)
         .mover(
             Mover::builder()
-                .zero_copy(ZeroCopy::AUTO)
+                .zero_copy(zero_copy)
                 .queue_depth(per_shard.next_power_of_two().clamp(8, 4096) as u32),
         )
         .build()?;
