@@ -129,6 +129,12 @@ impl FixedBufPool {
         v.into_iter().map(|(_, a)| (a, self.inner.size)).collect()
     }
 
+    /// Whether `s` lies wholly inside one of the pool's buffers (registered
+    /// memory: never copied into glued buffers).
+    pub(crate) fn holds(&self, s: &[u8]) -> bool {
+        self.index_of(s.as_ptr(), s.len()).is_some()
+    }
+
     /// The index of the buffer that wholly contains `ptr..ptr+len`, if any.
     pub(crate) fn index_of(&self, ptr: *const u8, len: usize) -> Option<u16> {
         let p = ptr as usize;

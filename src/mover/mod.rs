@@ -633,7 +633,7 @@ pub struct Mover {
     one_thread: PhantomData<*const ()>,
     /// Set by [`Mover::waker`]: the fd other threads wake `wait` with.
     wake: Option<Wake>,
-    /// The write just started carries at least `SUBMIT_STAGED_BYTES` glued.
+    /// The write just started carries at least `SUBMIT_GLUED_BYTES` glued.
     pub(super) submit_now: bool,
     gso: GsoCounters,
     /// Someone asked for the pollable fd (`AsFd`): every `wait` first
@@ -807,14 +807,9 @@ impl Mover {
         if let Some(kind) = refuse {
             return Err(SendError { kind, bufs });
         }
-        let pool = self.pool.as_ref();
-        let registered = |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
-        st.outbox.push_with(
-            bufs,
-            dest,
-            pool.map(|_| &registered as &NeverCopy<'_>),
-            &mut self.glue,
-        );
+        let registered = self.pool.as_ref().map(|p| move |s: &[u8]| p.holds(s));
+        let never_copy = registered.as_ref().map(|f| f as &NeverCopy<'_>);
+        st.outbox.push_with(bufs, dest, never_copy, &mut self.glue);
         if st.kind != FdKind::DatagramSocket && st.outbox.queued_bytes() == 0 {
             // Only empty buffers on a stream: nothing to write, nothing to keep.
             st.outbox.take_unsent();
@@ -876,14 +871,10 @@ impl Mover {
         if packet.borrow().is_empty() && !datagram {
             return Ok(());
         }
-        let pool = self.pool.as_ref();
-        let registered = |s: &[u8]| pool.is_some_and(|p| p.index_of(s.as_ptr(), s.len()).is_some());
-        st.outbox.push_packet(
-            packet.borrow(),
-            None,
-            pool.map(|_| &registered as &NeverCopy<'_>),
-            &mut self.glue,
-        );
+        let registered = self.pool.as_ref().map(|p| move |s: &[u8]| p.holds(s));
+        let never_copy = registered.as_ref().map(|f| f as &NeverCopy<'_>);
+        st.outbox
+            .push_packet(packet.borrow(), None, never_copy, &mut self.glue);
         queued_more(&mut self.dirty, conn, st, high);
         self.start_filled(conn);
         Ok(())

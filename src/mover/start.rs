@@ -30,7 +30,7 @@ pub(super) enum Started {
 /// 1000 connections 64 KiB deep, io_uring): 0.477 CPU-s/GB submitting each
 /// such write, 0.543 submitting once per flush. Lock-step flushes of small
 /// packets glue far less per connection and keep one enter per flush.
-const SUBMIT_STAGED_BYTES: usize = 32 << 10;
+const SUBMIT_GLUED_BYTES: usize = 32 << 10;
 
 impl Mover {
     /// Starts every scheduled connection; readiness backends finish writes
@@ -156,7 +156,7 @@ impl Mover {
         }
         if !datagram {
             // What was glued goes to the kernel while in cache.
-            self.submit_now |= st.outbox.seal() >= SUBMIT_STAGED_BYTES;
+            self.submit_now |= st.outbox.seal() >= SUBMIT_GLUED_BYTES;
         }
         // How many ops to fill: a chain stops before a datagram too big to
         // send in one call (it fails the connection once it is the front).
