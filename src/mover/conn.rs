@@ -75,6 +75,15 @@ pub(super) struct ConnState {
 }
 
 impl ConnState {
+    /// Worth writing now, as a `BufWriter` writes when full: a 64 KiB
+    /// glued buffer just filled, or glued bytes brought the queue to its
+    /// high watermark (the producer pauses there anyway), with no write of
+    /// its own in flight.
+    pub(super) fn is_full(&mut self) -> bool {
+        let full = self.outbox.take_filled() || (self.unwritable && self.outbox.glued_bytes() > 0);
+        full && self.in_flight == 0
+    }
+
     /// Zero-copy does not pay or is refused here: copy from now on, and
     /// glue small pieces queued from now on (never before: zero-copy
     /// writes need the queued `Bytes` themselves).

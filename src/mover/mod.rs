@@ -816,7 +816,9 @@ impl Mover {
             return Ok(());
         }
         queued_more(&mut self.dirty, conn, st, high);
-        self.start_filled(conn);
+        if st.is_full() {
+            self.start_filled(conn);
+        }
         Ok(())
     }
 
@@ -876,7 +878,9 @@ impl Mover {
         st.outbox
             .push_packet(packet.borrow(), None, never_copy, &mut self.glue);
         queued_more(&mut self.dirty, conn, st, high);
-        self.start_filled(conn);
+        if st.is_full() {
+            self.start_filled(conn);
+        }
         Ok(())
     }
 

@@ -84,22 +84,11 @@ impl Mover {
         Ok(started)
     }
 
-    /// After a send: a connection whose glued buffer just filled (64 KiB),
-    /// or whose queue of glued bytes reached its high watermark, and has no
-    /// write in flight starts writing now, as a `BufWriter` does when full,
-    /// so the kernel copies it while in cache; the rest of its queue waits
-    /// for `flush` as usual. An error leaves it scheduled
-    /// for `flush`, which reports it.
+    /// After a send that made `conn` full (`ConnState::is_full`): starts
+    /// its write now, so the kernel copies the glued bytes while in cache;
+    /// the rest of its queue waits for `flush` as usual. An error leaves it
+    /// scheduled for `flush`, which reports it.
     pub(super) fn start_filled(&mut self, conn: Conn) {
-        let Some(st) = live_mut(&mut self.slots, conn) else {
-            return;
-        };
-        // Full: a 64 KiB glued buffer, or the queue at its high watermark
-        // with glued bytes in it (the producer pauses there anyway).
-        let full = st.outbox.take_filled() || (st.unwritable && st.outbox.glued_bytes() > 0);
-        if !full || st.in_flight > 0 {
-            return;
-        }
         match self.start(conn, 1) {
             Ok(Started::Yes) => {
                 self.submit_now = false;
