@@ -160,9 +160,10 @@ fn worker(
 }
 
 /// ringmover: every connection whose write completed is refilled until
-/// its byte limit (`max_queued_bytes`, set to `queue`) refuses (one
-/// `send_packet` per packet: one reference count), then flush, wait for
-/// completions. A stalled connection fills to its limit once and stays
+/// its byte limit (`max_queued_bytes`, set to `queue`) refuses or `queue`
+/// bytes went in (one `send_packet` of the borrowed packet each: small
+/// pieces are copied into the glued buffer, no reference count), then
+/// flush, wait for completions. A stalled connection fills to its limit once and stays
 /// there, its write waiting: it is never refilled, and costs nothing more.
 fn mover(
     backend: Backend,
