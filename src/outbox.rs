@@ -332,7 +332,8 @@ impl Outbox {
         self.glued += len;
     }
 
-    /// Unwritten bytes in glued buffers.
+    /// Unwritten bytes in glued buffers: copies made since the last write,
+    /// which the engine submits early while they are in cache.
     pub fn glued_bytes(&self) -> usize {
         self.glued
     }
@@ -346,11 +347,9 @@ impl Outbox {
     /// Closes the glued buffer being filled, so what is queued from now on
     /// goes into another: call it before taking iovecs for a write (the
     /// kernel reads the buffer until that write completes, so it must not
-    /// grow and move). Returns the unwritten glued bytes, copies made since
-    /// the last write, which the engine submits early while in cache.
-    pub fn seal(&mut self) -> usize {
+    /// grow and move).
+    pub fn seal(&mut self) {
         self.open = false;
-        self.glued
     }
 
     /// Bytes queued and not yet written.
@@ -958,7 +957,8 @@ mod tests {
             &mut pool,
         );
         o.push_with([big.clone(), b(b"t")], None, nc, &mut pool);
-        assert_eq!(o.seal(), 3 + 4 + 1 + 1 + 1);
+        o.seal();
+        assert_eq!(o.glued_bytes(), 3 + 4 + 1 + 1 + 1);
         let got: Vec<&[u8]> = o.chunks(IOV_MAX).collect();
         assert_eq!(got.len(), 8);
         assert_eq!((got[1].as_ptr(), got[1].len()), (big.as_ptr(), 5000));
@@ -980,14 +980,16 @@ mod tests {
             o.chunks(1).next().unwrap().as_ptr(),
             glued_at.wrapping_add(3)
         );
-        assert_eq!(o.seal(), 5 + 1 + 1 + 4);
+        o.seal();
+        assert_eq!(o.glued_bytes(), 5 + 1 + 1 + 4);
         // Unsent: the exact rest, glued pieces glued, the rest referenced.
         let rest = o.take_unsent();
         assert_eq!(rest[0], b(b"p1p2q"));
         assert_eq!(flat(&rest[1..3]), [&reg[..], b"r"].concat());
         assert_eq!(rest[3].as_ptr(), big.as_ptr());
         assert_eq!(&rest[4..], [b(b"t"), b(b"late")]);
-        assert_eq!(o.seal(), 0);
+        o.seal();
+        assert_eq!(o.glued_bytes(), 0);
     }
 
     #[test]

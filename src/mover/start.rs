@@ -145,7 +145,8 @@ impl Mover {
         }
         if !datagram {
             // What was glued goes to the kernel while in cache.
-            self.submit_now |= st.outbox.seal() >= SUBMIT_GLUED_BYTES;
+            st.outbox.seal();
+            self.submit_now |= st.outbox.glued_bytes() >= SUBMIT_GLUED_BYTES;
         }
         // How many ops to fill: a chain stops before a datagram too big to
         // send in one call (it fails the connection once it is the front).
