@@ -150,8 +150,9 @@ impl GluePool {
 /// Invariants: no piece is empty; for streams the cursor (`front_piece`,
 /// `front_offset`) points inside the front entry's pieces (both 0 when
 /// empty), for datagrams it stays at 0; `queued` is the sum of unwritten
-/// bytes and `pieces` the number of pieces not wholly written; only the
-/// last entry, and only while `open` is set, is ever appended to.
+/// bytes and `pieces` the number of pieces not wholly written (the `tail`
+/// counts as one while it holds bytes); queued entries never change, only
+/// the `tail` is appended to, and it is always behind every entry.
 #[derive(Debug)]
 pub struct Outbox {
     framing: Framing,
@@ -168,9 +169,11 @@ pub struct Outbox {
     messages: VecDeque<Message>,
     /// Pieces shorter than this are glued; 0: none.
     threshold: usize,
-    /// The last entry is a glued buffer no write has seen yet, so it may
-    /// grow (and move): `seal` clears it before a write takes iovecs.
-    open: bool,
+    /// The glued buffer being filled, after every entry: no write has seen
+    /// it, so it may grow (and move); `seal` queues it as an entry before a
+    /// write takes iovecs. Kept out of `entries` so gluing a packet touches
+    /// one `Vec` (empty, unallocated, when nothing is being glued).
+    tail: Vec<u8>,
     /// Unwritten bytes in glued buffers.
     glued: usize,
     /// A glued buffer was closed full by the last pushes (see `take_filled`).
@@ -189,7 +192,7 @@ impl Outbox {
             pieces: 0,
             messages: VecDeque::new(),
             threshold: 0,
-            open: false,
+            tail: Vec::new(),
             glued: 0,
             filled: false,
         }
@@ -257,7 +260,7 @@ impl Outbox {
         }
         for b in bufs.into_iter().filter(|b| !b.is_empty()) {
             if self.gluable(b.len()) && !never_copy.is_some_and(|f| f(&b)) {
-                self.open_buf(b.len(), pool).extend_from_slice(&b);
+                self.tail_for(b.len(), pool).extend_from_slice(&b);
                 self.glued_more(b.len());
             } else {
                 self.push_entry(Entry::One(b), 1);
@@ -270,6 +273,7 @@ impl Outbox {
     /// the copy threshold, copied whole into the glued buffer (a datagram
     /// socket gets one datagram of its pieces, each referenced). Pieces
     /// for which `never_copy` answers true are never copied.
+    #[inline]
     pub fn push_packet(
         &mut self,
         packet: &Packet,
@@ -287,8 +291,7 @@ impl Outbox {
                     // packet larger than one glued buffer split across two.
                     self.push_with(packet.pieces().iter().cloned(), None, never_copy, pool);
                 } else {
-                    let buf = self.open_buf(packet.len(), pool);
-                    packet.copy_to(buf);
+                    packet.copy_to(self.tail_for(packet.len(), pool));
                     self.glued_more(packet.len());
                 }
             }
@@ -304,29 +307,33 @@ impl Outbox {
     }
 
     fn push_entry(&mut self, e: Entry, count: usize) {
+        // Behind what was glued before it.
+        self.seal();
         self.queued += e.len();
         self.pieces += count;
         self.entries.push_back(e);
-        self.open = false;
     }
 
-    /// The glued buffer `len` more bytes go into: the open one while it
-    /// has room under [`STAGE_CAP`], else a new one from `pool`.
-    fn open_buf(&mut self, len: usize, pool: &mut GluePool) -> &mut Vec<u8> {
-        let fits = self.open
-            && matches!(self.entries.back(), Some(Entry::Glued(v)) if v.len() + len <= STAGE_CAP);
-        if !fits {
-            self.filled |= self.open;
-            self.entries.push_back(Entry::Glued(pool.take(len)));
+    /// The glued buffer `len` more bytes go into: the tail while it has
+    /// room under [`STAGE_CAP`]; else the tail is queued (full: see
+    /// `take_filled`) and a new one comes from `pool`.
+    #[inline]
+    fn tail_for(&mut self, len: usize, pool: &mut GluePool) -> &mut Vec<u8> {
+        if self.tail.len() + len > STAGE_CAP && !self.tail.is_empty() {
+            self.seal();
+            self.filled = true;
+        }
+        if self.tail.is_empty() {
+            if self.tail.capacity() < len {
+                self.tail = pool.take(len);
+            }
+            // The caller adds at least one byte.
             self.pieces += 1;
-            self.open = true;
         }
-        match self.entries.back_mut() {
-            Some(Entry::Glued(v)) => v,
-            _ => unreachable!("an open glued buffer is the last entry"),
-        }
+        &mut self.tail
     }
 
+    #[inline]
     fn glued_more(&mut self, len: usize) {
         self.queued += len;
         self.glued += len;
@@ -334,12 +341,14 @@ impl Outbox {
 
     /// Unwritten bytes in glued buffers: copies made since the last write,
     /// which the engine submits early while they are in cache.
+    #[inline]
     pub fn glued_bytes(&self) -> usize {
         self.glued
     }
 
     /// Whether a glued buffer filled up (to [`STAGE_CAP`]) since the last
     /// call: worth writing now, while its bytes are in cache.
+    #[inline]
     pub fn take_filled(&mut self) -> bool {
         std::mem::take(&mut self.filled)
     }
@@ -348,11 +357,16 @@ impl Outbox {
     /// goes into another: call it before taking iovecs for a write (the
     /// kernel reads the buffer until that write completes, so it must not
     /// grow and move).
+    #[inline]
     pub fn seal(&mut self) {
-        self.open = false;
+        if !self.tail.is_empty() {
+            let v = std::mem::take(&mut self.tail);
+            self.entries.push_back(Entry::Glued(v));
+        }
     }
 
     /// Bytes queued and not yet written.
+    #[inline]
     pub fn queued_bytes(&self) -> usize {
         self.queued
     }
@@ -373,13 +387,18 @@ impl Outbox {
         }
     }
 
-    /// Every unwritten piece from the cursor on, whole.
+    /// Every unwritten piece from the cursor on, whole; the tail last.
     fn unwritten(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let skip = self.front_piece;
-        self.entries.iter().enumerate().flat_map(move |(i, e)| {
-            let first = if i == 0 { skip } else { 0 };
-            (first..e.count()).map(move |k| e.piece(k))
-        })
+        let tail = Some(&self.tail[..]).filter(|t| !t.is_empty());
+        self.entries
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, e)| {
+                let first = if i == 0 { skip } else { 0 };
+                (first..e.count()).map(move |k| e.piece(k))
+            })
+            .chain(tail)
     }
 
     /// The next unsent bytes as slices of the queued pieces (small ones
@@ -420,6 +439,7 @@ impl Outbox {
     /// [`take_unsent`](Self::take_unsent) releases that memory, or the
     /// outbox is dropped.
     pub(crate) fn fill_iovecs(&self, out: &mut Vec<libc::iovec>, max_iovecs: usize) -> Batch {
+        debug_assert!(self.tail.is_empty(), "seal before taking iovecs");
         out.clear();
         let mut bytes = 0;
         for s in self.chunks(max_iovecs.clamp(1, IOV_MAX)) {
@@ -602,9 +622,6 @@ impl Outbox {
         if let Some(Entry::Glued(v)) = self.entries.pop_front() {
             pool.give(v);
         }
-        if self.entries.is_empty() {
-            self.open = false;
-        }
     }
 
     /// Datagram framing: the first `count` queued datagrams were sent (a
@@ -622,6 +639,7 @@ impl Outbox {
     /// come back glued together. Message boundaries are not kept. Empties
     /// the outbox.
     pub fn take_unsent(&mut self) -> Vec<Bytes> {
+        self.seal();
         let mut out = Vec::with_capacity(self.pieces);
         let skip = self.front_piece;
         for (i, e) in self.entries.drain(..).enumerate() {
@@ -641,7 +659,6 @@ impl Outbox {
         self.pieces = 0;
         self.glued = 0;
         self.messages.clear();
-        self.open = false;
         out
     }
 }

@@ -63,15 +63,18 @@ impl Packet {
     }
 
     /// Total bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.0.as_ref().map_or(0, |i| i.len)
     }
 
     /// No bytes at all.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.0.is_none()
     }
 
+    #[inline]
     pub(crate) fn max_piece(&self) -> usize {
         self.0.as_ref().map_or(0, |i| i.max_piece)
     }
@@ -79,6 +82,7 @@ impl Packet {
     /// Copies the packet to the end of `buf`: for a packet copied more
     /// than once (a fan-out, or a packet reused), from its glued form, made
     /// once, so each copy is one `memcpy` rather than one per piece.
+    #[inline]
     pub(crate) fn copy_to(&self, buf: &mut Vec<u8>) {
         let Some(inner) = &self.0 else { return };
         if let Some(glued) = inner.glued.get() {
@@ -98,6 +102,7 @@ impl Packet {
     }
 
     /// The pieces, none of them empty.
+    #[inline]
     pub fn pieces(&self) -> &[Bytes] {
         self.0.as_ref().map_or(&[], |i| &i.pieces)
     }

@@ -34,6 +34,7 @@ pub fn write_to(fd: impl AsFd, outbox: &mut Outbox) -> io::Result<u64> {
     let mut iovecs = Vec::with_capacity(IOV_MAX.min(64));
     let mut total = 0u64;
     while !outbox.is_empty() {
+        outbox.seal();
         let batch = outbox.fill_iovecs(&mut iovecs, IOV_MAX);
         match net::write_iovecs(fd.as_raw_fd(), kind, &iovecs, batch.dest) {
             Ok(n) => {

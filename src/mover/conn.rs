@@ -79,6 +79,7 @@ impl ConnState {
     /// glued buffer just filled, or glued bytes brought the queue to its
     /// high watermark (the producer pauses there anyway), with no write of
     /// its own in flight.
+    #[inline]
     pub(super) fn is_full(&mut self) -> bool {
         let full = self.outbox.take_filled() || (self.unwritable && self.outbox.glued_bytes() > 0);
         full && self.in_flight == 0
@@ -101,6 +102,7 @@ pub(super) struct Slot {
 
 /// The live state behind `conn`, if the handle is current. A free function
 /// over the slots so callers may hold other fields of the engine too.
+#[inline]
 pub(super) fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState> {
     let slot = slots.get_mut(conn.slot as usize)?;
     if slot.generation != conn.generation {
@@ -110,6 +112,7 @@ pub(super) fn live_mut(slots: &mut [Slot], conn: Conn) -> Option<&mut ConnState>
 }
 
 /// Why `st` refuses a send now, if it does.
+#[inline]
 pub(super) fn refusal(
     st: &ConnState,
     dest: Option<SocketAddr>,
@@ -130,6 +133,7 @@ pub(super) fn refusal(
 }
 
 /// Puts `conn` in line to start a write (`dirty`), unless it already is.
+#[inline]
 pub(super) fn schedule(dirty: &mut Vec<Conn>, conn: Conn, st: &mut ConnState) {
     if !st.scheduled {
         st.scheduled = true;
@@ -140,6 +144,7 @@ pub(super) fn schedule(dirty: &mut Vec<Conn>, conn: Conn, st: &mut ConnState) {
 /// After a push onto `st`'s outbox: unwritable once at the high watermark,
 /// and in line to start unless a write is in flight (its `Done`
 /// reschedules what is left).
+#[inline]
 pub(super) fn queued_more(dirty: &mut Vec<Conn>, conn: Conn, st: &mut ConnState, high: usize) {
     st.unwritable |= st.outbox.queued_bytes() >= high;
     if st.in_flight == 0 {
