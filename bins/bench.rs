@@ -120,6 +120,7 @@ pub struct CpuMeter {
     exclude: Vec<i32>,
     softirqd: Vec<i32>,
     start: Duration,
+    start_user: Duration,
 }
 
 impl CpuMeter {
@@ -130,9 +131,27 @@ impl CpuMeter {
             exclude: exclude.to_vec(),
             softirqd,
             start: Duration::ZERO,
+            start_user: Duration::ZERO,
         };
         m.start = m.total();
+        m.start_user = m.user();
         m
+    }
+
+    /// The part of [`elapsed`](Self::elapsed) spent in user space, by this
+    /// process's threads less the excluded ones (ksoftirqd has none). The
+    /// kernel splits a thread's exact CPU time into user and system by its
+    /// tick samples, so this is an estimate, good to a few percent over a
+    /// second.
+    pub fn elapsed_user(&self) -> Duration {
+        self.user().saturating_sub(self.start_user)
+    }
+
+    fn user(&self) -> Duration {
+        let me = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+            .map_or(Duration::ZERO, |r| tv(r.user_time()));
+        let excluded: Duration = self.exclude.iter().map(|&t| task_user(t)).sum();
+        me.saturating_sub(excluded)
     }
 
     /// CPU charged since `start`.
@@ -170,9 +189,30 @@ fn process_cpu() -> Duration {
 /// CPU time (user + system) that `getrusage(who)` reports.
 pub fn rusage_cpu(who: nix::sys::resource::UsageWho) -> std::io::Result<Duration> {
     let r = nix::sys::resource::getrusage(who)?;
-    let tv =
-        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
     Ok(tv(r.user_time()) + tv(r.system_time()))
+}
+
+fn tv(t: nix::sys::time::TimeVal) -> Duration {
+    Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+}
+
+/// A thread of this process's user time, from `/proc/self/task/T/stat`
+/// (`utime`, in clock ticks; 0 when the thread is gone).
+fn task_user(tid: i32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised name, which may hold spaces; utime is
+    // the 14th field, the 12th after the name.
+    let ticks = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(11)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100, |hz| hz.max(1) as u64);
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
 /// A task's time on CPU from its `schedstat` (nanoseconds; 0 when the task

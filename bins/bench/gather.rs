@@ -224,6 +224,8 @@ pub struct Measured {
     pub packets: u64,
     pub wall: Duration,
     pub cpu: Duration,
+    /// The part of `cpu` spent in user space.
+    pub user_cpu: Duration,
     pub syscalls: u64,
     pub peak_rss: u64,
     /// The most bytes a stalled connection had queued (0: none stalled).
@@ -439,6 +441,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             "gb_per_s": gbps,
                             "packets_per_s": pps,
                             "cpu_s_per_gb": m.cpu.as_secs_f64() / gb,
+                            "user_cpu_s_per_gb": m.user_cpu.as_secs_f64() / gb,
                             "syscalls_per_mb": m.syscalls as f64 / (m.bytes as f64 / 1e6),
                             "peak_rss": m.peak_rss,
                             "stalled_queued_max": (n > 0).then_some(m.stalled_queued),
@@ -626,7 +629,7 @@ fn measure(
         packets += conns as u64;
     }
     let wall = t0.elapsed();
-    let cpu = meter.elapsed();
+    let (cpu, user_cpu) = (meter.elapsed(), meter.elapsed_user());
     let peak = peak_rss();
     // Closing every connection lets the sink finish and count.
     drop(round);
@@ -642,6 +645,7 @@ fn measure(
         packets,
         wall,
         cpu,
+        user_cpu,
         syscalls,
         peak_rss: peak,
         stalled_queued: 0,

@@ -104,7 +104,8 @@ pub fn measure(
         let meter = CpuMeter::start(&exclude);
         let t0 = Instant::now();
         std::thread::sleep(opts.seconds);
-        let (cpu, wall, peak) = (meter.elapsed(), t0.elapsed(), peak_rss());
+        let (cpu, user_cpu) = (meter.elapsed(), meter.elapsed_user());
+        let (wall, peak) = (t0.elapsed(), peak_rss());
         let (a1, c1) = (acked(), calls_now());
         stop.store(true, Ordering::Relaxed);
         let (mut written, mut stalled_queued) = (0u64, 0usize);
@@ -121,6 +122,7 @@ pub fn measure(
             packets: bytes / pkt_len as u64,
             wall,
             cpu,
+            user_cpu,
             syscalls: c1 - c0,
             peak_rss: peak,
             stalled_queued,
