@@ -457,6 +457,7 @@ impl MoverBuilder {
             one_thread: PhantomData,
             wake: None,
             submit_now: false,
+            unsubmitted: 0,
             gso: GsoCounters {
                 enabled: self.gso,
                 ..GsoCounters::default()
@@ -635,6 +636,8 @@ pub struct Mover {
     wake: Option<Wake>,
     /// The write just started carries at least `SUBMIT_GLUED_BYTES` glued.
     pub(super) submit_now: bool,
+    /// Bytes of the writes started since the last submission.
+    pub(super) unsubmitted: usize,
     gso: GsoCounters,
     /// Someone asked for the pollable fd (`AsFd`): every `wait` first
     /// collects what makes it readable, so it stops polling readable.
@@ -900,9 +903,11 @@ impl Mover {
     /// full submission queue (⌈n / queue_depth⌉), except that a write
     /// which carries 32 KiB or more of glued small pieces is submitted at
     /// once, so the kernel copies them while they are still in cache
-    /// (streaming: one enter per such write); on epoll/poll a non-blocking
-    /// `sendmsg` or
-    /// `writev` each, finishing immediately what the sockets accept.
+    /// (streaming: one enter per such write), and that writes are submitted
+    /// whenever those started since the last enter carry 1 MiB, so one
+    /// enter never copies a whole flush of large writes while the peers'
+    /// reads wait; on epoll/poll a non-blocking `sendmsg` or `writev` each,
+    /// finishing immediately what the sockets accept.
     /// Returns the number of connections started: on io_uring, those beyond
     /// the completion queue's room (see [`MoverBuilder::queue_depth`]) start
     /// later, in `wait` or `flush_and_wait`.
@@ -917,6 +922,7 @@ impl Mover {
     /// starts them.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
+        self.unsubmitted = 0;
         self.driver.submit()?;
         if started > 0 {
             self.submissions += 1;

@@ -32,6 +32,14 @@ pub(super) enum Started {
 /// packets glue far less per connection and keep one enter per flush.
 const SUBMIT_GLUED_BYTES: usize = 32 << 10;
 
+/// Bytes of writes started since the last submission from which the next
+/// is submitted at once, so one `io_uring_enter` never copies a whole
+/// flush of large writes in one go while the peers' reads wait. Measured
+/// (SRS shape, 1000 connections, 2 threads, io_uring): 0.20–0.22 CPU-s/GB
+/// with one enter per flush (78 MB each), 0.14–0.17 with a bound of
+/// 512 KiB, 2 MiB or 8 MiB alike.
+const SUBMIT_BYTES: usize = 1 << 20;
+
 impl Mover {
     /// Starts every scheduled connection; readiness backends finish writes
     /// inline, so their events are processed (and resumptions started) here.
@@ -56,6 +64,7 @@ impl Mover {
                         // of the flush has started its own (tens of MiB for
                         // a thousand busy connections).
                         if std::mem::take(&mut self.submit_now) {
+                            self.unsubmitted = 0;
                             if let Err(e) = self.driver.submit() {
                                 next += 1;
                                 break Err(e);
@@ -234,6 +243,11 @@ impl Mover {
             st.zc_probe = probe_before;
             st.scheduled = true;
             return Err(e);
+        }
+        let bytes: usize = st.ops[..n].iter().map(|op| op.batch.bytes).sum();
+        self.unsubmitted += bytes;
+        if self.unsubmitted >= SUBMIT_BYTES {
+            self.submit_now = true;
         }
         st.in_flight += n;
         self.in_flight += n;
