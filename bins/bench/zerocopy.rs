@@ -3,7 +3,9 @@
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,7 +15,7 @@ use serde_json::json;
 
 use super::sink::connect;
 use super::sink::Sink;
-use super::{peak_rss, reset_peak_rss, CpuMeter};
+use super::{bytes_acked, peak_rss, reset_peak_rss, CpuMeter};
 use crate::units::parse_size;
 use crate::Outcome;
 
@@ -71,6 +73,14 @@ pub struct FanoutArgs {
     /// Send to this external sink instead of the built-in one.
     #[arg(long, value_name = "ADDR")]
     to: Option<SocketAddr>,
+    /// Unmeasured time each cell first runs, so fresh connections are past
+    /// TCP slow start and socket-buffer autotuning, and `shared`'s
+    /// zero-copy probes are done, when measuring starts (at 1000
+    /// connections a round of 8 payloads each takes about 0.4 s, and the
+    /// probe round on loopback longer: 0.5 s measured `shared` at half its
+    /// steady rate).
+    #[arg(long, value_parser = crate::units::parse_duration, default_value = "2s")]
+    warmup: Duration,
     #[command(flatten)]
     run: super::RunArgs,
 }
@@ -296,22 +306,42 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
                 other => bail!("unknown strategy {other:?}: expected shared, shared-copy or copy"),
             };
             let (socks, sink) = connect(conns, args.to)?;
+            // Duplicates to read what each peer acknowledged; closed before
+            // the sink counts (it waits for every connection's end).
+            let watch = socks
+                .iter()
+                .map(|s| s.try_clone().map(OwnedFd::from))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let acked = || watch.iter().map(|w| bytes_acked(w.as_raw_fd())).sum::<u64>();
             reset_peak_rss();
             let rss0 = peak_rss();
             let payload = Bytes::from(vec![0x5Au8; size]);
-            let meter = CpuMeter::start(&Sink::tids(&sink));
-            let t0 = Instant::now();
-            let bytes = match shared {
-                Some(zc) => fanout_shared(socks, &payload, args.threads, zc, args.run.seconds)?,
-                None => fanout_copy(socks, &payload, args.threads, args.run.seconds)?,
-            };
-            let wall = t0.elapsed();
-            let cpu = meter.elapsed();
+            let stop = AtomicBool::new(false);
+            let (window, written) = std::thread::scope(|scope| {
+                let (payload, stop) = (&payload, &stop);
+                let sender = scope.spawn(move || match shared {
+                    Some(zc) => fanout_shared(socks, payload, args.threads, zc, stop),
+                    None => fanout_copy(socks, payload, args.threads, stop),
+                });
+                std::thread::sleep(args.warmup);
+                let a0 = acked();
+                let meter = CpuMeter::start(&Sink::tids(&sink));
+                let t0 = Instant::now();
+                std::thread::sleep(args.run.seconds);
+                let window = (acked().saturating_sub(a0), t0.elapsed(), meter.elapsed());
+                stop.store(true, Ordering::Relaxed);
+                let written = sender
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the sending thread panicked"))??;
+                anyhow::Ok((window, written))
+            })?;
+            drop(watch);
+            let (bytes, wall, cpu) = window;
             let peak = peak_rss();
             if let Some(s) = sink {
                 let got = s.finish()?;
-                if got != bytes {
-                    bail!("the sink received {got} of {bytes} bytes");
+                if got != written {
+                    bail!("the sink received {got} of {written} bytes");
                 }
             }
             let gbs = bytes as f64 / 1e9 / wall.as_secs_f64();
@@ -346,15 +376,15 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
 
 /// `shared` and `shared-copy`: every socket subscribed to one broadcast group on `threads`
 /// shards; one `Packet` of the payload published again and again (one
-/// message per shard, one reference count per subscriber) while no subscriber lags, for
-/// `seconds`; then a shutdown that flushes everything. Returns the bytes
+/// message per shard, one reference count per subscriber) while no subscriber lags, until
+/// `stop`; then a shutdown that flushes everything. Returns the bytes
 /// sent (checked: nothing left unsent, nobody disconnected).
 fn fanout_shared(
     socks: Vec<std::net::TcpStream>,
     payload: &Bytes,
     threads: usize,
     zero_copy: ZeroCopy,
-    seconds: Duration,
+    stop: &AtomicBool,
 ) -> anyhow::Result<u64> {
     use ringmover::shard::{Event, GroupOptions, Shards, SlowPolicy};
     let conns = socks.len();
@@ -377,10 +407,9 @@ fn fanout_shared(
     for s in socks {
         group.subscribe(shards.attach(s)?)?;
     }
-    let t0 = Instant::now();
     let mut published = 0u64;
     let packet = ringmover::Packet::from(payload.clone());
-    while t0.elapsed() < seconds {
+    while !stop.load(Ordering::Relaxed) {
         group
             .publish_wait(packet.clone(), Duration::from_secs(10))
             .map_err(std::io::Error::from)?;
@@ -412,18 +441,17 @@ fn fanout_shared(
 
 /// `copy`: `threads` threads, each with its own `Mover` and an even share
 /// of the sockets, each round a private copy of the payload per connection
-/// and a drain, for `seconds`. Returns the bytes sent.
+/// and a drain, until `stop`. Returns the bytes sent.
 fn fanout_copy(
     socks: Vec<std::net::TcpStream>,
     payload: &Bytes,
     threads: usize,
-    seconds: Duration,
+    stop: &AtomicBool,
 ) -> anyhow::Result<u64> {
     let mut shares: Vec<Vec<std::net::TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, s) in socks.into_iter().enumerate() {
         shares[i % threads].push(s);
     }
-    let t0 = Instant::now();
     std::thread::scope(|scope| {
         let workers: Vec<_> = shares
             .into_iter()
@@ -439,7 +467,7 @@ fn fanout_copy(
                         .collect::<std::io::Result<Vec<_>>>()?;
                     let mut done = Vec::new();
                     let mut bytes = 0u64;
-                    while t0.elapsed() < seconds {
+                    while !stop.load(Ordering::Relaxed) {
                         for &h in &handles {
                             // What a server without shared buffers does: a
                             // private copy per connection.

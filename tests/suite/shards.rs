@@ -588,6 +588,8 @@ fn bench_fanout_on_two_threads() {
     let out = super::util::run(super::util::ringmover().args([
         "bench",
         "fanout",
+        "--warmup",
+        "0.1",
         "--seconds",
         "0.1",
         "--conns",
