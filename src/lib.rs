@@ -41,8 +41,8 @@ mod write;
 pub use backend::{Backend, BackendChoice, OpFallback, Selection, BACKEND_ENV};
 pub use fixed::{FixedBufMut, FixedBufPool};
 pub use mover::{
-    Completion, Conn, ConnError, Detached, Mover, MoverBuilder, Segmentation, SendError,
-    SendErrorKind, Stats, ZeroCopy, DEFAULT_COPY_THRESHOLD,
+    Completion, Conn, ConnError, Detached, Mover, MoverBuilder, RegisteredFiles, Segmentation,
+    SendError, SendErrorKind, Stats, ZeroCopy, DEFAULT_COPY_THRESHOLD,
 };
 pub use opcode::Opcode;
 pub use packet::Packet;

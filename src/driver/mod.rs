@@ -59,6 +59,42 @@ pub(crate) struct DriverStats {
     pub(crate) syscalls: u64,
     /// Zero-copy sends submitted (io_uring only).
     pub(crate) zc_sends: u64,
+    /// SQEs that named their file by its index in the ring's registered
+    /// file table (`IOSQE_FIXED_FILE`; io_uring only).
+    pub(crate) fixed_file_sqes: u64,
+    /// Connections attached while the ring had a file table that use
+    /// their plain fd: the table was full, or the kernel refused the fd.
+    pub(crate) unregistered_files: u64,
+}
+
+/// Whether the io_uring ring names connections' fds through a table of
+/// registered files (`IOSQE_FIXED_FILE`), which spares the kernel an
+/// `fget`/`fput` per request; and if not, why. Per `Mover`; a
+/// connection attached while the table is full uses its plain fd
+/// ([`Stats::unregistered_files`](crate::Stats::unregistered_files)
+/// counts those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegisteredFiles {
+    /// A sparse table of `slots` files is registered with the ring
+    /// (`IORING_REGISTER_FILES2` with `IORING_RSRC_REGISTER_SPARSE`, Linux
+    /// 5.19); each connection takes a slot at attach and frees it at
+    /// detach (`IORING_REGISTER_FILES_UPDATE`).
+    On {
+        /// The table's size.
+        slots: u32,
+    },
+    /// None asked for: not io_uring, or
+    /// [`MoverBuilder::registered_files`](crate::MoverBuilder::registered_files)
+    /// was 0.
+    Off,
+    /// The kernel refused to register the table, with this errno (EINVAL:
+    /// before 5.19; EMFILE: more slots than `RLIMIT_NOFILE`; ENOMEM; or
+    /// what a seccomp filter answers): every request names its plain fd.
+    Refused {
+        /// The errno of the refused registration.
+        errno: i32,
+    },
 }
 
 /// The in-flight record of one connection's write: the iovec array, the
@@ -233,18 +269,20 @@ macro_rules! each {
 
 impl Driver {
     /// Builds the driver for `backend` with room for `depth` queued writes
-    /// (io_uring registers `pool`'s buffers; off Linux only poll exists,
-    /// which needs neither).
+    /// (io_uring registers `pool`'s buffers, and a table of `files` file
+    /// slots, `None`: the default size; off Linux only poll exists, which
+    /// needs neither).
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
     pub(crate) fn new(
         backend: Backend,
         depth: u32,
         pool: Option<&crate::fixed::FixedBufPool>,
+        files: Option<u32>,
     ) -> io::Result<Driver> {
         match backend {
             #[cfg(target_os = "linux")]
             Backend::Uring => Ok(Driver::Uring(Box::new(uring::UringDriver::new(
-                depth, pool,
+                depth, pool, files,
             )?))),
             #[cfg(target_os = "linux")]
             Backend::Epoll => Ok(Driver::Epoll(readiness::Readiness::new(
@@ -280,12 +318,14 @@ impl Driver {
         Driver::Poll(readiness::Readiness::new(poll::Poll::new()))
     }
 
-    /// Starts watching `fd` (readiness backends register it once).
+    /// Starts watching `fd` (readiness backends register it once; io_uring
+    /// puts it in its registered file table where there is room).
     pub(crate) fn register(&mut self, token: Token, fd: RawFd, kind: FdKind) -> io::Result<()> {
         each!(self, d => d.register(token, fd, kind))
     }
 
-    /// Stops watching `fd`. Its write must not be in flight.
+    /// Stops watching `fd` (io_uring: takes it out of the file table).
+    /// Its write must not be in flight.
     pub(crate) fn deregister(&mut self, token: Token, fd: RawFd) {
         each!(self, d => d.deregister(token, fd))
     }
@@ -384,6 +424,15 @@ impl Driver {
 
     pub(crate) fn stats(&self) -> DriverStats {
         each!(self, d => d.stats())
+    }
+
+    /// See [`RegisteredFiles`]: `Off` on readiness backends.
+    pub(crate) fn registered_files(&self) -> RegisteredFiles {
+        match self {
+            #[cfg(target_os = "linux")]
+            Driver::Uring(d) => d.registered_files(),
+            _ => RegisteredFiles::Off,
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::unistd::{lseek, Whence};
 
-use super::{DriverStats, Event, Token, WriteOp, SEND_FLAGS, WAKE_TOKEN};
+use super::{DriverStats, Event, RegisteredFiles, Token, WriteOp, SEND_FLAGS, WAKE_TOKEN};
 use crate::sys::is_transient_enter_error;
 use crate::sys::net::FdKind;
 
@@ -52,6 +52,77 @@ const CQ_PER_SQ: u32 = 8;
 /// transiently (EINTR, EBUSY, EAGAIN), reaping between tries, before the
 /// refusal is returned as an error rather than retried forever.
 const ROOM_TRIES: usize = 16;
+
+/// Most slots of the registered file table. By default the table has one
+/// slot per fd the process may have open (`RLIMIT_NOFILE`'s soft limit,
+/// which the kernel also requires: EMFILE above it), up to this: an empty
+/// slot costs a pointer and a bit of kernel memory (6.18,
+/// `io_rsrc_data_alloc`), so 512 KiB per ring at most. The kernel cannot
+/// resize a table (only unregister it and register another), so it is
+/// sized once; connections beyond it use their plain fd.
+const MAX_FILE_SLOTS: u32 = 1 << 16;
+
+/// The ring's table of registered files (`IOSQE_FIXED_FILE`): a request
+/// naming a slot skips the `fget`/`fput` the kernel does per request on a
+/// plain fd (`io_file_get_normal`): 1–3% of the sending thread before
+/// (docs/benchmarks.md, "Registered files").
+///
+/// Removing a file from a slot while requests use it is safe: each holds
+/// the slot's resource node, which keeps its file reference until the
+/// last of them completes (`io_uring_register(2)`: updates "might be held
+/// until all requests using that resource complete"). The engine frees a
+/// slot only at detach, with no write of the connection in flight (a
+/// zero-copy notification may still be owed; it needs no file), so no
+/// queued link can find its slot empty or reused (since 5.17,
+/// `IORING_FEAT_LINKED_FILE`, a link's file is looked up when it starts).
+#[derive(Debug)]
+struct FileTable {
+    state: RegisteredFiles,
+    /// Slots freed by detaches, the most recent last.
+    free: Vec<u32>,
+    /// Slots from here on were never used.
+    fresh: u32,
+    /// By connection slot (`token >> 32`): the token and its table slot.
+    by_conn: Vec<Option<(Token, u32)>>,
+}
+
+impl FileTable {
+    /// Registers a sparse table of `slots` (`None`: one per fd the
+    /// process may open, at most `MAX_FILE_SLOTS`) with `ring`; if the
+    /// kernel refuses, a table that says why and holds nothing.
+    fn register(ring: &IoUring, slots: Option<u32>) -> FileTable {
+        let slots = slots.unwrap_or_else(|| {
+            use nix::sys::resource::{getrlimit, Resource};
+            getrlimit(Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft.min(u64::from(MAX_FILE_SLOTS)) as u32)
+        });
+        let state = if slots == 0 {
+            RegisteredFiles::Off
+        } else {
+            match ring.submitter().register_files_sparse(slots) {
+                Ok(()) => RegisteredFiles::On { slots },
+                Err(e) => RegisteredFiles::Refused {
+                    errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+                },
+            }
+        };
+        FileTable {
+            state,
+            free: Vec::new(),
+            fresh: 0,
+            by_conn: Vec::new(),
+        }
+    }
+
+    /// The table slot `token`'s file is in, if it is in one.
+    #[inline]
+    fn slot_of(&self, token: Token) -> Option<u32> {
+        match self.by_conn.get((token >> 32) as usize) {
+            Some(&Some((t, slot))) if t == token => Some(slot),
+            _ => None,
+        }
+    }
+}
 
 /// A zero-copy send from submission until its notification.
 #[derive(Debug)]
@@ -115,6 +186,8 @@ pub(crate) struct UringDriver {
     poll_efd: OnceCell<Option<nix::sys::eventfd::EventFd>>,
     /// Why registering `poll_efd` failed: the next `wait` reports it.
     poll_error: Cell<Option<io::Error>>,
+    /// Connections' files registered with the ring.
+    files: FileTable,
 }
 
 impl std::fmt::Debug for UringDriver {
@@ -131,6 +204,7 @@ impl UringDriver {
     pub(crate) fn new(
         depth: u32,
         pool: Option<&crate::fixed::FixedBufPool>,
+        files: Option<u32>,
     ) -> io::Result<UringDriver> {
         let depth = depth.clamp(8, 32768);
         let cq = depth.saturating_mul(CQ_PER_SQ).min(65536);
@@ -161,6 +235,9 @@ impl UringDriver {
         if let Some(pool) = pool {
             register(&ring, pool)?;
         }
+        // Refused (an old kernel, a seccomp filter): plain fds for the
+        // whole ring, and `registered_files` says why.
+        let files = FileTable::register(&ring, files);
         let (sq_entries, cq_entries) = (
             ring.params().sq_entries() as usize,
             ring.params().cq_entries() as usize,
@@ -188,10 +265,65 @@ impl UringDriver {
             wake: None,
             poll_efd: OnceCell::new(),
             poll_error: Cell::new(None),
+            files,
         })
     }
 
+    /// See `Driver::registered_files`.
+    pub(crate) fn registered_files(&self) -> RegisteredFiles {
+        self.files.state
+    }
+
+    /// Puts `fd` in a free slot of the file table for `token`'s requests
+    /// (`IORING_REGISTER_FILES_UPDATE`). A full table, or a file the
+    /// kernel will not register (another ring's fd: EBADF), leaves the
+    /// connection on its plain fd, counted in `unregistered_files`.
+    fn register_file(&mut self, token: Token, fd: RawFd) {
+        let RegisteredFiles::On { slots } = self.files.state else {
+            return;
+        };
+        let t = &mut self.files;
+        let slot = match t.free.pop() {
+            Some(s) => s,
+            None if t.fresh < slots => {
+                t.fresh += 1;
+                t.fresh - 1
+            }
+            None => {
+                self.stats.unregistered_files += 1;
+                return;
+            }
+        };
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(1) => {
+                let conn = (token >> 32) as usize;
+                if t.by_conn.len() <= conn {
+                    t.by_conn.resize(conn + 1, None);
+                }
+                t.by_conn[conn] = Some((token, slot));
+            }
+            _ => {
+                t.free.push(slot);
+                self.stats.unregistered_files += 1;
+            }
+        }
+    }
+
+    /// Empties `token`'s file table slot, if it has one, and frees it.
+    /// Should the kernel refuse, the slot is never reused (it keeps the
+    /// file open until the ring goes).
+    fn deregister_file(&mut self, token: Token) {
+        let Some(slot) = self.files.slot_of(token) else {
+            return;
+        };
+        self.files.by_conn[(token >> 32) as usize] = None;
+        if let Ok(1) = self.ring.submitter().register_files_update(slot, &[-1]) {
+            self.files.free.push(slot);
+        }
+    }
+
     pub(crate) fn register(&mut self, token: Token, fd: RawFd, kind: FdKind) -> io::Result<()> {
+        self.register_file(token, fd);
         if kind.is_socket() {
             return Ok(());
         }
@@ -210,6 +342,7 @@ impl UringDriver {
     /// Leaves the fd's position after the last byte written, as sequential
     /// writes at the position would have.
     pub(crate) fn deregister(&mut self, token: Token, fd: RawFd) {
+        self.deregister_file(token);
         if let Some(pos) = self.positions.remove(&token) {
             // Cannot fail for a seekable fd and a position it reached.
             let _ = lseek(fd, pos as i64, Whence::SeekSet);
@@ -263,7 +396,14 @@ impl UringDriver {
         let room = self.make_room(ops.len());
         events.append(&mut self.reaped);
         room?;
-        let fd = types::Fd(fd);
+        // A registered file is named by its table slot: the SQE's fd field
+        // holds the slot and IOSQE_FIXED_FILE is set, which is all
+        // `types::Fixed` does (io-uring's `assign_fd!`), written out so one
+        // builder call serves both. Every opcode here takes fixed files.
+        let (fd, file_flags) = match self.files.slot_of(token) {
+            Some(slot) => (types::Fd(slot as RawFd), squeue::Flags::FIXED_FILE),
+            None => (types::Fd(fd), squeue::Flags::empty()),
+        };
         // MSG_WAITALL on a stream socket: the kernel finishes a partial send
         // itself instead of completing short (io_net_retry). On a datagram
         // socket (which never sends part of a datagram) it makes a short
@@ -343,7 +483,8 @@ impl UringDriver {
                     }
                 }
             }
-            .user_data(user_data);
+            .user_data(user_data)
+            .flags(file_flags);
             // A link orders this write before the next in the chain: the
             // next starts only once this one succeeded, and fails
             // (ECANCELED) if not. The last one links to nothing.
@@ -358,7 +499,9 @@ impl UringDriver {
         // iovec's memory and the op's own address) and the Bytes behind
         // them until its completion; for zero-copy, `self.zc` holds the
         // Bytes until the notification (inserted below, before anything
-        // can be reaped).
+        // can be reaped). The file: the engine owns the fd until detach,
+        // which waits for these completions; a table slot is emptied only
+        // there, after them (see `FileTable`).
         unsafe { self.ring.submission().push_multiple(&entries) }
             .map_err(|_| io::Error::other("io_uring submission queue full after making room"))?;
         let zc_ops = ops.iter_mut().filter(|op| op.zero_copy && kind.is_socket());
@@ -375,6 +518,9 @@ impl UringDriver {
         }
         self.next_zc += zc_ids.len() as u64;
         self.stats.zc_sends += zc_ids.len() as u64;
+        if file_flags.contains(squeue::Flags::FIXED_FILE) {
+            self.stats.fixed_file_sqes += entries.len() as u64;
+        }
         self.unsubmitted += entries.len();
         self.stats.sqes += entries.len() as u64;
         self.in_flight += entries.len();

@@ -43,6 +43,7 @@ use datagram::GsoCounters;
 use wait::Wake;
 use zerocopy::ZcProbe;
 
+pub use crate::driver::RegisteredFiles;
 pub use conn::Conn;
 pub use datagram::Segmentation;
 pub use zerocopy::ZeroCopy;
@@ -203,6 +204,14 @@ pub struct Stats {
     /// off for good, their datagrams resent one by one
     /// ([`Mover::segmentation`] says which and why).
     pub gso_disabled: u64,
+    /// io_uring SQEs that named their connection's file by its slot in the
+    /// ring's registered file table (`IOSQE_FIXED_FILE`), sparing the
+    /// kernel an `fget`/`fput` each ([`Mover::registered_files`]).
+    pub fixed_file_sqes: u64,
+    /// Connections attached while the ring had a registered file table
+    /// that use their plain fd instead: the table was full, or the kernel
+    /// refused the fd.
+    pub unregistered_files: u64,
 }
 
 /// Builds a [`Mover`]: every setting has a default, `build` selects the
@@ -235,6 +244,7 @@ pub struct MoverBuilder {
     copy_threshold: usize,
     watermarks: Option<(usize, usize)>,
     gso: bool,
+    files: Option<u32>,
 }
 
 impl Default for MoverBuilder {
@@ -248,6 +258,7 @@ impl Default for MoverBuilder {
             copy_threshold: DEFAULT_COPY_THRESHOLD,
             watermarks: None,
             gso: true,
+            files: None,
         }
     }
 }
@@ -397,6 +408,19 @@ impl MoverBuilder {
         self
     }
 
+    /// Slots in the io_uring ring's table of registered files: each
+    /// connection attached while one is free is named by it
+    /// (`IOSQE_FIXED_FILE`), which spares the kernel an `fget`/`fput` per
+    /// request; the rest use their plain fd. Default: one per fd the
+    /// process may have open (`RLIMIT_NOFILE`'s soft limit when built),
+    /// at most 65,536. 0: no table. Where the kernel refuses the table
+    /// (before 5.19), every connection uses its plain fd and
+    /// [`Mover::registered_files`] says why. Other backends ignore it.
+    pub fn registered_files(mut self, slots: u32) -> Self {
+        self.files = Some(slots);
+        self
+    }
+
     fn watermarks(&self) -> io::Result<(usize, usize)> {
         match self.watermarks {
             None => Ok((self.max_queued / 2, self.max_queued.max(1))),
@@ -423,7 +447,7 @@ impl MoverBuilder {
             Some(FixedBufs::Shared(pool)) => Some(pool),
             None => None,
         };
-        let driver = Driver::new(selection.backend, self.depth, pool.as_ref())?;
+        let driver = Driver::new(selection.backend, self.depth, pool.as_ref(), self.files)?;
         // Zero-copy needs SEND_ZC and SENDMSG_ZC on the ring; else copy.
         let zero_copy = if selection.backend == Backend::Uring
             && RingSupport::detect().supports(Opcode::SEND_ZC)
@@ -1094,7 +1118,16 @@ impl Mover {
             gso_sends: self.gso.sends,
             gso_datagrams: self.gso.datagrams,
             gso_disabled: self.gso.disabled,
+            fixed_file_sqes: d.fixed_file_sqes,
+            unregistered_files: d.unregistered_files,
         }
+    }
+
+    /// Whether the io_uring ring names connections' fds through a table
+    /// of registered files, and if not, why
+    /// ([`MoverBuilder::registered_files`]).
+    pub fn registered_files(&self) -> RegisteredFiles {
+        self.driver.registered_files()
     }
 
     /// Leases a registered buffer (see [`MoverBuilder::fixed_buffers`]).

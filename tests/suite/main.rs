@@ -58,6 +58,7 @@ mod receiver;
 mod recv;
 #[cfg(target_os = "linux")]
 mod recv_paths;
+mod registered_files;
 #[cfg(target_os = "linux")]
 mod seccomp;
 mod send;
