@@ -177,6 +177,22 @@ fn write_text(r: &KernelReport, out: &mut impl Write) -> io::Result<()> {
             if !no.is_empty() {
                 row(out, "  rejected", &names(&no))?;
             }
+            match r.registered_files {
+                Some(Ok(())) => row(
+                    out,
+                    "registered files",
+                    "sparse table accepted: each connection named by its slot (IOSQE_FIXED_FILE)",
+                )?,
+                Some(Err(errno)) => row(
+                    out,
+                    "registered files",
+                    &format!(
+                        "refused ({}): connections use plain fds",
+                        std::io::Error::from_raw_os_error(errno)
+                    ),
+                )?,
+                None => {}
+            }
         }
         RingSupport::Unavailable(why) => {
             row(out, "io_uring", &format!("unavailable: {why}"))?;
@@ -249,6 +265,13 @@ struct IoUring {
     features: Vec<String>,
     features_raw: u32,
     setup_flags: Vec<SetupFlagJson>,
+    registered_files: Option<RegisteredFilesJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct RegisteredFilesJson {
+    supported: bool,
+    errno: Option<i32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -320,6 +343,10 @@ fn to_json(r: &KernelReport) -> Probe {
                     errno: f.errno,
                 })
                 .collect(),
+            registered_files: r.registered_files.map(|res| RegisteredFilesJson {
+                supported: res.is_ok(),
+                errno: res.err(),
+            }),
         },
         RingSupport::Unavailable(why) => IoUring {
             available: false,
@@ -333,6 +360,7 @@ fn to_json(r: &KernelReport) -> Probe {
             features: Vec::new(),
             features_raw: 0,
             setup_flags: Vec::new(),
+            registered_files: None,
         },
     };
     let backend = match &r.selection {

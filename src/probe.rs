@@ -373,6 +373,12 @@ pub struct KernelReport {
     pub ring: RingSupport,
     /// Every set-up flag tried (empty when no ring can be set up).
     pub setup_flags: Vec<SetupFlagResult>,
+    /// Whether a ring takes a sparse table of registered files (Linux
+    /// 5.19), which the engine's rings use to name each connection's fd
+    /// (`IOSQE_FIXED_FILE`, no `fget`/`fput` per request): `None` without
+    /// a ring, else `Ok` or the errno of the refusal (then connections use
+    /// their plain fds; [`crate::Mover::registered_files`] says so too).
+    pub registered_files: Option<Result<(), i32>>,
     /// `RLIMIT_MEMLOCK`.
     pub memlock: Option<MemlockLimit>,
     /// `/proc/sys/fs/pipe-max-size`.
@@ -386,9 +392,9 @@ impl KernelReport {
     pub fn collect() -> KernelReport {
         let (kernel_release, machine) = crate::sys::uname();
         let ring = RingSupport::detect().clone();
-        let setup_flags = match ring {
-            RingSupport::Available { .. } => try_setup_flags(),
-            RingSupport::Unavailable(_) => Vec::new(),
+        let (setup_flags, registered_files) = match ring {
+            RingSupport::Available { .. } => (try_setup_flags(), try_registered_files()),
+            RingSupport::Unavailable(_) => (Vec::new(), None),
         };
         KernelReport {
             kernel_release,
@@ -399,6 +405,7 @@ impl KernelReport {
                 .and_then(|v| v.parse().ok()),
             ring,
             setup_flags,
+            registered_files,
             memlock: crate::sys::memlock_limit()
                 .ok()
                 .map(|(soft, hard)| MemlockLimit { soft, hard }),
@@ -468,6 +475,25 @@ fn try_setup_flags() -> Vec<SetupFlagResult> {
 #[cfg(not(target_os = "linux"))]
 fn try_setup_flags() -> Vec<SetupFlagResult> {
     Vec::new()
+}
+
+#[cfg(target_os = "linux")]
+fn try_registered_files() -> Option<Result<(), i32>> {
+    use crate::sys::uring::{setup, SetupArgs};
+    let ring = setup(SetupArgs {
+        entries: 1,
+        ..SetupArgs::default()
+    })
+    .ok()?;
+    Some(
+        ring.register_sparse_files(1)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL)),
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn try_registered_files() -> Option<Result<(), i32>> {
+    None
 }
 
 #[cfg(all(test, target_os = "linux"))]

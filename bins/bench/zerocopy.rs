@@ -312,7 +312,12 @@ pub fn run_fanout(args: &FanoutArgs) -> anyhow::Result<Outcome> {
                 .iter()
                 .map(|s| s.try_clone().map(OwnedFd::from))
                 .collect::<std::io::Result<Vec<_>>>()?;
-            let acked = || watch.iter().map(|w| bytes_acked(w.as_raw_fd())).sum::<u64>();
+            let acked = || {
+                watch
+                    .iter()
+                    .map(|w| bytes_acked(w.as_raw_fd()))
+                    .sum::<u64>()
+            };
             reset_peak_rss();
             let rss0 = peak_rss();
             let payload = Bytes::from(vec![0x5Au8; size]);

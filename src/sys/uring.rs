@@ -11,6 +11,18 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use super::cvt;
 
 const IORING_REGISTER_PROBE: libc::c_uint = 8;
+const IORING_REGISTER_FILES2: libc::c_uint = 13;
+const IORING_RSRC_REGISTER_SPARSE: u32 = 1;
+
+/// `struct io_uring_rsrc_register`.
+#[repr(C)]
+struct RsrcRegister {
+    nr: u32,
+    flags: u32,
+    resv2: u64,
+    data: u64,
+    tags: u64,
+}
 /// `IO_URING_OP_SUPPORTED` in `struct io_uring_probe_op.flags`.
 const IO_URING_OP_SUPPORTED: u16 = 1;
 /// Room for every opcode number the probe ABI can describe.
@@ -139,6 +151,32 @@ impl ProbeRing {
             .filter(|o| o.flags & IO_URING_OP_SUPPORTED != 0)
             .map(|o| o.op)
             .collect())
+    }
+
+    /// `io_uring_register(fd, IORING_REGISTER_FILES2, ...)` with
+    /// `IORING_RSRC_REGISTER_SPARSE`: whether the ring takes a sparse table
+    /// of `slots` registered files (Linux 5.19), as the engine's rings do.
+    pub(crate) fn register_sparse_files(&self, slots: u32) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let reg = RsrcRegister {
+            nr: slots,
+            flags: IORING_RSRC_REGISTER_SPARSE,
+            resv2: 0,
+            data: 0,
+            tags: 0,
+        };
+        // SAFETY: `reg` is a live `io_uring_rsrc_register` whose size is the
+        // last argument; a sparse registration reads no `data` or `tags`.
+        cvt(unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.fd.as_raw_fd() as libc::c_long,
+                IORING_REGISTER_FILES2 as libc::c_long,
+                &reg as *const RsrcRegister,
+                std::mem::size_of::<RsrcRegister>() as libc::c_long,
+            )
+        })?;
+        Ok(())
     }
 
     /// The ring's fd, for `IORING_SETUP_ATTACH_WQ` trials.

@@ -71,6 +71,23 @@ fn opcodes_equal_register_probe() {
         .contains(&Value::from("NODROP")));
 }
 
+/// The probe's registered-files answer is what a ring of the io-uring
+/// crate gets from the same kernel.
+#[test]
+#[cfg(target_os = "linux")]
+fn registered_files_equal_a_sparse_registration() {
+    let v = probe_json(&mut ringmover());
+    let ring = io_uring::IoUring::new(2).expect("a ring");
+    let kernel = ring.submitter().register_files_sparse(1);
+    let ours = &v["io_uring"]["registered_files"];
+    assert_eq!(ours["supported"], kernel.is_ok(), "{ours}");
+    assert_eq!(
+        ours["errno"].as_i64(),
+        kernel.err().and_then(|e| e.raw_os_error()).map(i64::from),
+        "{ours}"
+    );
+}
+
 #[test]
 #[cfg(target_os = "linux")]
 fn text_report_names_things() {
@@ -82,6 +99,7 @@ fn text_report_names_things() {
         "opcodes",
         "send_zc",
         "setup flags",
+        "registered files",
         "RLIMIT_MEMLOCK",
         "pipe-max-size",
         "backend              uring",
