@@ -31,8 +31,9 @@ use crate::Outcome;
 /// writes and takes completions, and GB/s counts what the sink's kernel
 /// acknowledged. Strategies: writev (one writev per packet: Go's
 /// net.Buffers), coalesce (everything queued on a connection in one writev,
-/// IOV_MAX at a time: nats-server), glue (everything queued copied into one
-/// buffer, one write), each on non-blocking sockets in an epoll loop per
+/// IOV_MAX at a time: nats-server), glue (everything queued copied into the
+/// thread's one buffer, one write; what the socket did not take stays with
+/// its connection), each on non-blocking sockets in an epoll loop per
 /// thread; and ringmover on the uring, epoll and poll backends (one
 /// send_packet per packet, one flush, completions refill). --threads N
 /// shares the connections among N threads (ringmover: one Mover each).

@@ -264,7 +264,8 @@ fn top_up(
 }
 
 /// A baseline connection's queue: `packets` whole packets, of which the
-/// first has `offset` bytes written; the glueing writer's copy of them.
+/// first has `offset` bytes written; what the glueing writer copied and
+/// the socket did not take.
 #[derive(Debug, Default)]
 struct Queue {
     packets: usize,
@@ -322,6 +323,10 @@ fn baseline(
     let mut next = Vec::new();
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(IOV_MAX);
+    // `glue` copies into this one buffer, hot in cache, as a writer that
+    // allocates a buffer per batch gets from malloc; only what a socket did
+    // not take stays with its connection.
+    let mut scratch: Vec<u8> = Vec::with_capacity(queue + pkt_len);
     let mut syscalls = 0u64;
     while !stop.load(Ordering::Relaxed) {
         for &i in &ready {
@@ -335,23 +340,34 @@ fn baseline(
             }
             let fd = socks[i].as_fd();
             let turn = loop {
+                // A `glue` write from `scratch`: what it left is already
+                // all of `q.glued`.
+                let mut glued_now = false;
                 let n = match strategy {
-                    Strategy::Glue => {
-                        if q.at == q.glued.len() {
-                            if q.packets == 0 {
-                                break Turn::Emptied;
-                            }
-                            q.glued.clear();
-                            q.at = 0;
-                            for _ in 0..q.packets {
-                                for b in pkt {
-                                    q.glued.extend_from_slice(b);
-                                }
-                            }
-                            q.packets = 0;
+                    Strategy::Glue if q.at == q.glued.len() => {
+                        if q.packets == 0 {
+                            break Turn::Emptied;
                         }
-                        nix::unistd::write(fd, &q.glued[q.at..])
+                        scratch.clear();
+                        for _ in 0..q.packets {
+                            for b in pkt {
+                                scratch.extend_from_slice(b);
+                            }
+                        }
+                        q.packets = 0;
+                        let n = nix::unistd::write(fd, &scratch);
+                        // The connection keeps what was not written.
+                        let kept = match n {
+                            Ok(n) => &scratch[n..],
+                            Err(_) => &scratch[..],
+                        };
+                        q.glued.clear();
+                        q.glued.extend_from_slice(kept);
+                        q.at = 0;
+                        glued_now = true;
+                        n
                     }
+                    Strategy::Glue => nix::unistd::write(fd, &q.glued[q.at..]),
                     _ => {
                         if q.packets == 0 {
                             break Turn::Emptied;
@@ -372,7 +388,7 @@ fn baseline(
                             sent.written += n as u64;
                         }
                         if strategy == Strategy::Glue {
-                            q.at += n;
+                            q.at += if glued_now { 0 } else { n };
                         } else {
                             q.advance(n, pkt_len);
                         }
