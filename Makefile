@@ -15,12 +15,18 @@ PORTABLE_TARGETS := x86_64-unknown-freebsd x86_64-apple-darwin
 # The declared minimum Rust version, read from Cargo.toml.
 MSRV := $(shell sed -n 's/^rust-version = "\(.*\)"$$/\1/p' Cargo.toml)
 
-.PHONY: all build man demo test deps fmt lint portable portable-targets portable-check print-portable-targets msrv print-msrv bench clean
+.PHONY: bench-tokio all build man demo test deps fmt lint portable portable-targets portable-check print-portable-targets msrv print-msrv bench clean
 
 all: build
 
 build:
 	$(CARGO) build --release --bins
+
+# ringmover against the glueing tokio writer issues 9 and 10 measure it
+# against, side by side in one run (needs the tokio-baseline feature).
+bench-tokio:
+	$(CARGO) run --release --features tokio-baseline -- bench gather \
+	  --conns 1000 --shape small,srs --strategy tokio-glue,glue,uring,epoll
 
 # The man page (every subcommand in one roff document).
 man: build
@@ -82,6 +88,8 @@ fmt:
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
+	# the tokio baseline of `bench gather` (off by default) must not rot
+	$(CARGO) clippy --bins --features tokio-baseline -- -D warnings
 
 test: deps fmt lint
 	# every example builds first: the suite runs them (tests/suite/examples.rs)

@@ -34,7 +34,10 @@ use crate::Outcome;
 /// IOV_MAX at a time: nats-server), glue (everything queued copied into the
 /// thread's one buffer, one write; what the socket did not take stays with
 /// its connection), each on non-blocking sockets in an epoll loop per
-/// thread; and ringmover on the uring, epoll and poll backends (one
+/// thread; tokio-glue (a build with the tokio-baseline feature: a tokio
+/// task per connection gluing 64 KiB of packets into a fresh buffer and
+/// writing it whole, --threads workers); and ringmover on the uring, epoll
+/// and poll backends (one
 /// send_packet per packet, one flush, completions refill). --threads N
 /// shares the connections among N threads (ringmover: one Mover each).
 ///
@@ -139,6 +142,9 @@ pub enum Strategy {
     Writev,
     Coalesce,
     Glue,
+    /// A tokio task per connection glueing its packets (feature
+    /// `tokio-baseline`).
+    TokioGlue,
     Mover(Backend),
 }
 
@@ -150,6 +156,11 @@ impl Strategy {
             "writev" => Strategy::Writev,
             "coalesce" => Strategy::Coalesce,
             "glue" => Strategy::Glue,
+            "tokio-glue" if cfg!(feature = "tokio-baseline") => Strategy::TokioGlue,
+            "tokio-glue" => bail!(
+                "tokio-glue needs a build with the tokio-baseline feature: \
+                 cargo build --release --features tokio-baseline"
+            ),
             "uring" => Strategy::Mover(Backend::Uring),
             "epoll" => Strategy::Mover(Backend::Epoll),
             "poll" => Strategy::Mover(Backend::Poll),
@@ -166,6 +177,7 @@ impl Strategy {
             Strategy::Writev => "writev".into(),
             Strategy::Coalesce => "coalesce".into(),
             Strategy::Glue => "glue".into(),
+            Strategy::TokioGlue => "tokio-glue".into(),
             Strategy::Mover(b) => format!("ringmover-{b}"),
         }
     }
@@ -284,7 +296,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 "strategy {}: lock-step rounds only (--queue 0); streaming has writev, coalesce and glue",
                 s.name()
             ),
-            (Strategy::Coalesce | Strategy::Glue, 0) => bail!(
+            (Strategy::Coalesce | Strategy::Glue | Strategy::TokioGlue, 0) => bail!(
                 "strategy {}: needs --queue (one packet per round has nothing to coalesce)",
                 s.name()
             ),
@@ -553,7 +565,9 @@ fn rounds<'a>(
                 Ok(socks.len() as u64)
             })
         }
-        Strategy::Coalesce | Strategy::Glue => bail!("{} needs --queue", strategy.name()),
+        Strategy::Coalesce | Strategy::Glue | Strategy::TokioGlue => {
+            bail!("{} needs --queue", strategy.name())
+        }
         Strategy::Mover(backend) => {
             let mut mover = build_mover(backend, socks.len(), copy_threshold, None)?;
             let packet = Packet::new(pkt.iter().cloned());

@@ -88,6 +88,19 @@ pub fn measure(
         share.socks.push(s);
         share.stalled += 1;
     }
+    if strategy == Strategy::TokioGlue {
+        // One runtime of `threads` workers runs a task per connection:
+        // one share of them all, the stalled ones last.
+        let (mut all, mut stalled) = (Share::default(), Vec::new());
+        for mut share in shares.drain(..) {
+            let first_stalled = share.socks.len() - share.stalled;
+            stalled.extend(share.socks.drain(first_stalled..));
+            all.socks.append(&mut share.socks);
+        }
+        all.stalled = stalled.len();
+        all.socks.append(&mut stalled);
+        shares.push(all);
+    }
     let exclude = Sink::tids(&sink);
     let (window, written) = std::thread::scope(|scope| {
         let workers: Vec<_> = shares
@@ -152,6 +165,10 @@ fn worker(
         Strategy::Writev | Strategy::Coalesce | Strategy::Glue => {
             baseline(strategy, share, pkt, opts.queue, stop, calls)
         }
+        #[cfg(feature = "tokio-baseline")]
+        Strategy::TokioGlue => tokio_glue::run(share, pkt, opts, stop, calls),
+        #[cfg(not(feature = "tokio-baseline"))]
+        Strategy::TokioGlue => bail!("tokio-glue needs the tokio-baseline feature"),
         Strategy::Write | Strategy::Copy => {
             bail!(
                 "{} runs only in lock-step rounds (--queue 0)",
@@ -431,6 +448,110 @@ fn fill<'a>(iov: &mut Vec<IoSlice<'a>>, pkt: &'a [Bytes], packets: usize, mut of
             offset = 0;
             if iov.len() == IOV_MAX {
                 return;
+            }
+        }
+    }
+}
+
+/// `tokio-glue`: the writer issue 9 measured ringmover against, in the same
+/// run: a tokio runtime of `--threads` workers, a task per connection, each
+/// gluing `queue` bytes of packets into a fresh buffer (malloc hands back
+/// memory still in cache) and writing it whole, then again. No per-packet
+/// work but the copies, as in the issue's writer.
+#[cfg(feature = "tokio-baseline")]
+mod tokio_glue {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::watch;
+
+    use super::{Opts, Sent, Share};
+
+    pub(super) fn run(
+        share: Share,
+        pkt: &[Bytes],
+        opts: &Opts,
+        stop: &AtomicBool,
+        calls: &AtomicU64,
+    ) -> anyhow::Result<Sent> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.threads)
+            .enable_all()
+            .build()?;
+        let first_stalled = share.socks.len() - share.stalled;
+        let pkt: Arc<[Bytes]> = pkt.into();
+        let writes = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = watch::channel(false);
+        let queue = opts.queue;
+        let outcomes = rt.block_on(async {
+            let mut tasks = Vec::new();
+            for (i, s) in share.socks.into_iter().enumerate() {
+                s.set_nonblocking(true)?;
+                let s = tokio::net::TcpStream::from_std(s)?;
+                let (pkt, rx, writes) = (pkt.clone(), rx.clone(), writes.clone());
+                let stalled = i >= first_stalled;
+                tasks.push(tokio::spawn(glue(s, pkt, queue, rx, writes, stalled)));
+            }
+            while !stop.load(Ordering::Relaxed) {
+                calls.store(writes.load(Ordering::Relaxed), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tx.send_replace(true);
+            let mut outcomes = Vec::new();
+            for t in tasks {
+                outcomes.push(t.await?);
+            }
+            anyhow::Ok(outcomes)
+        })?;
+        // The sockets close with the tasks; the runtime's threads end here.
+        drop(rt);
+        let mut sent = Sent::default();
+        for o in outcomes {
+            let (written, held) = o?;
+            sent.written += written;
+            sent.stalled_queued = sent.stalled_queued.max(held);
+        }
+        Ok(sent)
+    }
+
+    /// One connection's task until `stop`: returns the bytes written (0 for
+    /// a stalled connection, whose peer never reads) and, for a stalled
+    /// one, the bytes it still held.
+    async fn glue(
+        mut s: tokio::net::TcpStream,
+        pkt: Arc<[Bytes]>,
+        queue: usize,
+        mut stop: watch::Receiver<bool>,
+        writes: Arc<AtomicU64>,
+        stalled: bool,
+    ) -> std::io::Result<(u64, usize)> {
+        let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
+        let mut written = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(queue + pkt_len);
+            while buf.len() < queue {
+                for b in pkt.iter() {
+                    buf.extend_from_slice(b);
+                }
+            }
+            let mut at = 0;
+            while at < buf.len() {
+                tokio::select! {
+                    biased;
+                    _ = stop.changed() => {
+                        let held = if stalled { buf.len() - at } else { 0 };
+                        return Ok((written, held));
+                    }
+                    n = s.write(&buf[at..]) => {
+                        let n = n?;
+                        at += n;
+                        writes.fetch_add(1, Ordering::Relaxed);
+                        written += if stalled { 0 } else { n as u64 };
+                    }
+                }
             }
         }
     }
