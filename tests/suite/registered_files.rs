@@ -8,17 +8,9 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringmover::{Backend, Completion, Mover, MoverBuilder, RegisteredFiles};
+use ringmover::{Backend, Mover, MoverBuilder, RegisteredFiles};
 
-use crate::send::{builder, on_own_thread, pattern, pieces, slow_reader, tcp_pairs};
-
-fn no_errors(done: &[Completion]) {
-    let errs: Vec<String> = done
-        .iter()
-        .filter_map(|c| c.error.as_ref().map(|e| e.error.to_string()))
-        .collect();
-    assert_eq!(errs, Vec::<String>::new());
-}
+use crate::send::{builder, no_errors, on_own_thread, pattern, pieces, slow_reader, tcp_pairs};
 
 fn build(backend: Option<Backend>, b: MoverBuilder) -> Mover {
     let m = b.build().expect("building the mover");

@@ -168,6 +168,11 @@ fn errors(done: &[Completion]) -> Vec<String> {
         .collect()
 }
 
+/// Asserts no completion in `done` carries an error (naming those that do).
+pub fn no_errors(done: &[Completion]) {
+    assert_eq!(errors(done), Vec::<String>::new());
+}
+
 pub fn more_than_iov_max_pieces_arrive_byte_exact(b: Option<Backend>) {
     let mut m = mover_uncopied(b);
     let (a, peer) = tcp_pair();

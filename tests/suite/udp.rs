@@ -10,9 +10,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ringmover::{Backend, Completion, Mover, Segmentation, SendErrorKind, ZeroCopy};
+use ringmover::{Backend, Mover, Segmentation, SendErrorKind, ZeroCopy};
 
-use crate::send::{builder, drain_datagrams, mover, on_own_thread, pattern, tcp_pair};
+use crate::send::{builder, drain_datagrams, mover, no_errors, on_own_thread, pattern, tcp_pair};
 
 /// How long any one datagram may take to arrive before the test fails.
 const RECV_LIMIT: Duration = Duration::from_secs(10);
@@ -28,14 +28,6 @@ fn gso_expected() -> Segmentation {
     } else {
         Segmentation::Off
     }
-}
-
-fn no_errors(done: &[Completion]) {
-    let errs: Vec<String> = done
-        .iter()
-        .filter_map(|c| c.error.as_ref().map(|e| e.error.to_string()))
-        .collect();
-    assert_eq!(errs, Vec::<String>::new());
 }
 
 /// A loopback receiver with a generous read timeout.

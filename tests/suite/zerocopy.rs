@@ -10,7 +10,7 @@ use ringmover::{
     Backend, BackendChoice, Completion, Mover, Opcode, RingSupport, SendErrorKind, ZeroCopy,
 };
 
-use crate::send::{pattern, tcp_pair};
+use crate::send::{no_errors, pattern, tcp_pair};
 
 fn mover(b: Option<Backend>, count: usize, size: usize, zc: ZeroCopy) -> Mover {
     let m = Mover::builder()
@@ -35,14 +35,6 @@ fn mover(b: Option<Backend>, count: usize, size: usize, zc: ZeroCopy) -> Mover {
     };
     assert_eq!(m.zero_copy(), expected, "{:?}", m.selection());
     m
-}
-
-fn no_errors(done: &[Completion]) {
-    let errs: Vec<String> = done
-        .iter()
-        .filter_map(|c| c.error.as_ref().map(|e| e.error.to_string()))
-        .collect();
-    assert!(errs.is_empty(), "{errs:?}");
 }
 
 /// Leases a buffer, waiting for completions/notifications while the pool
