@@ -174,46 +174,24 @@ const IORING_REGISTER_FILES2: u32 = 13;
 /// ..)` fail with EINVAL (what a kernel before 5.19 answers a sparse table),
 /// every other call untouched. For the rest of the thread's life.
 #[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
 fn refuse_file_tables() {
-    #[cfg(target_arch = "x86_64")]
-    const AUDIT_ARCH: u32 = 0xC000_003E;
-    #[cfg(target_arch = "aarch64")]
-    const AUDIT_ARCH: u32 = 0xC000_00B7;
-    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
-    // BPF_LD|BPF_W|BPF_ABS = 0x20, BPF_JMP|BPF_JEQ|BPF_K = 0x15, BPF_RET|BPF_K
-    // = 0x06; seccomp_data: nr at 0, arch at 4, args[1]'s low word at 24.
-    let filter = [
-        op(0x20, 0, 0, 4),
-        op(0x15, 1, 0, AUDIT_ARCH),
-        op(0x06, 0, 0, libc::SECCOMP_RET_ALLOW),
-        op(0x20, 0, 0, 0),
-        op(0x15, 0, 3, libc::SYS_io_uring_register as u32),
-        op(0x20, 0, 0, 24),
-        op(0x15, 0, 1, IORING_REGISTER_FILES2),
-        op(0x06, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EINVAL as u32),
-        op(0x06, 0, 0, libc::SECCOMP_RET_ALLOW),
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut libc::sock_filter,
+    use crate::seccomp::{
+        install, jeq, stmt, ARCH_OFFSET, ARG1_OFFSET, AUDIT_ARCH, BPF_LD_W_ABS, BPF_RET_K,
+        NR_OFFSET,
     };
-    // SAFETY: prctl and seccomp(2) with a program that outlives the call
-    // (the kernel copies it); without TSYNC it binds only this thread.
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        assert_eq!(
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0,
-                &prog as *const libc::sock_fprog,
-            ),
-            0,
-            "installing the seccomp filter: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let refuse = libc::SECCOMP_RET_ERRNO | libc::EINVAL as u32;
+    install(&[
+        stmt(BPF_LD_W_ABS, ARCH_OFFSET),
+        jeq(AUDIT_ARCH, 1, 0),
+        stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
+        stmt(BPF_LD_W_ABS, NR_OFFSET),
+        jeq(libc::SYS_io_uring_register as u32, 0, 3),
+        stmt(BPF_LD_W_ABS, ARG1_OFFSET),
+        jeq(IORING_REGISTER_FILES2, 0, 1),
+        stmt(BPF_RET_K, refuse),
+        stmt(BPF_RET_K, libc::SECCOMP_RET_ALLOW),
+    ])
+    .expect("installing the seccomp filter");
 }
 
 /// A kernel that refuses the table (here a seccomp filter answering

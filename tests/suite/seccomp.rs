@@ -5,21 +5,23 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 #[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xC000_003E;
+pub(crate) const AUDIT_ARCH: u32 = 0xC000_003E;
 #[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xC000_00B7;
+pub(crate) const AUDIT_ARCH: u32 = 0xC000_00B7;
 
 /// `BPF_LD | BPF_W | BPF_ABS` (BPF_LD and BPF_W are 0).
-const BPF_LD_W_ABS: u16 = 0x20;
+pub(crate) const BPF_LD_W_ABS: u16 = 0x20;
 /// `BPF_JMP | BPF_JEQ | BPF_K` (BPF_K is 0).
 const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
 /// `BPF_RET | BPF_K`.
-const BPF_RET_K: u16 = 0x06;
+pub(crate) const BPF_RET_K: u16 = 0x06;
 /// `offsetof(struct seccomp_data, nr)` and `arch`.
-const NR_OFFSET: u32 = 0;
-const ARCH_OFFSET: u32 = 4;
+pub(crate) const NR_OFFSET: u32 = 0;
+pub(crate) const ARCH_OFFSET: u32 = 4;
+/// `offsetof(struct seccomp_data, args[1])`'s low word (little-endian).
+pub(crate) const ARG1_OFFSET: u32 = 24;
 
-fn stmt(code: u16, k: u32) -> libc::sock_filter {
+pub(crate) fn stmt(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter {
         code,
         jt: 0,
@@ -28,7 +30,7 @@ fn stmt(code: u16, k: u32) -> libc::sock_filter {
     }
 }
 
-fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+pub(crate) fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter {
         code: BPF_JMP_JEQ_K,
         jt,
@@ -56,7 +58,7 @@ fn io_uring_filter(errno: i32) -> Vec<libc::sock_filter> {
 
 /// Installs `filter` on the calling thread (and the threads it starts).
 /// Allocates nothing, so it is safe between fork and exec.
-fn install(filter: &[libc::sock_filter]) -> std::io::Result<()> {
+pub(crate) fn install(filter: &[libc::sock_filter]) -> std::io::Result<()> {
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut libc::sock_filter,
