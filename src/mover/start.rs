@@ -101,6 +101,7 @@ impl Mover {
         match self.start(conn, 1) {
             Ok(Started::Yes) => {
                 self.submit_now = false;
+                self.unsubmitted = 0;
                 // A write the kernel finished at submission frees its
                 // glued buffer now, for the next connection to fill while
                 // it is in cache.
