@@ -506,3 +506,58 @@ fn registering_beyond_memlock_is_a_clear_error() {
     );
     assert!(text.contains("test result: ok. 1 passed"), "{text}");
 }
+
+/// `bench zerocopy` runs (so it never rots) and reports what the kernel
+/// did: on loopback TCP every zero-copy send is copied anyway (the deferred
+/// copy its help text names), `copy` makes none, and into the black-hole
+/// veth (root only; the bench skips it with a note otherwise) none is
+/// copied. Needs io_uring, as the bench does.
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_zerocopy_reports_what_the_kernel_copied() {
+    use crate::util::{output_within, ringmover, stderr, stdout};
+    if ringmover::Selection::choose(BackendChoice::Force(Backend::Uring)).is_err() {
+        eprintln!("skipped: no io_uring here, and bench zerocopy needs it");
+        return;
+    }
+    let out = output_within(
+        ringmover().args([
+            "bench",
+            "zerocopy",
+            "--sizes",
+            "16K",
+            "--conns",
+            "2",
+            "--strategy",
+            "copy,zerocopy",
+            "--seconds",
+            "0.05",
+            "--json",
+        ]),
+        Duration::from_secs(60),
+        "bench zerocopy",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|v| v["transport"] == "tcp"), "{lines:?}");
+    for v in &lines {
+        assert_eq!(v["type"], "bench-zerocopy", "{v}");
+        assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
+        let (sends, copied) = (v["zc_sends"].as_u64(), v["zc_copied"].as_u64());
+        match (v["strategy"].as_str(), v["transport"].as_str()) {
+            (Some("copy"), _) => assert_eq!((sends, copied), (Some(0), Some(0)), "{v}"),
+            (Some("zerocopy"), Some("tcp")) => {
+                assert!(sends.unwrap() > 0, "{v}");
+                assert_eq!(copied, sends, "loopback copies every one: {v}");
+            }
+            (Some("zerocopy"), Some("udp-veth")) => {
+                assert!(sends.unwrap() > 0, "{v}");
+                assert_eq!(copied, Some(0), "a transmitting device copies none: {v}");
+            }
+            _ => panic!("unexpected row {v}"),
+        }
+    }
+}
