@@ -126,6 +126,18 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_parser = parse_percent, default_value = "0", value_name = "PERCENT")]
     stalled: Vec<f64>,
 
+    /// Streaming only: how the sender goes round its connections. breadth:
+    /// one --queue of packets per connection per turn, then the next (a
+    /// connection holds a buffer only while its write is in flight). deep:
+    /// a connection is refilled and written again while its socket takes
+    /// each write at once, up to 128 queues (tokio's cooperative budget),
+    /// as a task per connection does: the sink finds several writes per
+    /// read, but each connection the socket refused holds a buffer. Every
+    /// strategy follows it, tokio-glue too (breadth: its task yields after
+    /// each buffer).
+    #[arg(long, value_enum, default_value = "breadth")]
+    refill: super::stream::Refill,
+
     /// Unmeasured time each cell first runs, so fresh connections are past
     /// TCP slow start and socket-buffer autotuning when measuring starts.
     #[arg(long, value_parser = crate::units::parse_duration, default_value = "500ms")]
@@ -309,6 +321,9 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if args.threads > 1 && queue == 0 {
         bail!("--threads needs streaming (--queue greater than 0)");
     }
+    if args.refill != super::stream::Refill::Breadth && queue == 0 {
+        bail!("--refill deep needs streaming (--queue greater than 0)");
+    }
     if let Some(&n) = args.conns.iter().find(|&&n| n < args.threads) {
         bail!("--conns {n} is fewer than --threads {}", args.threads);
     }
@@ -318,6 +333,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         copy_threshold: args.copy_threshold.map(usize::try_from).transpose()?,
         warmup: args.warmup,
         seconds: args.run.seconds,
+        refill: args.refill,
     };
     let shapes = match args.payload {
         Some(payload) => {
@@ -447,6 +463,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                             "stalled_percent": percent,
                             "queue": queue,
                             "threads": args.threads,
+                            "refill": (queue > 0).then_some(args.refill.name()),
                             "strategy": s.name(),
                             "bytes": m.bytes,
                             "packets": m.packets,

@@ -36,7 +36,35 @@ pub struct Opts {
     pub copy_threshold: Option<usize>,
     pub warmup: Duration,
     pub seconds: Duration,
+    /// How the sender goes round its connections.
+    pub refill: Refill,
 }
+
+/// How a streaming sender tops its connections up (`--refill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Refill {
+    /// One --queue of packets per connection per turn, then the next
+    /// connection.
+    Breadth,
+    /// Refill a connection while its socket takes each write at once, up
+    /// to 128 queues, then the next connection.
+    // What a task per connection does: write until the socket refuses or
+    // the runtime's cooperative budget runs out (`DEEP_TURNS`).
+    Deep,
+}
+
+impl Refill {
+    pub fn name(self) -> &'static str {
+        match self {
+            Refill::Breadth => "breadth",
+            Refill::Deep => "deep",
+        }
+    }
+}
+
+/// `--refill deep`: queues' worth a connection may take in one turn, as
+/// tokio's cooperative budget of 128 operations per task turn.
+const DEEP_TURNS: usize = 128;
 
 /// One sender thread's connections: the last `stalled` of `socks` are
 /// stalled (their receiver never reads).
@@ -163,7 +191,7 @@ fn worker(
     match strategy {
         Strategy::Mover(b) => mover(b, share, pkt, opts, stop, calls),
         Strategy::Writev | Strategy::Coalesce | Strategy::Glue => {
-            baseline(strategy, share, pkt, opts.queue, stop, calls)
+            baseline(strategy, share, pkt, opts, stop, calls)
         }
         #[cfg(feature = "tokio-baseline")]
         Strategy::TokioGlue => tokio_glue::run(share, pkt, opts, stop, calls),
@@ -223,7 +251,7 @@ fn mover(
         for c in need.drain(..) {
             let i = c.index() as usize;
             listed[i] = false;
-            top_up(&mut mover, c, &packet, opts.queue)?;
+            top_up(&mut mover, c, &packet, opts.queue, opts.refill)?;
             if stalled[i] {
                 let q = mover.queued(c).unwrap_or(0);
                 sent.stalled_queued = sent.stalled_queued.max(q);
@@ -259,22 +287,32 @@ fn mover(
 }
 
 /// Queues `packet` on `conn` until the connection's byte limit refuses it,
-/// or `queue` bytes went in.
+/// or `queue` bytes went in (`Refill::Deep`: until a write stays in
+/// flight, or `DEEP_TURNS` queues went in).
 fn top_up(
     mover: &mut ringmover::Mover,
     conn: Conn,
     packet: &Packet,
     queue: usize,
+    refill: Refill,
 ) -> anyhow::Result<()> {
-    // At most `queue` bytes per call: a full glued buffer starts writing
-    // inside `send_packet`, and a fast peer would otherwise keep one
-    // connection refilling forever, never at its limit.
-    let mut budget = queue;
+    // A bounded budget per call: a full glued buffer starts writing inside
+    // `send_packet`, and a fast peer would otherwise keep one connection
+    // refilling forever, never at its limit.
+    let mut budget = match refill {
+        Refill::Breadth => queue,
+        Refill::Deep => queue * DEEP_TURNS,
+    };
     while budget > 0 {
         match mover.send_packet(conn, packet) {
             Ok(()) => budget = budget.saturating_sub(packet.len()),
             Err(e) if matches!(e.kind, SendErrorKind::BackPressure { .. }) => break,
             Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        // Deep: a write that completed at submission left little queued;
+        // a full queue means one stayed in flight, as a refused socket.
+        if refill == Refill::Deep && mover.queued(conn).unwrap_or(0) >= queue {
+            break;
         }
     }
     Ok(())
@@ -321,10 +359,15 @@ fn baseline(
     strategy: Strategy,
     share: Share,
     pkt: &[Bytes],
-    queue: usize,
+    opts: &Opts,
     stop: &AtomicBool,
     calls: &AtomicU64,
 ) -> anyhow::Result<Sent> {
+    let queue = opts.queue;
+    let turns = match opts.refill {
+        Refill::Breadth => 1,
+        Refill::Deep => DEEP_TURNS,
+    };
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
     let socks = share.socks;
     let first_stalled = socks.len() - share.stalled;
@@ -347,74 +390,81 @@ fn baseline(
     let mut syscalls = 0u64;
     while !stop.load(Ordering::Relaxed) {
         for &i in &ready {
-            let q = &mut queues[i];
-            while q.bytes(pkt_len) < queue {
-                q.packets += 1;
-            }
-            let stalled = i >= first_stalled;
-            if stalled {
-                sent.stalled_queued = sent.stalled_queued.max(q.bytes(pkt_len));
-            }
-            let fd = socks[i].as_fd();
-            let turn = loop {
-                // A `glue` write from `scratch`: what it left is already
-                // all of `q.glued`.
-                let mut glued_now = false;
-                let n = match strategy {
-                    Strategy::Glue if q.at == q.glued.len() => {
-                        if q.packets == 0 {
-                            break Turn::Emptied;
+            // Deep: refilled and written again while the socket takes it all.
+            let mut turn = Turn::Emptied;
+            for _ in 0..turns {
+                let q = &mut queues[i];
+                while q.bytes(pkt_len) < queue {
+                    q.packets += 1;
+                }
+                let stalled = i >= first_stalled;
+                if stalled {
+                    sent.stalled_queued = sent.stalled_queued.max(q.bytes(pkt_len));
+                }
+                let fd = socks[i].as_fd();
+                turn = loop {
+                    // A `glue` write from `scratch`: what it left is already
+                    // all of `q.glued`.
+                    let mut glued_now = false;
+                    let n = match strategy {
+                        Strategy::Glue if q.at == q.glued.len() => {
+                            if q.packets == 0 {
+                                break Turn::Emptied;
+                            }
+                            scratch.clear();
+                            for _ in 0..q.packets {
+                                for b in pkt {
+                                    scratch.extend_from_slice(b);
+                                }
+                            }
+                            q.packets = 0;
+                            let n = nix::unistd::write(fd, &scratch);
+                            // The connection keeps what was not written.
+                            let kept = match n {
+                                Ok(n) => &scratch[n..],
+                                Err(_) => &scratch[..],
+                            };
+                            q.glued.clear();
+                            q.glued.extend_from_slice(kept);
+                            q.at = 0;
+                            glued_now = true;
+                            n
                         }
-                        scratch.clear();
-                        for _ in 0..q.packets {
-                            for b in pkt {
-                                scratch.extend_from_slice(b);
+                        Strategy::Glue => nix::unistd::write(fd, &q.glued[q.at..]),
+                        _ => {
+                            if q.packets == 0 {
+                                break Turn::Emptied;
+                            }
+                            let packets = if strategy == Strategy::Writev {
+                                1
+                            } else {
+                                q.packets
+                            };
+                            fill(&mut iov, pkt, packets, q.offset);
+                            nix::sys::uio::writev(fd, &iov)
+                        }
+                    };
+                    syscalls += 1;
+                    match n {
+                        Ok(n) => {
+                            if !stalled {
+                                sent.written += n as u64;
+                            }
+                            if strategy == Strategy::Glue {
+                                q.at += if glued_now { 0 } else { n };
+                            } else {
+                                q.advance(n, pkt_len);
                             }
                         }
-                        q.packets = 0;
-                        let n = nix::unistd::write(fd, &scratch);
-                        // The connection keeps what was not written.
-                        let kept = match n {
-                            Ok(n) => &scratch[n..],
-                            Err(_) => &scratch[..],
-                        };
-                        q.glued.clear();
-                        q.glued.extend_from_slice(kept);
-                        q.at = 0;
-                        glued_now = true;
-                        n
-                    }
-                    Strategy::Glue => nix::unistd::write(fd, &q.glued[q.at..]),
-                    _ => {
-                        if q.packets == 0 {
-                            break Turn::Emptied;
-                        }
-                        let packets = if strategy == Strategy::Writev {
-                            1
-                        } else {
-                            q.packets
-                        };
-                        fill(&mut iov, pkt, packets, q.offset);
-                        nix::sys::uio::writev(fd, &iov)
+                        Err(Errno::EAGAIN) => break Turn::Blocked,
+                        Err(Errno::EINTR) => {}
+                        Err(e) => return Err(e).context("writing to the sink"),
                     }
                 };
-                syscalls += 1;
-                match n {
-                    Ok(n) => {
-                        if !stalled {
-                            sent.written += n as u64;
-                        }
-                        if strategy == Strategy::Glue {
-                            q.at += if glued_now { 0 } else { n };
-                        } else {
-                            q.advance(n, pkt_len);
-                        }
-                    }
-                    Err(Errno::EAGAIN) => break Turn::Blocked,
-                    Err(Errno::EINTR) => {}
-                    Err(e) => return Err(e).context("writing to the sink"),
+                if let Turn::Blocked = turn {
+                    break;
                 }
-            };
+            }
             if let Turn::Emptied = turn {
                 next.push(i);
             }
@@ -485,7 +535,7 @@ mod tokio_glue {
         let pkt: Arc<[Bytes]> = pkt.into();
         let writes = Arc::new(AtomicU64::new(0));
         let (tx, rx) = watch::channel(false);
-        let queue = opts.queue;
+        let (queue, deep) = (opts.queue, opts.refill == super::Refill::Deep);
         let outcomes = rt.block_on(async {
             let mut tasks = Vec::new();
             for (i, s) in share.socks.into_iter().enumerate() {
@@ -493,7 +543,8 @@ mod tokio_glue {
                 let s = tokio::net::TcpStream::from_std(s)?;
                 let (pkt, rx, writes) = (pkt.clone(), rx.clone(), writes.clone());
                 let stalled = i >= first_stalled;
-                tasks.push(tokio::spawn(glue(s, pkt, queue, rx, writes, stalled)));
+                let task = glue(s, pkt, queue, deep, rx, writes, stalled);
+                tasks.push(tokio::spawn(task));
             }
             while !stop.load(Ordering::Relaxed) {
                 calls.store(writes.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -519,11 +570,15 @@ mod tokio_glue {
 
     /// One connection's task until `stop`: returns the bytes written (0 for
     /// a stalled connection, whose peer never reads) and, for a stalled
-    /// one, the bytes it still held.
+    /// one, the bytes it still held. `deep`: the next buffer at once, as a
+    /// task does (until the socket refuses, or tokio's cooperative budget
+    /// makes it yield); else it yields after each buffer, so the tasks
+    /// take turns a buffer each, as `--refill breadth` goes round.
     async fn glue(
         mut s: tokio::net::TcpStream,
         pkt: Arc<[Bytes]>,
         queue: usize,
+        deep: bool,
         mut stop: watch::Receiver<bool>,
         writes: Arc<AtomicU64>,
         stalled: bool,
@@ -552,6 +607,9 @@ mod tokio_glue {
                         written += if stalled { 0 } else { n as u64 };
                     }
                 }
+            }
+            if !deep {
+                tokio::task::yield_now().await;
             }
         }
     }

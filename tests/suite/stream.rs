@@ -503,42 +503,49 @@ fn bench_gather_streams_every_strategy() {
         want.insert(3, "ringmover-uring");
     }
     let strategies = want.join(",").replace("ringmover-", "");
-    let out = run(ringmover().args([
-        "bench",
-        "gather",
-        "--queue",
-        "16K",
-        "--threads",
-        "2",
-        "--conns",
-        "4",
-        "--shape",
-        "small",
-        "--seconds",
-        "0.1",
-        "--warmup",
-        "0.05",
-        "--json",
-        "--strategy",
-        &strategies,
-    ]));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let names: Vec<&str> = lines
-        .iter()
-        .map(|v| v["strategy"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, want);
-    for v in &lines {
-        assert_eq!(v["type"], "bench-gather", "{v}");
-        assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
-        assert_eq!(
-            (v["queue"].as_u64(), v["threads"].as_u64()),
-            (Some(16 << 10), Some(2))
-        );
+    // Both ways round the connections (`--refill`); the built-in sink
+    // checks it got every byte written either way.
+    for refill in ["breadth", "deep"] {
+        let out = run(ringmover().args([
+            "bench",
+            "gather",
+            "--queue",
+            "16K",
+            "--threads",
+            "2",
+            "--conns",
+            "4",
+            "--shape",
+            "small",
+            "--seconds",
+            "0.1",
+            "--warmup",
+            "0.05",
+            "--json",
+            "--refill",
+            refill,
+            "--strategy",
+            &strategies,
+        ]));
+        assert!(out.status.success(), "{refill}: {}", stderr(&out));
+        let lines: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let names: Vec<&str> = lines
+            .iter()
+            .map(|v| v["strategy"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, want);
+        for v in &lines {
+            assert_eq!(v["type"], "bench-gather", "{v}");
+            assert!(v["bytes"].as_u64().unwrap() > 0, "{v}");
+            assert_eq!(
+                (v["queue"].as_u64(), v["threads"].as_u64()),
+                (Some(16 << 10), Some(2))
+            );
+            assert_eq!(v["refill"], refill, "{v}");
+        }
     }
 }
 
