@@ -600,11 +600,7 @@ fn bench_fanout_on_two_threads() {
         "2",
         "--json",
     ]));
-    assert!(out.status.success(), "{out:?}");
-    let rows: Vec<serde_json::Value> = super::util::stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = crate::util::json_rows(&out);
     let strategies: Vec<&str> = rows
         .iter()
         .map(|r| r["strategy"].as_str().unwrap())

@@ -489,7 +489,7 @@ fn bad_watermarks_are_a_clear_error() {
 #[cfg(target_os = "linux")]
 #[test]
 fn bench_gather_streams_every_strategy() {
-    use crate::util::{ringmover, run, stderr, stdout};
+    use crate::util::{ringmover, run};
     // ringmover on io_uring only where a ring can be set up here.
     let uring = ringmover::Selection::choose(BackendChoice::Force(Backend::Uring)).is_ok();
     let mut want = vec![
@@ -527,11 +527,7 @@ fn bench_gather_streams_every_strategy() {
             "--strategy",
             &strategies,
         ]));
-        assert!(out.status.success(), "{refill}: {}", stderr(&out));
-        let lines: Vec<serde_json::Value> = stdout(&out)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = crate::util::json_rows(&out);
         let names: Vec<&str> = lines
             .iter()
             .map(|v| v["strategy"].as_str().unwrap())
@@ -613,7 +609,7 @@ fn bench_sink_serves_another_process() {
 #[cfg(target_os = "linux")]
 #[test]
 fn bench_gather_stalled_counts_only_the_readers() {
-    use crate::util::{output_within, ringmover, stderr, stdout};
+    use crate::util::{output_within, ringmover};
     let out = output_within(
         ringmover().args([
             "bench",
@@ -637,11 +633,7 @@ fn bench_gather_stalled_counts_only_the_readers() {
         Duration::from_secs(120),
         "bench gather --stalled",
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = crate::util::json_rows(&out);
     let cells: Vec<(&str, u64)> = lines
         .iter()
         .map(|v| {

@@ -704,7 +704,7 @@ for_each_backend!(
 #[cfg(target_os = "linux")]
 #[test]
 fn bench_udp_reader_counts_every_datagram_sent() {
-    use crate::util::{output_within, ringmover, stderr, stdout};
+    use crate::util::{output_within, ringmover};
     // GSO through the backend this host can use (a forced uring cell
     // would fail where a seccomp filter denies the ring).
     let uring =
@@ -732,11 +732,7 @@ fn bench_udp_reader_counts_every_datagram_sent() {
         Duration::from_secs(60),
         "bench udp",
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = crate::util::json_rows(&out);
     // 2 targets × 2 sizes × 3 strategies.
     assert_eq!(lines.len(), 12, "{lines:?}");
     for v in &lines {

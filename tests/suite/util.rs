@@ -61,6 +61,16 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A `--json` run's rows, one per stdout line, after checking it
+/// succeeded (failing with its stderr otherwise).
+pub fn json_rows(o: &Output) -> Vec<serde_json::Value> {
+    assert!(o.status.success(), "{}", stderr(o));
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 /// Runs `cmd` to completion, its output captured, killing it and failing
 /// the test if it takes longer than `limit` (a hang bound, not a speed
 /// check): `what` names what was waited for.

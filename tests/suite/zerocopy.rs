@@ -515,7 +515,7 @@ fn registering_beyond_memlock_is_a_clear_error() {
 #[cfg(target_os = "linux")]
 #[test]
 fn bench_zerocopy_reports_what_the_kernel_copied() {
-    use crate::util::{output_within, ringmover, stderr, stdout};
+    use crate::util::{output_within, ringmover};
     if ringmover::Selection::choose(BackendChoice::Force(Backend::Uring)).is_err() {
         eprintln!("skipped: no io_uring here, and bench zerocopy needs it");
         return;
@@ -537,11 +537,7 @@ fn bench_zerocopy_reports_what_the_kernel_copied() {
         Duration::from_secs(60),
         "bench zerocopy",
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = crate::util::json_rows(&out);
     assert!(lines.iter().any(|v| v["transport"] == "tcp"), "{lines:?}");
     for v in &lines {
         assert_eq!(v["type"], "bench-zerocopy", "{v}");
