@@ -445,7 +445,13 @@ fn interrupted(
         let Some(output) = outputs.remove(&p.id) else {
             continue;
         };
-        let bytes = std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len());
+        // A file's size says what reached it (`--direct` writes may have
+        // been in flight); standard output is no file to measure (and a
+        // file named `-` in the current directory is not it).
+        let bytes = match is_stdout(&output) {
+            true => p.bytes,
+            false => std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len()),
+        };
         let secs = p.elapsed.as_secs_f64();
         console.say(format_args!(
             "ringmover: {}: {why}; {}",

@@ -797,6 +797,12 @@ impl Conn {
         self.last_progress = now;
     }
 
+    /// The socket has bytes this connection cannot take yet (its output
+    /// is full): not idle, as far as the idle timeout goes.
+    pub(crate) fn held_back(&mut self, now: Instant) {
+        self.last_progress = now;
+    }
+
     /// Whether the stream is (or began like) a framed one.
     pub(crate) fn framed(&self) -> bool {
         match &self.stream {
