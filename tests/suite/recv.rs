@@ -45,6 +45,7 @@ for_each_backend!(
     non_utf8_output_path_with_json,
     fsync_is_called_only_with_the_flag,
     interrupted_senders_never_yield_a_complete_file,
+    huge_frame_length_after_payload_is_truncated,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1435,4 +1436,31 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
     assert_eq!(done.records.len(), 1, "{done:?}");
     assert_eq!(record_for(&done, peer)["outcome"], "complete");
     assert_eq!(files_in(&out).len(), 1);
+}
+
+/// A frame announcing u64::MAX bytes after some payload, then the end of
+/// stream: `truncated`, keeping the 5 payload bytes. The announced total
+/// used to overflow: a panic in a debug build (the receiver died, every
+/// connection lost), "2 bytes announced" in a release build.
+/// Reproduce: `printf '\x89RMV\r\n\x1a\n\0\0\0\0\0\0\0\3abc\xff\xff\xff\xff\xff\xff\xff\xffxy' | nc -N HOST PORT`.
+fn huge_frame_length_after_payload_is_truncated(backend: Option<ringmover::Backend>) {
+    let (_dir, out, server) = serve_into_dir(backend, "huge-frame", &["--max-conns", "1"]);
+    let mut wire = ringmover::wire::MAGIC.to_vec();
+    wire.extend_from_slice(&ringmover::wire::frame_header(3));
+    wire.extend_from_slice(b"abc");
+    wire.extend_from_slice(&ringmover::wire::frame_header(u64::MAX));
+    wire.extend_from_slice(b"xy");
+    let peer = send_bytes(server.addr, &wire);
+    let done = server.finish();
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    let r = record_for(&done, peer);
+    assert_eq!(r["outcome"], "truncated", "{r}");
+    assert_eq!(r["bytes"], 5, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{} bytes announced", u64::MAX)),
+        "{r}"
+    );
+    assert_eq!(fs::read(path_of(r)).unwrap(), b"abcxy");
+    assert_eq!(Some(path_of(r)), part_of(&out, peer));
 }
