@@ -46,6 +46,7 @@ for_each_backend!(
     fsync_is_called_only_with_the_flag,
     interrupted_senders_never_yield_a_complete_file,
     huge_frame_length_after_payload_is_truncated,
+    out_dir_that_is_a_file_is_named,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -757,8 +758,15 @@ pub(crate) fn fsize_limit_is_a_write_error(
     );
     let r = record_for(&done, peer);
     assert_eq!(r["outcome"], "write-error", "{r}");
+    // The error names the file it could not write (it used to say only
+    // "writing the file").
+    let part = format!("{}.part", out.display());
+    assert_eq!(r["path"], part.as_str(), "{r}");
     assert!(
-        r["error"].as_str().unwrap().contains("File too large"),
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("writing {part}: File too large")),
         "{r}"
     );
     assert_eq!(r["bytes"], limit, "{r}");
@@ -1463,4 +1471,27 @@ fn huge_frame_length_after_payload_is_truncated(backend: Option<ringmover::Backe
     );
     assert_eq!(fs::read(path_of(r)).unwrap(), b"abcxy");
     assert_eq!(Some(path_of(r)), part_of(&out, peer));
+}
+
+/// `--out FILE/` naming an existing regular file: the message says what is
+/// wrong with it (it used to say "does not exist").
+fn out_dir_that_is_a_file_is_named(backend: Option<ringmover::Backend>) {
+    let dir = scratch("out-dir-file");
+    let file = dir.join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let out = format!("{}/", file.display());
+    let o = output_within(
+        &mut recv_command(
+            backend.map_or("auto", |b| b.name()),
+            &["--listen", "127.0.0.1:0", "--out", &out],
+        ),
+        "recv --out FILE/",
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("output directory {out}: Not a directory")),
+        "{stderr}"
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"x");
 }

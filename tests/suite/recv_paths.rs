@@ -23,6 +23,7 @@ for_each_backend!(
     stdout_into_a_file_writes_at_its_position,
     stdout_reset_or_truncated_exits_non_zero,
     stdout_reader_that_stops_reading_does_not_block_sigint,
+    stdout_write_error_names_standard_output,
     direct_is_byte_exact_on_disk_and_tmpfs,
     direct_quota_keeps_exactly_max_bytes,
     direct_refused_falls_back_to_the_page_cache,
@@ -406,6 +407,26 @@ fn stdout_reader_that_stops_reading_does_not_block_sigint(backend: Option<ringmo
     assert!(
         got.chunks(1 << 20).all(|c| c == &block[..c.len()]),
         "the pipe holds the stream's start"
+    );
+}
+
+/// `recv --out - > /dev/full`: exit status 1, and the message names
+/// standard output (it used to say "writing the file").
+fn stdout_write_error_names_standard_output(backend: Option<ringmover::Backend>) {
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (mut child, addr, stderr) = start_stdout(backend, Stdio::from(full), &[]);
+    let peer = send_bytes(addr, &pattern(10_000, 82));
+    let status = wait_child(&mut child, "recv --out - > /dev/full");
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "ringmover: {peer}: writing standard output: No space left on device"
+        )),
+        "{stderr}"
     );
 }
 
