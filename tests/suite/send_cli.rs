@@ -29,6 +29,7 @@ for_each_backend!(
     signals_reset_the_connection,
     a_shrinking_file_resets_the_connection,
     a_stalled_receiver_fails_the_send,
+    a_sysfs_file_is_sent_whole,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -566,3 +567,40 @@ fn a_stalled_receiver_fails_the_send(backend: Option<ringmover::Backend>) {
     let (got, end) = t.join().unwrap();
     assert!(end.is_ok() && deframe(&got).ended, "everything was sent");
 }
+
+/// A sysfs file reports size 4096 whatever it holds: it is read to its end
+/// and sent whole (framed), and send exits 0. It used to declare a
+/// 4096-byte frame from the size, find 6 bytes, and fail ("the file shrank
+/// while being sent"). Reproduce: `ringmover send /sys/class/net/lo/mtu
+/// --to HOST:PORT` against `ringmover recv`.
+#[cfg(target_os = "linux")]
+fn a_sysfs_file_is_sent_whole(backend: Option<ringmover::Backend>) {
+    let path = Path::new("/sys/class/net/lo/mtu");
+    let want = fs::read(path).expect("sysfs mounted, with /sys/class/net/lo/mtu");
+    let size = fs::metadata(path).unwrap().len();
+    assert!(
+        size > want.len() as u64,
+        "{}: size {size}, {} bytes: not the case this test is about",
+        path.display(),
+        want.len()
+    );
+    let (addr, _, t) = reader();
+    let o = output_within(
+        send_command(backend)
+            .arg(path)
+            .args(["--json", "--to", &addr.to_string()]),
+        "ringmover send /sys/class/net/lo/mtu",
+    );
+    let (got, end) = t.join().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    let d = deframe(&got);
+    assert!(d.ended, "ends with the end marker");
+    assert_eq!(d.payload, want);
+    let v = json_of(&o);
+    assert_eq!(v["bytes"], want.len() as u64, "{v}");
+    assert_eq!(v["method"], "read-write", "{v}");
+}
+
+#[cfg(not(target_os = "linux"))]
+fn a_sysfs_file_is_sent_whole(_backend: Option<ringmover::Backend>) {}
