@@ -352,7 +352,8 @@ fn stdout_reset_or_truncated_exits_non_zero(backend: Option<ringmover::Backend>)
 fn stdout_reader_that_stops_reading_does_not_block_sigint(backend: Option<ringmover::Backend>) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
-    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    // O_CLOEXEC: no other test's child may inherit an end.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     // Kept to see, with poll(2), when the pipe is full.
     let probe = write_end.try_clone().unwrap();
     let (mut child, addr, stderr) = start_stdout(backend, Stdio::from(write_end), &[]);
