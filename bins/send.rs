@@ -1,8 +1,9 @@
 //! `ringmover send`: send a file or stdin to a TCP address.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -281,6 +282,32 @@ fn send(args: &Args, abort: &Arc<Abort>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads from `R`, waiting with poll(2) whenever it says `EAGAIN`: a
+/// stdin that another process made non-blocking (`O_NONBLOCK` is on the
+/// open file description they share, e.g. a pipe from a Node.js producer)
+/// is read as if it were blocking, not taken for a failed input.
+#[derive(Debug)]
+struct WaitingReader<R>(R);
+
+impl<R: Read + AsFd> Read for WaitingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::errno::Errno;
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// An input file.
 #[derive(Debug)]
 struct Input {
@@ -311,7 +338,7 @@ fn transfer(
     let mut sender = Sender::new(socket, format, idle).map_err(|e| (0, e.into()))?;
     let method = match file {
         None => sender
-            .stream(&mut io::stdin().lock(), &mut progress)
+            .stream(&mut WaitingReader(io::stdin().lock()), &mut progress)
             .map(|()| SendPath::Copy),
         // Read to its end, as stdin: its size is no promise to frame by.
         Some(Input { file, stream: true }) => sender
