@@ -42,7 +42,7 @@ Exit status:
   0  the report was printed (with --require: every opcode is supported)
   1  --require: an opcode is missing; or RINGMOVER_BACKEND forces a backend
      that cannot work here
-  2  bad command line, or --require names an unknown opcode";
+  2  bad command line, or --require names an unknown opcode (or none)";
 
 pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     let report = KernelReport::collect();
@@ -83,6 +83,14 @@ fn require(
         eprintln!(
             "ringmover: unknown io_uring opcode name(s): {} (see `ringmover probe` for the names)",
             unknown.join(", ")
+        );
+        return Ok(Outcome::Usage);
+    }
+    // `--require "$OPS"` with OPS empty must not pass for a check.
+    if wanted.is_empty() {
+        eprintln!(
+            "ringmover: --require names no opcode (e.g. --require send_zc,splice; \
+             `ringmover probe` lists the names)"
         );
         return Ok(Outcome::Usage);
     }

@@ -229,7 +229,10 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     } else if args.out.is_dir() {
         Destination::Dir(args.out.clone())
     } else if args.out.as_os_str().to_string_lossy().ends_with('/') {
-        bail!("output directory {} does not exist", args.out.display());
+        match args.out.metadata() {
+            Err(e) => bail!("output directory {}: {e}", args.out.display()),
+            Ok(_) => bail!("output directory {}: not a directory", args.out.display()),
+        }
     } else {
         // Checked now, created only when the connection arrives.
         check_output_file(&args.out, args.overwrite)?;
@@ -445,7 +448,13 @@ fn interrupted(
         let Some(output) = outputs.remove(&p.id) else {
             continue;
         };
-        let bytes = std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len());
+        // A file's size says what reached it (`--direct` writes may have
+        // been in flight); standard output is no file to measure (and a
+        // file named `-` in the current directory is not it).
+        let bytes = match is_stdout(&output) {
+            true => p.bytes,
+            false => std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len()),
+        };
         let secs = p.elapsed.as_secs_f64();
         console.say(format_args!(
             "ringmover: {}: {why}; {}",
@@ -530,7 +539,11 @@ fn finish(
             Ok(path) => (path, "complete", None),
             Err(e) => (output.part.clone(), "write-error", Some(format!("{e:#}"))),
         },
-        Err(why) => (output.part.clone(), why.kind_name(), Some(why.to_string())),
+        Err(why) => (
+            output.part.clone(),
+            why.kind_name(),
+            Some(describe(&why, output)),
+        ),
     };
     drop(done.file);
     if let recv::DirectOutcome::Refused(e) = &done.direct {
@@ -559,6 +572,16 @@ fn finish(
     line.direct = Some(done.direct.name());
     console.record(&line);
     ok
+}
+
+/// Why a connection failed, naming the output a write failed on (the
+/// library's words say only "the file").
+fn describe(why: &recv::Failure, output: &Output) -> String {
+    match why {
+        recv::Failure::Write(e) if is_stdout(output) => format!("writing standard output: {e}"),
+        recv::Failure::Write(e) => format!("writing {}: {e}", output.part.display()),
+        other => other.to_string(),
+    }
 }
 
 /// The output of `--out -`.

@@ -15,6 +15,7 @@ mod units;
 use std::io::Write;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// Move bytes between memory, sockets and files with as few copies and
@@ -79,7 +80,9 @@ struct CompletionsArgs {
 fn completions(args: &CompletionsArgs) -> anyhow::Result<Outcome> {
     let mut out = Vec::new();
     clap_complete::generate(args.shell, &mut Cli::command(), "ringmover", &mut out);
-    std::io::stdout().write_all(&out)?;
+    std::io::stdout()
+        .write_all(&out)
+        .context("writing to stdout")?;
     Ok(Outcome::Success)
 }
 
@@ -95,7 +98,9 @@ fn man() -> anyhow::Result<Outcome> {
             .bin_name(format!("ringmover {}", sub.get_name()));
         clap_mangen::Man::new(sub).render(&mut out)?;
     }
-    std::io::stdout().write_all(&out)?;
+    std::io::stdout()
+        .write_all(&out)
+        .context("writing to stdout")?;
     Ok(Outcome::Success)
 }
 

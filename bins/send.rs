@@ -1,8 +1,9 @@
 //! `ringmover send`: send a file or stdin to a TCP address.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -31,8 +32,9 @@ use crate::Outcome;
 /// before connecting: a missing file never connects.
 ///
 /// On Linux, regular files go with sendfile(2); stdin, devices, files
-/// sendfile cannot read, and everything on other Unix go through a 64 KiB
-/// read/write loop.
+/// sendfile cannot read, files of /proc, /sys and other pseudo file systems
+/// (whose sizes say nothing), and everything on other Unix go through a
+/// 64 KiB read/write loop, to the end of the input.
 #[derive(Debug, Clone, clap::Args)]
 #[command(long_about, after_long_help = AFTER_HELP)]
 pub struct Args {
@@ -219,9 +221,17 @@ fn send(args: &Args, abort: &Arc<Abort>) -> anyhow::Result<()> {
         if meta.is_dir() {
             bail!("{} is a directory", args.input.display());
         }
-        // Size 0 (/proc, devices) says nothing about what will be read.
-        let size = (meta.is_file() && meta.len() > 0).then_some(meta.len());
-        (Some(file), size)
+        // Size 0 (/proc, devices) says nothing about what will be read,
+        // nor does a pseudo file system's size (sysfs says 4096).
+        let pseudo = size_says_nothing(&file);
+        let size = (meta.is_file() && meta.len() > 0 && !pseudo).then_some(meta.len());
+        (
+            Some(Input {
+                file,
+                stream: pseudo,
+            }),
+            size,
+        )
     };
     let name = if is_stdin {
         "stdin".to_owned()
@@ -272,12 +282,46 @@ fn send(args: &Args, abort: &Arc<Abort>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads from `R`, waiting with poll(2) whenever it says `EAGAIN`: a
+/// stdin that another process made non-blocking (`O_NONBLOCK` is on the
+/// open file description they share, e.g. a pipe from a Node.js producer)
+/// is read as if it were blocking, not taken for a failed input.
+#[derive(Debug)]
+struct WaitingReader<R>(R);
+
+impl<R: Read + AsFd> Read for WaitingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use nix::errno::Errno;
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// An input file.
+#[derive(Debug)]
+struct Input {
+    file: File,
+    /// Read to its end like stdin (its size is no promise to frame by).
+    stream: bool,
+}
+
 /// Sends everything and waits for the peer's close. On failure, returns
 /// the bytes sent so far with the error.
 fn transfer(
     args: &Args,
     socket: &TcpStream,
-    file: Option<&File>,
+    file: Option<&Input>,
     abort: &Abort,
     meter: &mut Meter,
 ) -> Result<(u64, SendPath), (u64, anyhow::Error)> {
@@ -294,9 +338,13 @@ fn transfer(
     let mut sender = Sender::new(socket, format, idle).map_err(|e| (0, e.into()))?;
     let method = match file {
         None => sender
-            .stream(&mut io::stdin().lock(), &mut progress)
+            .stream(&mut WaitingReader(io::stdin().lock()), &mut progress)
             .map(|()| SendPath::Copy),
-        Some(f) => sender.file(f, &mut progress),
+        // Read to its end, as stdin: its size is no promise to frame by.
+        Some(Input { file, stream: true }) => sender
+            .stream(&mut &*file, &mut progress)
+            .map(|()| SendPath::Copy),
+        Some(Input { file, .. }) => sender.file(file, &mut progress),
     };
     let method = method.map_err(|e| (sender.sent(), explain(e, idle)))?;
     let sent = sender.sent();
@@ -307,6 +355,31 @@ fn transfer(
         (sent, e)
     })?;
     Ok((bytes, method))
+}
+
+/// Whether `file` lives on a pseudo file system whose sizes are not the
+/// length of what a read returns: sysfs reports 4096 for a 6-byte
+/// `/sys/class/net/lo/mtu`, so a frame declared from the size would end
+/// short and the send would fail.
+#[cfg(target_os = "linux")]
+fn size_says_nothing(file: &File) -> bool {
+    use nix::sys::statfs::{self, fstatfs};
+    let pseudo = [
+        statfs::PROC_SUPER_MAGIC,
+        statfs::SYSFS_MAGIC,
+        statfs::DEBUGFS_MAGIC,
+        statfs::TRACEFS_MAGIC,
+        statfs::SECURITYFS_MAGIC,
+        statfs::CGROUP_SUPER_MAGIC,
+        statfs::CGROUP2_SUPER_MAGIC,
+    ];
+    fstatfs(file).is_ok_and(|s| pseudo.contains(&s.filesystem_type()))
+}
+
+/// Elsewhere /proc files report size 0 (streamed anyway).
+#[cfg(not(target_os = "linux"))]
+fn size_says_nothing(_file: &File) -> bool {
+    false
 }
 
 /// Adds what the user can act on to a transfer error.

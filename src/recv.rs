@@ -773,8 +773,9 @@ impl Conn {
             Stream::Detect { have: 0, .. } => Ok(()),
             Stream::Detect { .. } => Err(Failure::Truncated { expected: None }),
             Stream::Framed(d) if d.ended() => Ok(()),
+            // A peer may announce any length: saturate, never overflow.
             Stream::Framed(d) if d.payload_left() > 0 => Err(Failure::Truncated {
-                expected: Some(d.payload_total() + d.payload_left()),
+                expected: Some(d.payload_total().saturating_add(d.payload_left())),
             }),
             Stream::Framed(_) => Err(Failure::Truncated { expected: None }),
         }
@@ -794,6 +795,12 @@ impl Conn {
         if let Stream::Framed(d) = &mut self.stream {
             d.payload(n);
         }
+        self.last_progress = now;
+    }
+
+    /// The socket has bytes this connection cannot take yet (its output
+    /// is full): not idle, as far as the idle timeout goes.
+    pub(crate) fn held_back(&mut self, now: Instant) {
         self.last_progress = now;
     }
 

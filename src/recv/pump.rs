@@ -27,6 +27,12 @@ const TURN: usize = 32;
 /// The copy buffer: poll's only path, and the others' when no pipe can be
 /// made or a file refuses splice.
 const COPY_BUF: usize = 64 * 1024;
+/// How long one step waits for room in a full output pipe (`--out -`)
+/// before it hands control back to the caller, who may have been asked to
+/// stop (SIGINT): a reader that stopped reading never holds a receiver
+/// for longer.
+#[cfg(target_os = "linux")]
+const OUTPUT_WAIT_MS: u16 = 100;
 
 /// Where a pump left its connection.
 #[derive(Debug)]
@@ -48,6 +54,8 @@ enum Next {
     Go,
     Wait,
     Stall,
+    /// Come back without waiting for readiness.
+    Yield,
     End(Result<(), Failure>),
 }
 
@@ -62,6 +70,10 @@ enum Moved {
     /// No `O_DIRECT` buffer free for this connection (all being written).
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     Stalled,
+    /// The socket has bytes but the output pipe stayed full for
+    /// [`OUTPUT_WAIT_MS`]: try again at the next wait.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    OutputFull,
     /// Failed, after this many bytes went to the file.
     Failed(usize, Failure),
 }
@@ -222,9 +234,10 @@ impl Mover {
     }
 
     /// The output is a pipe: `splice(socket → output)`, no pipe of our own
-    /// and no copy. Without `SPLICE_F_NONBLOCK`, a full output pipe blocks
-    /// until its reader makes room (the socket, non-blocking, never does);
-    /// an output pipe someone made non-blocking is waited for with poll(2).
+    /// and no copy. `SPLICE_F_NONBLOCK`: a full output pipe is waited for
+    /// with poll(2), at most [`OUTPUT_WAIT_MS`] per step, never inside the
+    /// splice, so a reader that stops reading cannot keep the caller from
+    /// its next wait (and from a SIGINT) for good.
     #[cfg(target_os = "linux")]
     fn splice_direct(&mut self, conn: &mut Conn, socket: &OwnedFd, len: usize) -> Moved {
         let len = len.min(1 << 20);
@@ -235,16 +248,17 @@ impl Mover {
                     conn.file.as_fd(),
                     None,
                     len,
-                    libc::SPLICE_F_MOVE,
+                    libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
                 )
             });
             return match moved {
                 Ok(0) => Moved::Eof,
                 Ok(n) => Moved::Bytes(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match output_full(socket, &conn.file) {
-                        Ok(true) => continue,
-                        Ok(false) => Moved::WouldBlock,
+                    match output_room(socket, &conn.file) {
+                        Ok(Room::SocketEmpty) => Moved::WouldBlock,
+                        Ok(Room::Made) => continue,
+                        Ok(Room::Full) => Moved::OutputFull,
                         Err(e) => Moved::Failed(0, Failure::Write(e)),
                     }
                 }
@@ -437,19 +451,32 @@ fn write_all_at(file: &File, bytes: &[u8], at: Option<u64>) -> Result<(), (usize
     Ok(())
 }
 
-/// After `EAGAIN` from a splice into an output pipe: whether the output
-/// was full (then waited for until it has room) rather than the socket
-/// empty.
+/// Why a splice into an output pipe said `EAGAIN`.
 #[cfg(target_os = "linux")]
-fn output_full(socket: &OwnedFd, out: &File) -> io::Result<bool> {
+enum Room {
+    /// The socket has nothing: wait for its readiness.
+    SocketEmpty,
+    /// The output was full and has room now (or an error to report).
+    Made,
+    /// The output stayed full for [`OUTPUT_WAIT_MS`].
+    Full,
+}
+
+/// After `EAGAIN` from a splice into an output pipe: the socket empty, or
+/// the output full (then waited for, at most [`OUTPUT_WAIT_MS`]).
+#[cfg(target_os = "linux")]
+fn output_room(socket: &OwnedFd, out: &File) -> io::Result<Room> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
     if retry(|| poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from))? == 0 {
-        return Ok(false);
+        return Ok(Room::SocketEmpty);
     }
     let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
-    retry(|| poll(&mut fds, PollTimeout::NONE).map_err(io::Error::from))?;
-    Ok(true)
+    // POLLERR (the reader went away) counts as room: the splice says EPIPE.
+    match retry(|| poll(&mut fds, PollTimeout::from(OUTPUT_WAIT_MS)).map_err(io::Error::from))? {
+        0 => Ok(Room::Full),
+        _ => Ok(Room::Made),
+    }
 }
 
 /// Moves what `socket` has for `conn`, at most [`TURN`] steps.
@@ -472,6 +499,11 @@ pub(crate) fn pump(
                 Moved::Eof => Next::End(conn.at_eof()),
                 Moved::WouldBlock => Next::Wait,
                 Moved::Stalled => Next::Stall,
+                Moved::OutputFull => {
+                    // The sender is not idle: its bytes wait for our reader.
+                    conn.held_back(Instant::now());
+                    Next::Yield
+                }
                 Moved::Failed(n, why) => {
                     conn.wrote(n as u64, Instant::now());
                     Next::End(Err(why))
@@ -490,6 +522,7 @@ pub(crate) fn pump(
             Next::Go => {}
             Next::Wait => return Pump::Drained,
             Next::Stall => return Pump::Stalled,
+            Next::Yield => return Pump::Yielded,
             Next::End(result) => return Pump::Done(result),
         }
     }

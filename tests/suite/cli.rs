@@ -317,3 +317,35 @@ fn pty() -> (fs::File, Stdio) {
 
 #[cfg(target_os = "linux")]
 use std::os::unix::fs::OpenOptionsExt;
+
+/// Output that cannot be written (stdout on /dev/full) is an error that
+/// names standard output, from every command that prints a report. It
+/// used to be a bare "No space left on device" from `completions` and
+/// `man`.
+#[test]
+#[cfg(target_os = "linux")]
+fn unwritable_stdout_is_named() {
+    for args in [
+        &["completions", "bash"][..],
+        &["man"],
+        &["probe"],
+        &["probe", "--json"],
+    ] {
+        let full = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let o = ringmover()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("ringmover: writing to stdout: No space left on device"),
+            "{args:?}: {err}"
+        );
+    }
+}

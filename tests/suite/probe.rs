@@ -124,6 +124,18 @@ fn require_unknown_name_exits_2() {
     assert!(stderr(&out).contains("frobnicate"), "{}", stderr(&out));
 }
 
+/// `--require "$OPS"` with OPS empty (or only commas) is a bad command
+/// line, not a check that passed: it used to print `supported: ` and exit 0.
+#[test]
+fn require_with_no_opcode_exits_2() {
+    for list in ["", ",", " , "] {
+        let out = run(ringmover().args(["probe", "--require", list]));
+        assert_eq!(out.status.code(), Some(2), "{list:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("names no opcode"), "{}", stderr(&out));
+        assert_eq!(stdout(&out), "", "{list:?}");
+    }
+}
+
 #[test]
 fn require_missing_op_exits_1_naming_it() {
     let out = run(ringmover().args(["probe", "--require", "op250,writev"]));

@@ -45,6 +45,8 @@ for_each_backend!(
     non_utf8_output_path_with_json,
     fsync_is_called_only_with_the_flag,
     interrupted_senders_never_yield_a_complete_file,
+    huge_frame_length_after_payload_is_truncated,
+    out_dir_that_is_a_file_is_named,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -756,8 +758,15 @@ pub(crate) fn fsize_limit_is_a_write_error(
     );
     let r = record_for(&done, peer);
     assert_eq!(r["outcome"], "write-error", "{r}");
+    // The error names the file it could not write (it used to say only
+    // "writing the file").
+    let part = format!("{}.part", out.display());
+    assert_eq!(r["path"], part.as_str(), "{r}");
     assert!(
-        r["error"].as_str().unwrap().contains("File too large"),
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("writing {part}: File too large")),
         "{r}"
     );
     assert_eq!(r["bytes"], limit, "{r}");
@@ -1435,4 +1444,54 @@ fn interrupted_senders_never_yield_a_complete_file(backend: Option<ringmover::Ba
     assert_eq!(done.records.len(), 1, "{done:?}");
     assert_eq!(record_for(&done, peer)["outcome"], "complete");
     assert_eq!(files_in(&out).len(), 1);
+}
+
+/// A frame announcing u64::MAX bytes after some payload, then the end of
+/// stream: `truncated`, keeping the 5 payload bytes. The announced total
+/// used to overflow: a panic in a debug build (the receiver died, every
+/// connection lost), "2 bytes announced" in a release build.
+/// Reproduce: `printf '\x89RMV\r\n\x1a\n\0\0\0\0\0\0\0\3abc\xff\xff\xff\xff\xff\xff\xff\xffxy' | nc -N HOST PORT`.
+fn huge_frame_length_after_payload_is_truncated(backend: Option<ringmover::Backend>) {
+    let (_dir, out, server) = serve_into_dir(backend, "huge-frame", &["--max-conns", "1"]);
+    let mut wire = ringmover::wire::MAGIC.to_vec();
+    wire.extend_from_slice(&ringmover::wire::frame_header(3));
+    wire.extend_from_slice(b"abc");
+    wire.extend_from_slice(&ringmover::wire::frame_header(u64::MAX));
+    wire.extend_from_slice(b"xy");
+    let peer = send_bytes(server.addr, &wire);
+    let done = server.finish();
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    let r = record_for(&done, peer);
+    assert_eq!(r["outcome"], "truncated", "{r}");
+    assert_eq!(r["bytes"], 5, "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("{} bytes announced", u64::MAX)),
+        "{r}"
+    );
+    assert_eq!(fs::read(path_of(r)).unwrap(), b"abcxy");
+    assert_eq!(Some(path_of(r)), part_of(&out, peer));
+}
+
+/// `--out FILE/` naming an existing regular file: the message says what is
+/// wrong with it (it used to say "does not exist").
+fn out_dir_that_is_a_file_is_named(backend: Option<ringmover::Backend>) {
+    let dir = scratch("out-dir-file");
+    let file = dir.join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let out = format!("{}/", file.display());
+    let o = output_within(
+        &mut recv_command(
+            backend.map_or("auto", |b| b.name()),
+            &["--listen", "127.0.0.1:0", "--out", &out],
+        ),
+        "recv --out FILE/",
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("output directory {out}: Not a directory")),
+        "{stderr}"
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"x");
 }

@@ -22,6 +22,8 @@ for_each_backend!(
     stdout_into_a_pipe_is_byte_exact,
     stdout_into_a_file_writes_at_its_position,
     stdout_reset_or_truncated_exits_non_zero,
+    stdout_reader_that_stops_reading_does_not_block_sigint,
+    stdout_write_error_names_standard_output,
     direct_is_byte_exact_on_disk_and_tmpfs,
     direct_quota_keeps_exactly_max_bytes,
     direct_refused_falls_back_to_the_page_cache,
@@ -338,6 +340,94 @@ fn stdout_reset_or_truncated_exits_non_zero(backend: Option<ringmover::Backend>)
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("--direct"),
         "{o:?}"
+    );
+}
+
+/// A reader that stops reading (a stopped pager, a stuck `tar x`): the
+/// output pipe fills, and SIGINT still ends `recv --out -` at once with
+/// status 130 and the bytes that reached the pipe. It used to block in a
+/// splice(2) into the full pipe, deaf to SIGINT for as long as the reader
+/// lived. Reproduce: `ringmover recv --out - | sleep 600`, send 50 MB,
+/// then `kill -INT` the receiver.
+fn stdout_reader_that_stops_reading_does_not_block_sigint(backend: Option<ringmover::Backend>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    // O_CLOEXEC: no other test's child may inherit an end.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    // Kept to see, with poll(2), when the pipe is full.
+    let probe = write_end.try_clone().unwrap();
+    let (mut child, addr, stderr) = start_stdout(backend, Stdio::from(write_end), &[]);
+    // However much the pipe holds (splice moves socket pages into its
+    // slots by reference, so a few MiB or more): the same MiB again and
+    // again until the receiver is gone (then a reset: expected), at most
+    // 256 MiB.
+    let block = pattern(1 << 20, 81);
+    let s = connect(addr);
+    let peer = s.local_addr().unwrap();
+    let writer = thread::spawn(move || {
+        for _ in 0..256 {
+            if (&s).write_all(&block).is_err() {
+                break;
+            }
+        }
+        s
+    });
+    wait_until("the output pipe to fill", || {
+        let mut fds = [PollFd::new(probe.as_fd(), PollFlags::POLLOUT)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap() == 0
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("recv --out - ignored SIGINT for 5 s while its output pipe was full");
+        }
+        thread::sleep(std::time::Duration::from_millis(10));
+    };
+    drop(probe);
+    let mut got = Vec::new();
+    fs::File::from(read_end).read_to_end(&mut got).unwrap();
+    let stderr = stderr.join().unwrap();
+    drop(writer.join().unwrap());
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "ringmover: {peer}: interrupted by SIGINT; wrote {} bytes to standard output",
+            got.len()
+        )),
+        "{} bytes in the pipe: {stderr}",
+        got.len()
+    );
+    let block = pattern(1 << 20, 81);
+    assert!(
+        got.chunks(1 << 20).all(|c| c == &block[..c.len()]),
+        "the pipe holds the stream's start"
+    );
+}
+
+/// `recv --out - > /dev/full`: exit status 1, and the message names
+/// standard output (it used to say "writing the file").
+fn stdout_write_error_names_standard_output(backend: Option<ringmover::Backend>) {
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let (mut child, addr, stderr) = start_stdout(backend, Stdio::from(full), &[]);
+    let peer = send_bytes(addr, &pattern(10_000, 82));
+    let status = wait_child(&mut child, "recv --out - > /dev/full");
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "ringmover: {peer}: writing standard output: No space left on device"
+        )),
+        "{stderr}"
     );
 }
 

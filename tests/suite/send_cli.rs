@@ -29,6 +29,8 @@ for_each_backend!(
     signals_reset_the_connection,
     a_shrinking_file_resets_the_connection,
     a_stalled_receiver_fails_the_send,
+    a_sysfs_file_is_sent_whole,
+    non_blocking_stdin_is_waited_for,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -565,4 +567,83 @@ fn a_stalled_receiver_fails_the_send(backend: Option<ringmover::Backend>) {
     gave_up.send(()).unwrap();
     let (got, end) = t.join().unwrap();
     assert!(end.is_ok() && deframe(&got).ended, "everything was sent");
+}
+
+/// A sysfs file reports size 4096 whatever it holds: it is read to its end
+/// and sent whole (framed), and send exits 0. It used to declare a
+/// 4096-byte frame from the size, find 6 bytes, and fail ("the file shrank
+/// while being sent"). Reproduce: `ringmover send /sys/class/net/lo/mtu
+/// --to HOST:PORT` against `ringmover recv`.
+#[cfg(target_os = "linux")]
+fn a_sysfs_file_is_sent_whole(backend: Option<ringmover::Backend>) {
+    let path = Path::new("/sys/class/net/lo/mtu");
+    let want = fs::read(path).expect("sysfs mounted, with /sys/class/net/lo/mtu");
+    let size = fs::metadata(path).unwrap().len();
+    assert!(
+        size > want.len() as u64,
+        "{}: size {size}, {} bytes: not the case this test is about",
+        path.display(),
+        want.len()
+    );
+    let (addr, _, t) = reader();
+    let o = output_within(
+        send_command(backend)
+            .arg(path)
+            .args(["--json", "--to", &addr.to_string()]),
+        "ringmover send /sys/class/net/lo/mtu",
+    );
+    let (got, end) = t.join().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    let d = deframe(&got);
+    assert!(d.ended, "ends with the end marker");
+    assert_eq!(d.payload, want);
+    let v = json_of(&o);
+    assert_eq!(v["bytes"], want.len() as u64, "{v}");
+    assert_eq!(v["method"], "read-write", "{v}");
+}
+
+#[cfg(not(target_os = "linux"))]
+fn a_sysfs_file_is_sent_whole(_backend: Option<ringmover::Backend>) {}
+
+/// `send -` whose stdin pipe another process made non-blocking (the flag
+/// is shared through the open file description): a pause in the input is
+/// waited for, not a failure. It used to fail with "Resource temporarily
+/// unavailable (os error 11)" and reset the connection at the first pause.
+/// Reproduce: a Python parent that sets O_NONBLOCK on the pipe it gives
+/// `ringmover send - --to HOST:PORT` as stdin, then writes with pauses.
+fn non_blocking_stdin_is_waited_for(backend: Option<ringmover::Backend>) {
+    use nix::fcntl::OFlag;
+    // O_CLOEXEC: no other test's child may inherit the write end.
+    let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap();
+    let (addr, seen, t) = reader();
+    let mut child = send_command(backend)
+        .args(["-", "--to", &addr.to_string()])
+        .stdin(Stdio::from(read_end))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = fs::File::from(write_end);
+    let (first, second) = (pattern(1000, 83), pattern(2000, 84));
+    input.write_all(&first).unwrap();
+    // The magic, a frame header and the first piece reached the reader:
+    // send is now reading an empty non-blocking pipe.
+    let framed = (wire::MAGIC.len() + 8 + first.len()) as u64;
+    wait_until("the first piece to arrive", || {
+        seen.load(Ordering::SeqCst) >= framed
+    });
+    input.write_all(&second).unwrap();
+    drop(input);
+    let (status, stderr) = exit_and_stderr(&mut child, "ringmover send - (non-blocking stdin)");
+    let (got, end) = t.join().unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(end.is_ok(), "a clean end: {end:?}");
+    let d = deframe(&got);
+    assert!(d.ended, "ends with the end marker");
+    assert!(
+        d.payload == [first, second].concat(),
+        "{} payload bytes",
+        d.payload.len()
+    );
 }
