@@ -1495,3 +1495,86 @@ fn out_dir_that_is_a_file_is_named(backend: Option<ringmover::Backend>) {
     );
     assert_eq!(fs::read(&file).unwrap(), b"x");
 }
+
+/// Out of fds at `accept(2)` is no failed connection: the connections
+/// wait in the listen backlog, recv says so on stderr and retries, and
+/// the exit status stays 0 when every connection completes (it used to
+/// be 1 with every line `complete`, against docs/cli-json.md). The fd
+/// limit that makes the second accept fail depends on what the process
+/// holds at start, so limits are tried upwards until one does.
+#[cfg(target_os = "linux")]
+#[test]
+fn accept_out_of_fds_is_not_a_failed_connection() {
+    let dir = scratch("emfile");
+    for limit in 6..32u64 {
+        let out = dir.join(limit.to_string());
+        fs::create_dir(&out).unwrap();
+        let out = format!("{}/", out.display());
+        let mut cmd = recv_command(
+            "epoll",
+            &["--listen", "127.0.0.1:0", "--json", "--threads", "1"],
+        );
+        cmd.args(["--max-conns", "2", "--out", &out]);
+        // SAFETY: the closure only calls setrlimit(2), async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = limit as libc::rlim_t;
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, lim, lim)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().expect("spawning ringmover recv");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        err.read_line(&mut first).unwrap();
+        let Some(addr) = first.trim().strip_prefix("listening on ") else {
+            // Too few fds to start at all: try more.
+            child.wait().unwrap();
+            continue;
+        };
+        let addr: SocketAddr = addr.parse().unwrap();
+        // One connection held open while a second arrives.
+        // At some limits a connection fails (no fd for its file) and is
+        // reset: those limits are skipped below, so errors are let go.
+        let mut a = TcpStream::connect(addr).unwrap();
+        let _ = a.write_all(&pattern(1000, 41));
+        thread::sleep(Duration::from_millis(200));
+        let mut b = TcpStream::connect(addr).unwrap();
+        let _ = b.write_all(&pattern(1000, 42));
+        let _ = b.shutdown(Shutdown::Write);
+        thread::sleep(Duration::from_millis(300));
+        let _ = a.shutdown(Shutdown::Write);
+        // A limit below the fds the process inherited leaves none to
+        // accept with at all: it would wait for good, so try more.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            continue;
+        }
+        let o = crate::util::wait_within(child, Duration::from_secs(5), "recv under an fd limit");
+        let mut stderr = String::new();
+        err.read_to_string(&mut stderr).unwrap();
+        if !stderr.contains("Too many open files") {
+            continue;
+        }
+        let outcomes: Vec<String> = crate::util::stdout(&o)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].to_string())
+            .collect();
+        if outcomes.len() != 2 || outcomes.iter().any(|o| o != "\"complete\"") {
+            // This limit also failed a file: a connection's own failure.
+            continue;
+        }
+        assert!(
+            stderr.contains("connections wait in the backlog"),
+            "{stderr}"
+        );
+        assert_eq!(o.status.code(), Some(0), "{stderr}");
+        return;
+    }
+    panic!("no fd limit from 6 to 31 made an accept fail with both connections complete");
+}
