@@ -131,10 +131,10 @@ pub struct Args {
     /// connection holds a buffer only while its write is in flight). deep:
     /// a connection is refilled and written again while its socket takes
     /// each write at once, up to 128 queues (tokio's cooperative budget),
-    /// as a task per connection does: the sink finds several writes per
-    /// read, but each connection the socket refused holds a buffer. Every
-    /// strategy follows it, tokio-glue too (breadth: its task yields after
-    /// each buffer).
+    /// then flushed (ringmover), as a task per connection does: the sink
+    /// finds several writes per read, but each connection the socket
+    /// refused holds a buffer. Every strategy follows it, tokio-glue too
+    /// (breadth: its task yields after each buffer).
     #[arg(long, value_enum, default_value = "breadth")]
     refill: super::stream::Refill,
 

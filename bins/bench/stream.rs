@@ -47,7 +47,7 @@ pub enum Refill {
     /// connection.
     Breadth,
     /// Refill a connection while its socket takes each write at once, up
-    /// to 128 queues, then the next connection.
+    /// to 128 queues, then flush it and go to the next connection.
     // What a task per connection does: write until the socket refuses or
     // the runtime's cooperative budget runs out (`DEEP_TURNS`).
     Deep,
@@ -252,6 +252,12 @@ fn mover(
             let i = c.index() as usize;
             listed[i] = false;
             top_up(&mut mover, c, &packet, opts.queue, opts.refill)?;
+            if opts.refill == Refill::Deep {
+                // Its turn is over: what it glued last goes now, while in
+                // cache, not a thousand connections later (as the other
+                // strategies leave nothing unwritten at the end of a turn).
+                mover.flush()?;
+            }
             if stalled[i] {
                 let q = mover.queued(c).unwrap_or(0);
                 sent.stalled_queued = sent.stalled_queued.max(q);

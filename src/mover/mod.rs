@@ -944,6 +944,15 @@ impl Mover {
     /// On error (an `io_uring_enter` failure), connections not started stay
     /// queued and scheduled; a later `flush`, `wait` or `flush_and_wait`
     /// starts them.
+    ///
+    /// A producer that fills one connection at a time (many packets to it,
+    /// then the next) should flush as it moves on: the connection's last,
+    /// partly filled glued buffer is then written while in cache. Left for
+    /// one flush after every connection, each is copied cold; at 1,000
+    /// connections that cost 2.6× the CPU per byte (docs/benchmarks.md,
+    /// `--refill deep`). A producer that sends each packet to many
+    /// connections in turn flushes once per round instead: flushing per
+    /// connection there would write each packet alone.
     pub fn flush(&mut self) -> io::Result<usize> {
         let started = self.start_dirty()?;
         self.unsubmitted = 0;
