@@ -60,6 +60,14 @@ impl Refill {
             Refill::Deep => "deep",
         }
     }
+
+    /// Queues' worth a connection may take in one turn.
+    fn turns(self) -> usize {
+        match self {
+            Refill::Breadth => 1,
+            Refill::Deep => DEEP_TURNS,
+        }
+    }
 }
 
 /// `--refill deep`: queues' worth a connection may take in one turn, as
@@ -305,10 +313,7 @@ fn top_up(
     // A bounded budget per call: a full glued buffer starts writing inside
     // `send_packet`, and a fast peer would otherwise keep one connection
     // refilling forever, never at its limit.
-    let mut budget = match refill {
-        Refill::Breadth => queue,
-        Refill::Deep => queue * DEEP_TURNS,
-    };
+    let mut budget = queue * refill.turns();
     while budget > 0 {
         match mover.send_packet(conn, packet) {
             Ok(()) => budget = budget.saturating_sub(packet.len()),
@@ -369,11 +374,7 @@ fn baseline(
     stop: &AtomicBool,
     calls: &AtomicU64,
 ) -> anyhow::Result<Sent> {
-    let queue = opts.queue;
-    let turns = match opts.refill {
-        Refill::Breadth => 1,
-        Refill::Deep => DEEP_TURNS,
-    };
+    let (queue, turns) = (opts.queue, opts.refill.turns());
     let pkt_len: usize = pkt.iter().map(Bytes::len).sum();
     let socks = share.socks;
     let first_stalled = socks.len() - share.stalled;
