@@ -95,15 +95,34 @@ impl<'a> Sender<'a> {
             return Ok(SendPath::Copy);
         }
         match self.format {
-            Format::Raw => self.file_raw(file, progress),
+            Format::Raw => self.file_raw(file, meta.len(), progress),
             Format::Framed => self.file_framed(file, meta.len(), progress),
         }
     }
 
-    fn file_raw(&mut self, file: &File, progress: &mut dyn FnMut(u64)) -> io::Result<SendPath> {
+    /// Raw has no frame to declare, but the size at the start is still a
+    /// promise: a file that ends short of it was cut while being sent, and
+    /// a clean close would pass the prefix off as the whole file.
+    fn file_raw(
+        &mut self,
+        file: &File,
+        size: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> io::Result<SendPath> {
         let first = self.sent;
+        let want = size.saturating_sub((&*file).stream_position()?);
         loop {
             match self.sendfile(file, usize::MAX) {
+                Ok(0) if self.sent - first < want => {
+                    let left = want - (self.sent - first);
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file shrank while being sent: it ended {left} bytes short \
+                             of the {size} bytes its size promised"
+                        ),
+                    ));
+                }
                 Ok(0) => return Ok(SendPath::Sendfile),
                 Ok(_) => progress(self.sent),
                 // Nothing sent yet and the source cannot be sendfile'd.

@@ -479,37 +479,48 @@ fn signals_reset_the_connection(backend: Option<ringmover::Backend>) {
     panic!("ringmover send never connected within 5 s");
 }
 
-/// A file that shrinks after its frame was declared: the receiver gets a
-/// reset in the middle of the frame, and send says why.
+/// A file that shrinks after its frame was declared (or, raw, after its
+/// size was read): the receiver gets a reset in the middle, never a clean
+/// end after a prefix, and send says why.
 fn a_shrinking_file_resets_the_connection(backend: Option<ringmover::Backend>) {
-    let (_dir, path, _) = source("shrink", 32 << 20, 76);
-    let (l, addr) = listen();
-    // A small window, so sending stalls well inside the first frame.
-    nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
-    let mut child = send_command(backend)
-        .arg(&path)
-        .args(["--to", &addr.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut s = accept(&l);
-    let mut head = [0u8; 16];
-    s.read_exact(&mut head)
-        .expect("reading the magic and a header");
-    assert_eq!(head[..8], wire::MAGIC);
-    assert_eq!(head[8..], wire::frame_header(8 << 20));
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(0)
-        .unwrap();
-    let (_, end) = read_all(&mut s, &AtomicU64::new(0));
-    let (status, err) = exit_and_stderr(&mut child, "ringmover send of a shrinking file");
-    assert_eq!(status.code(), Some(1), "{status}: {err}");
-    assert!(err.contains("shrank"), "{err}");
-    assert!(is_reset(&end), "a reset, not a clean end: {end:?}");
+    for raw in [false, true] {
+        let (_dir, path, _) = source("shrink", 32 << 20, 76);
+        let (l, addr) = listen();
+        // A small window, so sending stalls well inside the file.
+        nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+        let mut cmd = send_command(backend);
+        cmd.arg(&path).args(["--to", &addr.to_string()]);
+        if raw {
+            cmd.arg("--raw");
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut s = accept(&l);
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head).expect("reading the first 16 bytes");
+        if !raw {
+            assert_eq!(head[..8], wire::MAGIC);
+            assert_eq!(head[8..], wire::frame_header(8 << 20));
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let (got, end) = read_all(&mut s, &AtomicU64::new(0));
+        let (status, err) = exit_and_stderr(&mut child, "ringmover send of a shrinking file");
+        assert_eq!(status.code(), Some(1), "raw {raw}, {status}: {err}");
+        assert!(err.contains("shrank"), "raw {raw}: {err}");
+        assert!(
+            is_reset(&end),
+            "raw {raw}: a reset, not a clean end after {} bytes: {end:?}",
+            got.len() + head.len()
+        );
+    }
 }
 
 /// `--idle-timeout`: a peer that stops reading, and a peer that reads
