@@ -40,6 +40,16 @@ pub(crate) struct Batch {
     pub(crate) segment_size: Option<u16>,
 }
 
+/// Where a queued datagram starts: its place among the queued messages
+/// and its first queue entry. Filling a chain walks forward from the
+/// front with one, so each datagram is found in constant time rather
+/// than by summing the entries of every message before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct DatagramAt {
+    pub(crate) message: usize,
+    pub(crate) entry: usize,
+}
+
 /// Most datagrams one GSO send carries: the kernel's `UDP_MAX_SEGMENTS`
 /// (64; recent kernels allow 128), quinn-udp's limit too.
 pub const GSO_MAX_SEGMENTS: usize = 64;
@@ -466,24 +476,36 @@ impl Outbox {
     /// pieces. The iovecs stay valid as `fill_iovecs`' do.
     #[cfg(test)]
     pub(crate) fn fill_datagram(&self, index: usize, out: &mut Vec<libc::iovec>) -> Option<Batch> {
-        self.fill_datagrams(index, 1, out)
+        self.fill_datagrams(&mut self.at(index), 1, out)
     }
 
-    /// `fill_datagram`, extended over the messages after the `index`-th
-    /// that can leave with it as one GSO send: up to `max_segments` in all,
+    /// Where the `index`-th queued message starts (a walk from the front:
+    /// the hot path carries a [`DatagramAt`] forward instead).
+    #[cfg(test)]
+    fn at(&self, index: usize) -> DatagramAt {
+        let entry = self.messages.iter().take(index).map(|m| m.bufs).sum();
+        DatagramAt {
+            message: index,
+            entry,
+        }
+    }
+
+    /// `fill_datagram` of the datagram at `at`, extended over the messages
+    /// after it that can leave with it as one GSO send: up to `max_segments` in all,
     /// to the same destination, each as long as the first (at most
     /// `u16::MAX`, not empty) except the last, which may be shorter, at most
     /// [`GSO_MAX_BYTES`] and [`IOV_MAX`] iovecs together. Iovecs of
     /// adjacent memory (the slices of one `Bytes` that
     /// `Mover::send_segments` cut) are merged across datagrams. `datagrams` says how many
-    /// it took; `segment_size` is set when more than one.
+    /// it took; `segment_size` is set when more than one. `at` moves past
+    /// them.
     pub(crate) fn fill_datagrams(
         &self,
-        index: usize,
+        at: &mut DatagramAt,
         max_segments: usize,
         out: &mut Vec<libc::iovec>,
     ) -> Option<Batch> {
-        let (bufs, m) = self.datagram(index)?;
+        let (bufs, m) = self.datagram(*at)?;
         if m.bufs > IOV_MAX {
             return None;
         }
@@ -498,10 +520,10 @@ impl Outbox {
         };
         let size = m.bytes;
         let gso_size = u16::try_from(size).ok().filter(|&s| s > 0);
+        // The entry the next message starts at.
+        let mut first = at.entry + m.bufs;
         if let Some(seg) = gso_size.filter(|_| max_segments > 1) {
-            // The entry the next message starts at.
-            let mut first: usize = self.messages.iter().take(index + 1).map(|m| m.bufs).sum();
-            for next in self.messages.iter().skip(index + 1) {
+            for next in self.messages.range(at.message + 1..) {
                 if batch.datagrams == max_segments
                     || next.dest != m.dest
                     || next.bytes == 0
@@ -526,28 +548,54 @@ impl Outbox {
             }
         }
         batch.iovecs = out.len();
+        *at = DatagramAt {
+            message: at.message + batch.datagrams,
+            entry: first,
+        };
         Some(batch)
     }
 
-    /// The `Bytes` of the `index`-th queued datagram (see `fill_datagram`):
-    /// clones keep them alive for a zero-copy send.
+    /// The `Bytes` of the `index`-th queued datagram (see `fill_datagram`).
+    #[cfg(test)]
     pub fn datagram_bufs(&self, index: usize) -> impl Iterator<Item = &Bytes> + '_ {
-        self.datagram(index).into_iter().flat_map(|(bufs, _)| bufs)
+        self.datagram(self.at(index))
+            .into_iter()
+            .flat_map(|(bufs, _)| bufs)
     }
 
-    /// The `Bytes` of `count` queued datagrams from the `index`-th on.
-    pub fn datagrams_bufs(&self, index: usize, count: usize) -> impl Iterator<Item = &Bytes> + '_ {
-        (index..index + count).flat_map(move |i| self.datagram_bufs(i))
+    /// The `Bytes` of `count` queued datagrams from `at` on: clones keep
+    /// them alive for a zero-copy send.
+    pub(crate) fn datagrams_bufs(
+        &self,
+        at: DatagramAt,
+        count: usize,
+    ) -> impl Iterator<Item = &Bytes> + '_ {
+        let end = self.after(at, count).entry;
+        self.entries
+            .range(at.entry..end)
+            .flat_map(Entry::referenced)
     }
 
-    fn datagram(&self, index: usize) -> Option<(impl Iterator<Item = &Bytes> + '_, Message)> {
+    /// Where the datagram `count` messages after `at` starts.
+    pub(crate) fn after(&self, at: DatagramAt, count: usize) -> DatagramAt {
+        let entries: usize = self
+            .messages
+            .range(at.message..at.message + count)
+            .map(|m| m.bufs)
+            .sum();
+        DatagramAt {
+            message: at.message + count,
+            entry: at.entry + entries,
+        }
+    }
+
+    fn datagram(&self, at: DatagramAt) -> Option<(impl Iterator<Item = &Bytes> + '_, Message)> {
         if self.framing != Framing::Datagram {
             return None;
         }
-        let m = *self.messages.get(index)?;
-        let first: usize = self.messages.iter().take(index).map(|m| m.bufs).sum();
+        let m = *self.messages.get(at.message)?;
         // A datagram outbox holds `Entry::One`s only (packets are split).
-        let bufs = self.entries.range(first..first + m.bufs);
+        let bufs = self.entries.range(at.entry..at.entry + m.bufs);
         Some((bufs.flat_map(Entry::referenced), m))
     }
 
@@ -852,24 +900,29 @@ mod tests {
         d.push([], addr(2));
         d.push([b(b"q")], addr(2));
         let mut iov = Vec::new();
-        let run = d.fill_datagrams(0, 64, &mut iov).unwrap();
+        let run = d.fill_datagrams(&mut d.at(0), 64, &mut iov).unwrap();
         assert_eq!(
             (run.datagrams, run.bytes, run.segment_size),
             (11, 1004, Some(100))
         );
         assert_eq!(run.dest, addr(1));
         assert_eq!(iov.len(), 2, "ten adjacent slices merge into one iovec");
-        assert_eq!(d.fill_datagrams(0, 4, &mut iov).unwrap().datagrams, 4);
-        let one = d.fill_datagrams(0, 1, &mut iov).unwrap();
+        assert_eq!(
+            d.fill_datagrams(&mut d.at(0), 4, &mut iov)
+                .unwrap()
+                .datagrams,
+            4
+        );
+        let one = d.fill_datagrams(&mut d.at(0), 1, &mut iov).unwrap();
         assert_eq!((one.datagrams, one.segment_size), (1, None));
-        let two = d.fill_datagrams(11, 64, &mut iov).unwrap();
+        let two = d.fill_datagrams(&mut d.at(11), 64, &mut iov).unwrap();
         assert_eq!(
             (two.datagrams, two.bytes, two.segment_size),
             (2, 3, Some(2))
         );
-        let zzz = d.fill_datagrams(13, 64, &mut iov).unwrap();
+        let zzz = d.fill_datagrams(&mut d.at(13), 64, &mut iov).unwrap();
         assert_eq!((zzz.datagrams, zzz.segment_size), (1, None), "empty breaks");
-        let empty = d.fill_datagrams(14, 64, &mut iov).unwrap();
+        let empty = d.fill_datagrams(&mut d.at(14), 64, &mut iov).unwrap();
         assert_eq!(
             (empty.datagrams, empty.bytes, empty.segment_size),
             (1, 0, None)
@@ -881,7 +934,7 @@ mod tests {
         for _ in 0..60 {
             big.push([Bytes::from(vec![1u8; 1200])], None);
         }
-        let run = big.fill_datagrams(0, 64, &mut iov).unwrap();
+        let run = big.fill_datagrams(&mut big.at(0), 64, &mut iov).unwrap();
         assert_eq!(run.datagrams, GSO_MAX_BYTES / 1200);
         assert!(run.bytes <= GSO_MAX_BYTES);
     }

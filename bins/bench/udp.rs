@@ -3,6 +3,7 @@
 //! on, from 1 and 16 sockets, into loopback (a reader in the bench drains
 //! and counts, with and without `UDP_GRO`) and into a black-hole veth.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -49,8 +50,10 @@ pub struct Args {
         default_value = "loopback,loopback-gro,veth"
     )]
     targets: Vec<String>,
-    /// Strategies: send, sendmmsg, and BACKEND or BACKEND-gso for each of
-    /// uring, epoll, poll.
+    /// Strategies: send, sendmmsg (one prebuilt array, sent again and
+    /// again), sendmmsg-queue (headers filled from a queue of `Bytes`, one
+    /// per datagram, as ringmover is fed), and BACKEND or BACKEND-gso for
+    /// each of uring, epoll, poll.
     #[arg(
         long,
         value_delimiter = ',',
@@ -75,8 +78,18 @@ Exit status:
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Strategy {
     Send,
+    /// One prebuilt array of headers, all pointing at one payload, sent
+    /// again and again: the kernel's floor, no per-datagram user work.
     Sendmmsg,
-    Mover { backend: Backend, gso: bool },
+    /// What a sender built on `sendmmsg` does (quinn-udp before GSO): each
+    /// datagram is queued as its own `Bytes`, as ringmover is fed, and
+    /// each call fills its headers from the front of the queue and drops
+    /// what the kernel took.
+    SendmmsgQueue,
+    Mover {
+        backend: Backend,
+        gso: bool,
+    },
 }
 
 fn strategy(name: &str) -> anyhow::Result<Strategy> {
@@ -84,6 +97,7 @@ fn strategy(name: &str) -> anyhow::Result<Strategy> {
     Ok(match name.as_str() {
         "send" => Strategy::Send,
         "sendmmsg" => Strategy::Sendmmsg,
+        "sendmmsg-queue" => Strategy::SendmmsgQueue,
         other => {
             let (b, gso) = match other.strip_suffix("-gso") {
                 Some(b) => (b, true),
@@ -94,7 +108,7 @@ fn strategy(name: &str) -> anyhow::Result<Strategy> {
                 "epoll" => Backend::Epoll,
                 "poll" => Backend::Poll,
                 _ => bail!(
-                    "unknown strategy {other:?}: expected send, sendmmsg, uring[-gso], epoll[-gso], poll[-gso]"
+                    "unknown strategy {other:?}: expected send, sendmmsg, sendmmsg-queue, uring[-gso], epoll[-gso], poll[-gso]"
                 ),
             };
             Strategy::Mover { backend, gso }
@@ -183,6 +197,54 @@ fn pump(
                         return Err(std::io::Error::last_os_error()).context("sendmmsg");
                     }
                     sent += n as u64;
+                }
+            }
+            Ok(Cell {
+                sent,
+                bytes: sent * size as u64,
+                wall: t0.elapsed(),
+                cpu: meter.elapsed(),
+                syscalls: calls,
+                gso_sends: 0,
+            })
+        }
+        Strategy::SendmmsgQueue => {
+            let mut queues: Vec<VecDeque<Bytes>> = socks.iter().map(|_| VecDeque::new()).collect();
+            let mut iovs: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+            let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
+            let meter = CpuMeter::start(exclude);
+            let t0 = Instant::now();
+            let (mut sent, mut calls) = (0u64, 0u64);
+            while t0.elapsed() < seconds {
+                for (s, q) in socks.iter().zip(&mut queues) {
+                    q.extend((0..BATCH).map(|_| payload.clone()));
+                    while !q.is_empty() {
+                        iovs.clear();
+                        iovs.extend(q.iter().take(BATCH).map(|b| libc::iovec {
+                            iov_base: b.as_ptr().cast_mut().cast(),
+                            iov_len: b.len(),
+                        }));
+                        msgs.clear();
+                        msgs.extend(iovs.iter_mut().map(|iov| {
+                            // SAFETY: all-zero is a valid mmsghdr (no name, no cmsg).
+                            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                            m.msg_hdr.msg_iov = iov;
+                            m.msg_hdr.msg_iovlen = 1;
+                            m
+                        }));
+                        calls += 1;
+                        // SAFETY: `msgs` holds live headers, each pointing at
+                        // one of `iovs`, which point at `Bytes` in `q`; all
+                        // outlive the call.
+                        let n = unsafe {
+                            libc::sendmmsg(s.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0)
+                        };
+                        if n < 0 {
+                            return Err(std::io::Error::last_os_error()).context("sendmmsg");
+                        }
+                        q.drain(..n as usize);
+                        sent += n as u64;
+                    }
                 }
             }
             Ok(Cell {
@@ -447,7 +509,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     if !args.run.json {
         writeln!(
             out,
-            "{:<12} {:>4} {:>5}  {:<10} {:>12} {:>7} {:>9} {:>10} {:>9} {:>9}",
+            "{:<12} {:>4} {:>5}  {:<14} {:>12} {:>7} {:>9} {:>10} {:>9} {:>9}",
             "target",
             "socks",
             "size",
@@ -499,7 +561,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     } else {
                         writeln!(
                             out,
-                            "{:<12} {:>4} {:>5}  {:<10} {:>12.0} {:>7.3} {:>9.2} {:>10} {:>9.3} {:>9}",
+                            "{:<12} {:>4} {:>5}  {:<14} {:>12.0} {:>7.3} {:>9.2} {:>10} {:>9.3} {:>9}",
                             name,
                             sockets,
                             size,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use crate::backend::Backend;
-use crate::outbox::{Batch, Outbox};
+use crate::outbox::{Batch, DatagramAt, Outbox};
 use crate::sys::net::FdKind;
 
 #[cfg(target_os = "linux")]
@@ -161,17 +161,17 @@ impl WriteOp {
         &self.batch
     }
 
-    /// Refills the op with the `index`-th queued datagram of `outbox` and,
-    /// up to `max_segments` in all, those after it that can go with it as
-    /// one GSO send (`Outbox::fill_datagrams`; `None`: no such datagram).
-    /// Not while in flight, as for `fill`.
+    /// Refills the op with the queued datagram of `outbox` at `at` and, up
+    /// to `max_segments` in all, those after it that can go with it as one
+    /// GSO send (`Outbox::fill_datagrams`, which moves `at` past them;
+    /// `None`: no such datagram). Not while in flight, as for `fill`.
     pub(crate) fn fill_datagrams(
         &mut self,
         outbox: &Outbox,
-        index: usize,
+        at: &mut DatagramAt,
         max_segments: usize,
     ) -> Option<&Batch> {
-        self.batch = outbox.fill_datagrams(index, max_segments, &mut self.iovecs)?;
+        self.batch = outbox.fill_datagrams(at, max_segments, &mut self.iovecs)?;
         self.point_msghdr();
         Some(&self.batch)
     }

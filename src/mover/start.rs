@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 
 use super::{live_mut, Conn, Mover, Segmentation, ZeroCopy};
 use crate::driver::WriteOp;
-use crate::outbox::{GSO_MAX_SEGMENTS, IOV_MAX};
+use crate::outbox::{DatagramAt, GSO_MAX_SEGMENTS, IOV_MAX};
 use crate::sys::net::FdKind;
 
 /// What `Mover::start` did for one connection.
@@ -165,7 +165,7 @@ impl Mover {
             Segmentation::On => GSO_MAX_SEGMENTS,
             _ => 1,
         };
-        let (mut n, mut next) = (0, 0);
+        let (mut n, mut next) = (0, DatagramAt::default());
         while n < chain {
             if st.ops.len() == n {
                 st.ops.push(WriteOp::new());
@@ -173,9 +173,7 @@ impl Mover {
             // Nothing is in flight (checked above): every op may be refilled.
             let op = &mut st.ops[n];
             let filled = if datagram {
-                let batch = op.fill_datagrams(&st.outbox, next, segments);
-                next += batch.map_or(0, |b| b.datagrams);
-                batch.is_some()
+                op.fill_datagrams(&st.outbox, &mut next, segments).is_some()
             } else {
                 op.fill(&st.outbox);
                 true
@@ -191,7 +189,7 @@ impl Mover {
         st.done = 0;
         st.broken = false;
         let probe_before = st.zc_probe;
-        let mut first = 0;
+        let mut first = DatagramAt::default();
         for i in 0..n {
             let batch_bytes = st.ops[i].batch.bytes;
             // A GSO send copies: SENDMSG_ZC with UDP_SEGMENT fails with
@@ -207,11 +205,15 @@ impl Mover {
             op.zero_copy = zero_copy;
             op.fixed = None;
             op.hold.clear();
-            let carried = op.batch.datagrams;
+            // Only a zero-copy send needs to know where its datagrams start.
+            let at = first;
+            if datagram && may_zero_copy {
+                first = st.outbox.after(first, op.batch.datagrams);
+            }
             if zero_copy {
                 if datagram {
                     op.hold
-                        .extend(st.outbox.datagrams_bufs(first, carried).cloned());
+                        .extend(st.outbox.datagrams_bufs(at, op.batch.datagrams).cloned());
                 } else {
                     op.hold.extend(st.outbox.front_bufs(IOV_MAX).cloned());
                 }
@@ -219,7 +221,6 @@ impl Mover {
                     op.fixed = pool.index_of(iov.iov_base as *const u8, iov.iov_len);
                 }
             }
-            first += carried;
         }
         // SAFETY: `st.ops[..n]` are boxed and none is touched again until
         // every `Done` of this chain has been seen (`in_flight` back to 0);

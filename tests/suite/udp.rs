@@ -710,7 +710,7 @@ fn bench_udp_reader_counts_every_datagram_sent() {
     let uring =
         ringmover::Selection::choose(ringmover::BackendChoice::Force(Backend::Uring)).is_ok();
     let gso = if uring { "uring-gso" } else { "epoll-gso" };
-    let strategies = format!("send,sendmmsg,{gso}");
+    let strategies = format!("send,sendmmsg,sendmmsg-queue,{gso}");
     let out = output_within(
         ringmover().args([
             "bench",
@@ -733,8 +733,8 @@ fn bench_udp_reader_counts_every_datagram_sent() {
         "bench udp",
     );
     let lines = crate::util::json_rows(&out);
-    // 2 targets × 2 sizes × 3 strategies.
-    assert_eq!(lines.len(), 12, "{lines:?}");
+    // 2 targets × 2 sizes × 4 strategies.
+    assert_eq!(lines.len(), 16, "{lines:?}");
     for v in &lines {
         assert_eq!(v["type"], "bench-udp", "{v}");
         let sent = v["sent"].as_u64().unwrap();
