@@ -883,6 +883,45 @@ mod tests {
         assert!(stream(&[b"a"]).fill_datagram(0, &mut iov).is_none());
     }
 
+    /// A chain carries one cursor forward instead of walking from the
+    /// front for each datagram: every batch it fills, with and without
+    /// GSO, is the one filled from that datagram's own position.
+    #[test]
+    fn a_carried_cursor_fills_what_each_position_would() {
+        let mut d = Outbox::new(Framing::Datagram);
+        let run = Bytes::from(vec![3u8; 500]);
+        for i in 0..5 {
+            d.push([run.slice(i * 100..(i + 1) * 100)], addr(1));
+        }
+        d.push([b(b"head "), b(b""), b(b"body")], addr(1));
+        d.push([], addr(2));
+        d.push([b(b"ab"), b(b"cd")], addr(2));
+        d.push([b(b"ef"), b(b"gh")], addr(2));
+        d.push([b(b"z")], None);
+        for segments in [1, 64] {
+            let (mut at, mut iov, mut again) = (DatagramAt::default(), Vec::new(), Vec::new());
+            let mut index = 0;
+            while let Some(batch) = d.fill_datagrams(&mut at, segments, &mut iov) {
+                let from_front = d.fill_datagrams(&mut d.at(index), segments, &mut again);
+                assert_eq!(
+                    Some(batch),
+                    from_front,
+                    "datagram {index}, {segments} segments"
+                );
+                let same = |v: &libc::iovec, w: &libc::iovec| {
+                    (v.iov_base, v.iov_len) == (w.iov_base, w.iov_len)
+                };
+                assert!(
+                    iov.len() == again.len() && iov.iter().zip(&again).all(|(v, w)| same(v, w))
+                );
+                index += batch.datagrams;
+                assert_eq!(at, d.at(index));
+                assert_eq!(d.after(d.at(index - batch.datagrams), batch.datagrams), at);
+            }
+            assert_eq!(index, d.queued_messages(), "{segments} segments");
+        }
+    }
+
     #[test]
     fn gso_runs_break_at_size_destination_and_limits() {
         let mut d = Outbox::new(Framing::Datagram);
