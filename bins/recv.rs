@@ -1,10 +1,10 @@
 //! `ringmover recv`: accept TCP connections and write each into a file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use ringmover::recv::{self, ConnId, Event, Finished, Receiver, RecvOptions};
+use ringmover::send::reset_on_close;
 use ringmover::Backend;
 use ringmover::Selection;
 use serde::Serialize;
@@ -35,6 +36,11 @@ use threads::{FromWorker, Shards};
 /// (and fsync with --fsync). On reset, idle timeout, quota or interruption,
 /// NAME.part keeps exactly the bytes received and stderr names the peer and
 /// reason. Nothing is created before a connection arrives.
+///
+/// Out of file descriptors (EMFILE, ENFILE), nothing fails: new connections
+/// wait in the listen backlog, and one accepted whose file cannot be
+/// created yet waits, unread, until a descriptor frees up (at most
+/// --idle-timeout); stderr says so once.
 ///
 /// SIGINT/SIGTERM stop accepting and report every live connection as
 /// `interrupted` (its .part kept). A closed stdout or stderr never stops
@@ -70,8 +76,9 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = parse_count)]
     max_conns: Option<u64>,
 
-    /// Fail a connection that sends nothing for this long (e.g. 30s, 500ms;
-    /// more than 0, at most a year).
+    /// Fail a connection that sends nothing for this long, or that waits
+    /// this long for a file descriptor for its file (e.g. 30s, 500ms; more
+    /// than 0, at most a year).
     #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     idle_timeout: Option<Duration>,
 
@@ -196,6 +203,124 @@ enum Destination {
 struct Output {
     path: PathBuf,
     part: PathBuf,
+    /// How long the connection waited for a descriptor for it (see
+    /// [`Waiting`]): reported times run from the accept.
+    waited: Duration,
+}
+
+/// An accepted connection with no output yet: creating it failed with
+/// EMFILE or ENFILE. Nothing reads the socket, so its bytes wait in the
+/// kernel and TCP flow control holds the sender.
+#[derive(Debug)]
+struct Pending {
+    socket: TcpStream,
+    peer: SocketAddr,
+    accepted: Instant,
+    /// The output it last failed to create, and why; `None` while it has
+    /// not been tried (it came behind one that waits).
+    last: Option<(PathBuf, io::Error)>,
+}
+
+impl Pending {
+    /// The output it waits for: the one it last failed to create, else
+    /// `out` (where outputs go).
+    fn path<'a>(&'a self, out: &'a Path) -> &'a Path {
+        self.last.as_ref().map_or(out, |(path, _)| path)
+    }
+
+    /// Why it waits.
+    fn why(&self) -> String {
+        match &self.last {
+            Some((path, e)) => format!("creating {}: {e}", path.display()),
+            None => "no descriptor for its file yet (it came behind one waiting for one)".into(),
+        }
+    }
+}
+
+/// Accepted connections waiting for a descriptor for their output, oldest
+/// first. While any wait, the listener is held (`Receiver::set_accepting`):
+/// a descriptor that frees up goes to their files, not to another accept,
+/// and new connections wait in the listen backlog.
+#[derive(Debug, Default)]
+struct Waiting {
+    queue: VecDeque<Pending>,
+    /// This episode (since the queue was last empty) was said on stderr.
+    said: bool,
+    /// When the oldest last failed to get its output.
+    tried: Option<Instant>,
+    /// A connection ended since: descriptors are free, try at once.
+    freed: bool,
+}
+
+/// How often connections waiting for a descriptor try again: as often as
+/// the listener after an accept failure.
+const FD_RETRY: Duration = recv::ACCEPT_BACKOFF;
+
+impl Waiting {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether to offer the oldest its output now: it never tried, a
+    /// connection ended since, or [`FD_RETRY`] passed.
+    fn due(&self, now: Instant) -> bool {
+        !self.queue.is_empty() && (self.freed || self.tried.is_none_or(|t| now >= t + FD_RETRY))
+    }
+
+    /// When the loop must look again: the next retry, or the oldest's
+    /// `--idle-timeout` if sooner.
+    fn next(&self, idle: Option<Duration>) -> Option<Instant> {
+        let oldest = self.queue.front()?;
+        let retry = self.tried.map(|t| t + FD_RETRY);
+        let expiry = idle.map(|d| oldest.accepted + d);
+        retry.into_iter().chain(expiry).min()
+    }
+
+    /// Every connection was offered its output, until one went back to
+    /// wait (`failed`) or none was left.
+    fn tried(&mut self, now: Instant, failed: bool) {
+        self.freed = false;
+        self.tried = failed.then_some(now);
+        if self.queue.is_empty() {
+            self.said = false;
+        }
+    }
+
+    /// Takes those that waited `idle` or longer (oldest first).
+    fn expired(&mut self, idle: Option<Duration>, now: Instant) -> Vec<Pending> {
+        let Some(d) = idle else {
+            return Vec::new();
+        };
+        let n = self
+            .queue
+            .iter()
+            .take_while(|p| now >= p.accepted + d)
+            .count();
+        let gone = self.queue.drain(..n).collect();
+        if self.queue.is_empty() {
+            *self = Waiting::default();
+        }
+        gone
+    }
+}
+
+/// Why an accepted connection did not start.
+#[derive(Debug)]
+enum Unstarted {
+    /// No descriptor for its output (EMFILE, ENFILE): it waits.
+    NoFd(Pending),
+    /// It failed for good, as `outcome` (`file-error`, `attach-error`).
+    Failed {
+        path: PathBuf,
+        outcome: &'static str,
+        why: String,
+    },
+}
+
+/// Whether `e` says the process (EMFILE) or the system (ENFILE) is out of
+/// file descriptors: a shortage that passes as connections end.
+fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// How often the loop looks at the signal flag while nothing happens.
@@ -289,6 +414,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     };
 
     let mut outputs: HashMap<ConnId, Output> = HashMap::new();
+    let mut waiting = Waiting::default();
     let mut failed = 0u64;
     let mut events = Vec::new();
     // Progress: bytes of finished connections, plus the live ones'.
@@ -300,6 +426,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     while receiver.is_listening()
         || receiver.active() > 0
         || shards.as_ref().is_some_and(|s| s.active() > 0)
+        || !waiting.is_empty()
     {
         if let Some(sig) = interrupt.received() {
             let mut live = receiver.progress();
@@ -317,10 +444,22 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                     }
                 }
             }
-            return Ok(interrupted(sig, live, &mut outputs, backend, &mut console));
+            return Ok(interrupted(
+                sig,
+                live,
+                &mut outputs,
+                waiting.queue,
+                &args.out,
+                backend,
+                &mut console,
+            ));
         }
+        // Soon enough for connections waiting for a descriptor.
+        let timeout = waiting.next(args.idle_timeout).map_or(TICK, |t| {
+            t.saturating_duration_since(Instant::now()).min(TICK)
+        });
         receiver
-            .wait(Some(TICK), &mut events)
+            .wait(Some(timeout), &mut events)
             .context("waiting for connections")?;
         if let Some(s) = &mut shards {
             for m in s.take() {
@@ -330,6 +469,7 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                         let Some(output) = outputs.remove(&key) else {
                             continue;
                         };
+                        waiting.freed = true;
                         failed += 1;
                         let e = format!("receiving into {}: {error}", output.part.display());
                         console.say(format_args!("ringmover: {peer}: {e}"));
@@ -351,55 +491,20 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
         }
         for event in events.drain(..) {
             match event {
-                Event::Incoming { socket, peer } => {
-                    let attached = open_output(&mut dest, peer, args.overwrite)
-                        .map_err(|(path, e)| {
-                            let why = format!("creating {}: {e}", path.display());
-                            (path, "file-error", why)
-                        })
-                        .and_then(|(output, file)| {
-                            let attached = match &mut shards {
-                                Some(s) => s.dispatch(socket, peer, file),
-                                None if is_stdout(&output) => {
-                                    receiver.attach_sequential(socket, peer, file)
-                                }
-                                None => receiver.attach(socket, peer, file),
-                            };
-                            match attached {
-                                Ok(id) => Ok((id, output)),
-                                Err(e) => {
-                                    let why =
-                                        format!("receiving into {}: {e}", output.part.display());
-                                    Err((output.part, "attach-error", why))
-                                }
-                            }
-                        });
-                    match attached {
-                        Ok((id, output)) => {
-                            outputs.insert(id, output);
-                        }
-                        Err((path, outcome, e)) => {
-                            // Only this connection fails; the server goes on.
-                            failed += 1;
-                            console.say(format_args!("ringmover: {peer}: {e}"));
-                            console.record(&Connection::new(
-                                peer,
-                                &path,
-                                0,
-                                0.0,
-                                backend,
-                                outcome,
-                                Some(e),
-                            ));
-                        }
-                    }
-                }
+                // Oldest first: offered their output below, in order.
+                Event::Incoming { socket, peer } => waiting.queue.push_back(Pending {
+                    socket,
+                    peer,
+                    accepted: Instant::now(),
+                    last: None,
+                }),
                 Event::Finished(done) => {
                     let Some(output) = outputs.remove(&done.id) else {
                         continue;
                     };
                     done_bytes += done.bytes;
                     done_conns += 1;
+                    waiting.freed = true;
                     let dir_mode = matches!(dest, Destination::Dir(_));
                     let ok = finish(done, &output, args, dir_mode, backend, &mut console);
                     if !ok {
@@ -418,6 +523,73 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
                 }
             }
         }
+        let now = Instant::now();
+        if waiting.due(now) {
+            let mut short = false;
+            while let Some(p) = waiting.queue.pop_front() {
+                let (peer, accepted) = (p.peer, p.accepted);
+                match start(p, &mut dest, args.overwrite, &mut receiver, &mut shards) {
+                    Ok((id, mut output)) => {
+                        output.waited = accepted.elapsed();
+                        outputs.insert(id, output);
+                    }
+                    Err(Unstarted::NoFd(p)) => {
+                        if !std::mem::replace(&mut waiting.said, true) {
+                            console.say(format_args!(
+                                "ringmover: {peer}: {} (the connection waits, unread; \
+                                 retrying every {} ms)",
+                                p.why(),
+                                FD_RETRY.as_millis()
+                            ));
+                        }
+                        // The rest would get no descriptor either.
+                        waiting.queue.push_front(p);
+                        short = true;
+                        break;
+                    }
+                    Err(Unstarted::Failed { path, outcome, why }) => {
+                        // Only this connection fails; the server goes on.
+                        failed += 1;
+                        let secs = accepted.elapsed().as_secs_f64();
+                        console.say(format_args!("ringmover: {peer}: {why}"));
+                        console.record(&Connection::new(
+                            peer,
+                            &path,
+                            0,
+                            secs,
+                            backend,
+                            outcome,
+                            Some(why),
+                        ));
+                    }
+                }
+            }
+            waiting.tried(now, short);
+        }
+        // Waiting is bounded as sending nothing is (`--idle-timeout`).
+        for p in waiting.expired(args.idle_timeout, Instant::now()) {
+            failed += 1;
+            let waited = args.idle_timeout.unwrap_or_default();
+            let why = format!(
+                "{} (waited {waited:?} for a descriptor, --idle-timeout)",
+                p.why()
+            );
+            // Unread bytes make the close a reset anyway; this makes sure.
+            let _ = reset_on_close(&p.socket);
+            console.say(format_args!("ringmover: {}: {why}", p.peer));
+            console.record(&Connection::new(
+                p.peer,
+                p.path(&args.out),
+                0,
+                p.accepted.elapsed().as_secs_f64(),
+                backend,
+                "file-error",
+                Some(why),
+            ));
+        }
+        // Held while any wait: a descriptor that frees up goes to their
+        // files, not to yet another accept (which would only wait too).
+        receiver.set_accepting(waiting.is_empty());
         if console.meter.enabled() && last_tick.elapsed() >= PROGRESS_TICK {
             last_tick = Instant::now();
             let mut live = receiver.progress();
@@ -439,12 +611,56 @@ pub fn run(args: &Args) -> anyhow::Result<Outcome> {
     })
 }
 
+/// Creates the output of accepted connection `p` and hands both to the
+/// receiver (or a receive thread). Out of descriptors for the output, `p`
+/// comes back, to wait.
+fn start(
+    mut p: Pending,
+    dest: &mut Destination,
+    overwrite: bool,
+    receiver: &mut Receiver,
+    shards: &mut Option<Shards>,
+) -> Result<(ConnId, Output), Unstarted> {
+    let peer = p.peer;
+    let (output, file) = match open_output(dest, peer, overwrite) {
+        Ok(opened) => opened,
+        Err((path, e)) if out_of_fds(&e) => {
+            p.last = Some((path, e));
+            return Err(Unstarted::NoFd(p));
+        }
+        Err((path, e)) => {
+            let why = format!("creating {}: {e}", path.display());
+            return Err(Unstarted::Failed {
+                path,
+                outcome: "file-error",
+                why,
+            });
+        }
+    };
+    let attached = match shards {
+        Some(s) => s.dispatch(p.socket, peer, file),
+        None if is_stdout(&output) => receiver.attach_sequential(p.socket, peer, file),
+        None => receiver.attach(p.socket, peer, file),
+    };
+    match attached {
+        Ok(id) => Ok((id, output)),
+        Err(e) => Err(Unstarted::Failed {
+            why: format!("receiving into {}: {e}", output.part.display()),
+            path: output.part,
+            outcome: "attach-error",
+        }),
+    }
+}
+
 /// Stops everything on a signal: every live connection is reported as
-/// `interrupted`, its .part kept with what reached it.
+/// `interrupted`, its .part kept with what reached it; so is every
+/// connection still waiting for a descriptor, reset, with nothing received.
 fn interrupted(
     sig: nix::sys::signal::Signal,
     live: Vec<recv::Progress>,
     outputs: &mut HashMap<ConnId, Output>,
+    waiting: VecDeque<Pending>,
+    out: &Path,
     backend: Backend,
     console: &mut Console,
 ) -> Outcome {
@@ -461,7 +677,7 @@ fn interrupted(
             true => p.bytes,
             false => std::fs::metadata(&output.part).map_or(p.bytes, |m| m.len()),
         };
-        let secs = p.elapsed.as_secs_f64();
+        let secs = (p.elapsed + output.waited).as_secs_f64();
         console.say(format_args!(
             "ringmover: {}: {why}; {}",
             p.peer,
@@ -472,6 +688,26 @@ fn interrupted(
             &output.part,
             bytes,
             secs,
+            backend,
+            "interrupted",
+            Some(why.clone()),
+        ));
+    }
+    for p in waiting {
+        // Closed as `p` goes: a reset, so that its sender cannot take the
+        // close for the end of the stream.
+        let _ = reset_on_close(&p.socket);
+        console.say(format_args!(
+            "ringmover: {}: {why} while waiting for a descriptor ({}); \
+             nothing received, connection reset",
+            p.peer,
+            p.why()
+        ));
+        console.record(&Connection::new(
+            p.peer,
+            p.path(out),
+            0,
+            p.accepted.elapsed().as_secs_f64(),
             backend,
             "interrupted",
             Some(why.clone()),
@@ -535,7 +771,7 @@ fn finish(
     backend: Backend,
     console: &mut Console,
 ) -> bool {
-    let secs = done.elapsed.as_secs_f64();
+    let secs = (done.elapsed + output.waited).as_secs_f64();
     let (path, outcome, error) = match done.result {
         Ok(()) if is_stdout(output) => match sync_stdout(&done.file, args) {
             Ok(()) => (output.path.clone(), "complete", None),
@@ -773,9 +1009,11 @@ fn open_output(
     overwrite: bool,
 ) -> Result<(Output, File), (PathBuf, io::Error)> {
     match dest {
+        // Taken only once opened: a connection that waits for a
+        // descriptor (EMFILE) tries again.
         Destination::Stdout { taken } => {
             let dash = PathBuf::from("-");
-            if std::mem::replace(taken, true) {
+            if *taken {
                 let e = io::Error::new(io::ErrorKind::AlreadyExists, "only one connection");
                 return Err((dash, e));
             }
@@ -783,9 +1021,11 @@ fn open_output(
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(|e| (dash.clone(), e))?;
+            *taken = true;
             let output = Output {
                 path: dash.clone(),
                 part: dash,
+                waited: Duration::ZERO,
             };
             Ok((output, File::from(out)))
         }
@@ -797,15 +1037,16 @@ fn open_output(
                     io::Error::new(io::ErrorKind::AlreadyExists, "only one connection per file"),
                 ));
             }
-            *taken = true;
             match create_part(&part, overwrite) {
-                Ok(file) => Ok((
-                    Output {
+                Ok(file) => {
+                    *taken = true;
+                    let output = Output {
                         path: path.clone(),
                         part,
-                    },
-                    file,
-                )),
+                        waited: Duration::ZERO,
+                    };
+                    Ok((output, file))
+                }
                 Err(e) => Err((part, e)),
             }
         }
@@ -838,7 +1079,10 @@ fn unique_output(base: &Path) -> Result<(Output, File), (PathBuf, io::Error)> {
             continue;
         }
         match create_part(&part, false) {
-            Ok(file) => return Ok((Output { path, part }, file)),
+            Ok(file) => {
+                let waited = Duration::ZERO;
+                return Ok((Output { path, part, waited }, file));
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
             Err(e) => return Err((part, e)),
         }

@@ -274,7 +274,9 @@ pub struct Finished {
 /// What [`Receiver::wait`] reports.
 #[derive(Debug)]
 pub enum Event {
-    /// The listener accepted a connection; [`Receiver::attach`] it (or drop it).
+    /// The listener accepted a connection; [`Receiver::attach`] it (or drop
+    /// it, or keep it unread until it can be attached, holding the listener
+    /// meanwhile with [`Receiver::set_accepting`]).
     Incoming {
         /// The accepted socket.
         socket: TcpStream,
@@ -366,9 +368,93 @@ impl Receiver {
         self.engine.listen(Listen::new(listener, limit))
     }
 
-    /// Whether a listener is still accepting.
+    /// Whether a listener is open: one was given to [`listen`](Self::listen)
+    /// and its limit is not reached. A listener held by
+    /// [`set_accepting`](Self::set_accepting) is still listening.
     pub fn is_listening(&self) -> bool {
         self.engine.is_listening()
+    }
+
+    /// Holds the listener (`false`) or lets it accept again (`true`, the
+    /// default): for a caller that cannot take another connection right
+    /// now, e.g. one that is out of file descriptors for the files it
+    /// attaches connections to.
+    ///
+    /// While held, [`wait`](Self::wait) accepts nothing and reports no
+    /// [`Event::Incoming`]: the kernel completes new connections' handshakes
+    /// and keeps them in the listen backlog (`listen(2)`; up to
+    /// `net.core.somaxconn`), where their senders wait, as they do while
+    /// `accept(2)` fails ([`Event::AcceptFailed`]). A held listener does not
+    /// make `wait` return early: it is taken out of the selector (epoll,
+    /// poll's interest set, the ring's poll), so `wait` sleeps until a
+    /// connection has bytes, a [`Waker`] wakes it or its timeout passes.
+    /// Connections already attached are served as usual.
+    ///
+    /// Let go, the next `wait` accepts what waits in the backlog at once (or,
+    /// if the listener still rests after an accept failure, when the rest
+    /// ends) and watches the listener again. Calling it again with the same
+    /// value does nothing; it applies to a listener given to `listen` later
+    /// too. The limit given to `listen` counts accepted connections only:
+    /// holding does not change it.
+    ///
+    /// ```no_run
+    /// use std::collections::VecDeque;
+    /// use std::fs::File;
+    /// use std::net::TcpListener;
+    /// use std::time::Duration;
+    /// use ringmover::recv::{Event, Receiver, RecvOptions};
+    /// use ringmover::Selection;
+    ///
+    /// let selection = Selection::from_env()?;
+    /// let mut receiver = Receiver::new(selection.backend, RecvOptions::default())?;
+    /// receiver.listen(TcpListener::bind("127.0.0.1:0")?, None)?;
+    /// // Accepted connections that have no file yet, oldest first.
+    /// let mut waiting = VecDeque::new();
+    /// let mut events = Vec::new();
+    /// loop {
+    ///     while let Some((socket, peer)) = waiting.pop_front() {
+    ///         match File::create(format!("/tmp/in-{peer}")) {
+    ///             Ok(file) => {
+    ///                 receiver.attach(socket, peer, file)?;
+    ///             }
+    ///             // Out of fds: unread, its bytes wait in the kernel and
+    ///             // TCP flow control holds its sender.
+    ///             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+    ///                 waiting.push_front((socket, peer));
+    ///                 break;
+    ///             }
+    ///             Err(e) => eprintln!("{peer}: {e}"), // dropped: closed
+    ///         }
+    ///     }
+    ///     // A freed fd goes to a waiting connection, not to a new accept.
+    ///     receiver.set_accepting(waiting.is_empty());
+    ///     // Short enough to retry the waiting ones soon.
+    ///     receiver.wait(Some(Duration::from_millis(100)), &mut events)?;
+    ///     for event in events.drain(..) {
+    ///         match event {
+    ///             Event::Incoming { socket, peer } => waiting.push_back((socket, peer)),
+    ///             Event::Finished(done) => println!("{}: {:?}", done.peer, done.result),
+    ///             Event::AcceptFailed(e) => eprintln!("accept: {e}"),
+    ///         }
+    ///     }
+    ///     if !receiver.is_listening() && receiver.active() == 0 && waiting.is_empty() {
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    #[doc(alias = "hold")]
+    #[doc(alias = "pause")]
+    pub fn set_accepting(&mut self, on: bool) {
+        self.engine.set_accepting(on);
+    }
+
+    /// Whether the listener takes connections: one is open
+    /// ([`is_listening`](Self::is_listening)) and not held by
+    /// [`set_accepting`](Self::set_accepting). It may still be resting
+    /// after an accept failure ([`ACCEPT_BACKOFF`]).
+    pub fn is_accepting(&self) -> bool {
+        self.engine.is_accepting()
     }
 
     /// Starts receiving `socket` into `file`: a regular file is written
@@ -1339,6 +1425,66 @@ mod tests {
                 started.elapsed() >= Duration::from_millis(150)
             });
             assert!(slept, "{backend}: the wake-up fd stays readable");
+        }
+    }
+
+    /// A held listener accepts nothing and ends no wait early (it is out
+    /// of the selector: a level-triggered listener with a connection in its
+    /// backlog would be ready again and again); let go, it accepts what
+    /// waited at once. Held before it listens, after an accept, and while
+    /// it rests after a failed accept (a rest that ends while it is held
+    /// must not end waits either).
+    #[test]
+    fn a_held_listener_leaves_connections_in_the_backlog() {
+        for backend in Backend::compiled() {
+            let mut r = Receiver::new(backend, RecvOptions::default()).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            r.set_accepting(false);
+            r.listen(listener, Some(3)).unwrap();
+            let mut events = Vec::new();
+            let mut clients = Vec::new();
+            for round in 0..3 {
+                if round == 2 {
+                    r.set_accepting(true);
+                    r.engine.pretend_accept_failed(&mut events);
+                    assert!(matches!(events.pop(), Some(Event::AcceptFailed(_))));
+                    r.set_accepting(false);
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                }
+                // Complete once in the backlog: no accept needed.
+                clients.push(TcpStream::connect(addr).unwrap());
+                assert!(r.is_listening() && !r.is_accepting(), "{backend}");
+                // Waits run to their timeout (one of three, allowing for
+                // interrupted waits) and accept nothing.
+                let slept = (0..3).any(|_| {
+                    let started = Instant::now();
+                    r.wait(Some(Duration::from_millis(200)), &mut events)
+                        .unwrap();
+                    started.elapsed() >= Duration::from_millis(150)
+                });
+                assert!(slept, "{backend} round {round}: waits end at once");
+                assert!(events.is_empty(), "{backend} round {round}: {events:?}");
+                r.set_accepting(true);
+                assert!(r.is_accepting(), "{backend}");
+                let started = Instant::now();
+                while events.is_empty() {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(5),
+                        "{backend} round {round}: nothing accepted once let go"
+                    );
+                    r.wait(Some(Duration::from_secs(1)), &mut events).unwrap();
+                }
+                assert!(
+                    matches!(events.pop(), Some(Event::Incoming { .. })) && events.is_empty(),
+                    "{backend} round {round}: {events:?}"
+                );
+                r.set_accepting(false);
+            }
+            assert!(
+                !r.is_listening() && !r.is_accepting(),
+                "{backend}: limit reached"
+            );
         }
     }
 

@@ -191,8 +191,12 @@ pub(crate) struct ReadinessEngine {
     slots: HashMap<u64, Slot>,
     listen: Option<Listen>,
     /// The listener is registered with the selector (not while it rests
-    /// after an accept failure).
+    /// after an accept failure, nor while it is held).
     listening: bool,
+    /// The caller takes connections ([`super::Receiver::set_accepting`]);
+    /// while not, the listener stays out of the selector and is not
+    /// accepted from, so connections wait in its backlog.
+    accepting: bool,
     /// Connections whose turn ended with bytes possibly left.
     again: Vec<u64>,
     /// Watched once a [`super::Waker`] was asked for.
@@ -208,6 +212,7 @@ impl ReadinessEngine {
             slots: HashMap::new(),
             listen: None,
             listening: false,
+            accepting: true,
             again: Vec::new(),
             waker: None,
         }
@@ -250,6 +255,20 @@ impl ReadinessEngine {
     pub(crate) fn pretend_no_multishot(&mut self) {
         if let Selector::Ring(r) = &mut self.selector {
             r.pretend_no_multishot();
+        }
+    }
+
+    /// Rests the listener as after a failed accept (tests of a listener
+    /// held while it rests).
+    #[cfg(test)]
+    pub(crate) fn pretend_accept_failed(&mut self, events: &mut Vec<Event>) {
+        if let Some(l) = &mut self.listen {
+            let e = io::Error::from_raw_os_error(libc::EMFILE);
+            l.pause(e, events, Instant::now());
+            if self.listening {
+                let _ = self.selector.remove(l.listener.as_fd(), LISTENER);
+                self.listening = false;
+            }
         }
     }
 
@@ -296,10 +315,45 @@ impl ReadinessEngine {
 
     pub(crate) fn listen(&mut self, listen: Listen) -> io::Result<()> {
         self.stop_listening();
-        self.selector.add(listen.listener.as_fd(), LISTENER)?;
-        self.listening = true;
+        // A held listener is watched only once accepting is on again.
+        if self.accepting {
+            self.selector.add(listen.listener.as_fd(), LISTENER)?;
+            self.listening = true;
+        }
         self.listen = Some(listen);
         Ok(())
+    }
+
+    /// Holds the listener (`on == false`) or lets it accept again.
+    ///
+    /// Held, it leaves the selector: a level-triggered listener with
+    /// connections in its backlog would otherwise end every wait at once.
+    /// Let go, the next wait tries an accept at once (unless the listener
+    /// still rests after a failure) and watches it again once drained, as
+    /// after a rest; a failure to watch it is reported there, as
+    /// [`Event::AcceptFailed`].
+    pub(crate) fn set_accepting(&mut self, on: bool) {
+        if self.accepting == on {
+            return;
+        }
+        self.accepting = on;
+        let Some(l) = &mut self.listen else {
+            return;
+        };
+        if on {
+            if !self.listening && l.paused_until.is_none() {
+                l.paused_until = Some(Instant::now());
+            }
+        } else if self.listening {
+            // Best effort, as when it rests: the fd stays open either way.
+            let _ = self.selector.remove(l.listener.as_fd(), LISTENER);
+            self.listening = false;
+        }
+    }
+
+    /// A listener is open and not held.
+    pub(crate) fn is_accepting(&self) -> bool {
+        self.listen.is_some() && self.accepting
     }
 
     fn stop_listening(&mut self) {
@@ -359,7 +413,9 @@ impl ReadinessEngine {
                 .slots
                 .values()
                 .filter_map(|s| s.conn.idle_deadline(idle));
-            let resume = self.listen.as_ref().and_then(|l| l.paused_until);
+            // A held listener has no rest to end: it must not shorten the
+            // wait (a rest that ended while held would make it spin).
+            let resume = self.resume_at();
             next_timeout(timeout, deadlines.chain(resume), now)
         } else {
             Some(Duration::ZERO)
@@ -406,16 +462,19 @@ impl ReadinessEngine {
                 self.service(token, events);
             }
         }
-        if self
-            .listen
-            .as_ref()
-            .and_then(|l| l.paused_until)
-            .is_some_and(|t| t <= Instant::now())
-        {
+        if self.resume_at().is_some_and(|t| t <= Instant::now()) {
             self.accept(events);
         }
         self.expire_idle(events);
         Ok(())
+    }
+
+    /// When a resting listener tries again; never while it is held.
+    fn resume_at(&self) -> Option<Instant> {
+        self.listen
+            .as_ref()
+            .filter(|_| self.accepting)
+            .and_then(|l| l.paused_until)
     }
 
     /// Accepts what is waiting; rests the listener after a failure and
@@ -424,6 +483,10 @@ impl ReadinessEngine {
         let Some(l) = &mut self.listen else {
             return;
         };
+        if !self.accepting {
+            // A readiness reported before it was held.
+            return;
+        }
         if l.paused_until.is_some_and(|t| t > Instant::now()) {
             // A readiness reported before it rested.
             return;

@@ -377,10 +377,10 @@ fn the_quota_counts_framed_payload(backend: Option<Backend>) {
 }
 
 /// Faults that need Linux's fd limits, `/proc`, `prlimit(1)` or
-/// `/dev/full`.
+/// `/dev/full`. Its `ringmover recv` child is used by `recv.rs` too.
 #[cfg(target_os = "linux")]
-mod faults {
-    use std::process::{Child, Command, Stdio};
+pub(crate) mod faults {
+    use std::process::{Child, Command, ExitStatus, Stdio};
 
     use ringmover::recv::Failure;
     use serde_json::Value;
@@ -405,14 +405,14 @@ mod faults {
 
     /// A `ringmover recv --json` child writing into `dir/out`, its stdout and
     /// stderr in `dir`. Killed if the test panics.
-    struct RecvChild {
+    pub(crate) struct RecvChild {
         child: Child,
-        addr: SocketAddr,
+        pub(crate) addr: SocketAddr,
         dir: PathBuf,
     }
 
     impl RecvChild {
-        fn start(backend: Option<Backend>, name: &str, args: &[&str]) -> RecvChild {
+        pub(crate) fn start(backend: Option<Backend>, name: &str, args: &[&str]) -> RecvChild {
             let dir = scratch(name);
             fs::create_dir(dir.join("out")).unwrap();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringmover"));
@@ -447,7 +447,7 @@ mod faults {
             self.child.id()
         }
 
-        fn stderr(&self) -> String {
+        pub(crate) fn stderr(&self) -> String {
             fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
         }
 
@@ -464,7 +464,7 @@ mod faults {
         /// The child's open fds once it has settled: the same count for 100 ms
         /// (it prints `listening on` before setting up its backend, which
         /// probes with fds of its own for a moment).
-        fn settled_fds(&self) -> usize {
+        pub(crate) fn settled_fds(&self) -> usize {
             let mut last = (self.fds().len(), Instant::now());
             wait_until(20, "the receiver's fds to settle", || {
                 let n = self.fds().len();
@@ -479,21 +479,39 @@ mod faults {
         /// Sets the child's RLIMIT_NOFILE (soft and hard, with `prlimit(1)`)
         /// so that exactly `free` more fds can be opened.
         fn limit_free_fds(&self, free: usize) {
+            let limit = self.limit_for(free);
+            self.prlimit(&format!("{limit}:{limit}"));
+        }
+
+        /// Sets the child's soft RLIMIT_NOFILE (the hard one stays, so it
+        /// may be raised again without privilege) so that exactly `free`
+        /// more fds can be opened.
+        pub(crate) fn leave_free_fds(&self, free: usize) {
+            let limit = self.limit_for(free);
+            self.prlimit(&format!("{limit}:"));
+        }
+
+        /// The RLIMIT_NOFILE that leaves exactly `free` more fds to open.
+        fn limit_for(&self, free: usize) -> usize {
             let open = self.fds();
             // fds at or above the limit (inherited high numbers) take no room.
-            let limit = (free..)
+            (free..)
                 .find(|&l| l - open.iter().filter(|&&fd| fd < l).count() == free)
-                .unwrap();
+                .unwrap()
+        }
+
+        /// `prlimit --pid=PID --nofile=SPEC`.
+        fn prlimit(&self, spec: &str) {
             let out = Command::new("prlimit")
                 .arg(format!("--pid={}", self.pid()))
-                .arg(format!("--nofile={limit}:{limit}"))
+                .arg(format!("--nofile={spec}"))
                 .output()
                 .expect("running prlimit(1) (util-linux)");
             assert!(out.status.success(), "prlimit: {out:?}");
         }
 
         /// Sends the child `SIG<name>` with `kill(1)`.
-        fn signal(&self, name: &str) {
+        pub(crate) fn signal(&self, name: &str) {
             let out = Command::new("kill")
                 .arg(format!("-{name}"))
                 .arg(self.pid().to_string())
@@ -503,7 +521,7 @@ mod faults {
         }
 
         /// CPU time the child used so far (user + system).
-        fn cpu(&self) -> Duration {
+        pub(crate) fn cpu(&self) -> Duration {
             let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
             // Fields after the `(comm)`, which may hold spaces: utime is the
             // 14th field of the line, the 12th after the comm.
@@ -518,7 +536,7 @@ mod faults {
 
         /// Waits (at most `secs` s) for the child to exit; returns its JSON
         /// records and stderr.
-        fn finish(&mut self, secs: u64) -> (Vec<Value>, String) {
+        pub(crate) fn finish(&mut self, secs: u64) -> (Vec<Value>, String) {
             let deadline = Instant::now() + Duration::from_secs(secs);
             while self.child.try_wait().unwrap().is_none() {
                 assert!(
@@ -535,6 +553,11 @@ mod faults {
                 .collect();
             (records, self.stderr())
         }
+
+        /// The exit status, once [`Self::finish`] has seen the child exit.
+        pub(crate) fn status(&mut self) -> ExitStatus {
+            self.child.wait().unwrap()
+        }
     }
 
     impl Drop for RecvChild {
@@ -546,14 +569,14 @@ mod faults {
     }
 
     /// The last few lines of `s` (a runaway log would drown the message).
-    fn tail(s: &str) -> String {
+    pub(crate) fn tail(s: &str) -> String {
         let lines: Vec<&str> = s.lines().collect();
         let n = lines.len();
         format!("({n} lines) ...{}", lines[n.saturating_sub(5)..].join("\n"))
     }
 
     /// The record for `peer`, which must have completed with exactly `data`.
-    fn assert_complete(records: &[Value], peer: SocketAddr, data: &[u8]) {
+    pub(crate) fn assert_complete(records: &[Value], peer: SocketAddr, data: &[u8]) {
         let r = records
             .iter()
             .find(|r| r["peer"] == peer.to_string())
@@ -569,14 +592,14 @@ mod faults {
     }
 
     /// A client that connected and waits for the word to send `data`.
-    struct Sender {
-        stream: TcpStream,
-        peer: SocketAddr,
-        data: Vec<u8>,
+    pub(crate) struct Sender {
+        pub(crate) stream: TcpStream,
+        pub(crate) peer: SocketAddr,
+        pub(crate) data: Vec<u8>,
     }
 
     impl Sender {
-        fn connect(addr: SocketAddr, data: Vec<u8>) -> Sender {
+        pub(crate) fn connect(addr: SocketAddr, data: Vec<u8>) -> Sender {
             let stream = TcpStream::connect(addr).unwrap();
             stream
                 .set_write_timeout(Some(Duration::from_secs(20)))
@@ -590,7 +613,7 @@ mod faults {
 
         /// Sends everything, closes the write side and waits for the
         /// receiver's close, in a thread.
-        fn send(self) -> thread::JoinHandle<()> {
+        pub(crate) fn send(self) -> thread::JoinHandle<()> {
             thread::spawn(move || {
                 let mut s = self.stream;
                 s.write_all(&self.data).expect("sending to the receiver");

@@ -1534,8 +1534,9 @@ fn accept_out_of_fds_is_not_a_failed_connection() {
         };
         let addr: SocketAddr = addr.parse().unwrap();
         // One connection held open while a second arrives.
-        // At some limits a connection fails (no fd for its file) and is
-        // reset: those limits are skipped below, so errors are let go.
+        // At some limits a connection gets no fd for its file and waits
+        // for one, for good (nothing frees one): those limits are skipped
+        // below, so errors are let go.
         let mut a = TcpStream::connect(addr).unwrap();
         let _ = a.write_all(&pattern(1000, 41));
         thread::sleep(Duration::from_millis(200));
@@ -1577,4 +1578,166 @@ fn accept_out_of_fds_is_not_a_failed_connection() {
         return;
     }
     panic!("no fd limit from 6 to 31 made an accept fail with both connections complete");
+}
+
+/// A connection accepted with the last free descriptor, whose file then
+/// cannot be created (EMFILE), waits, unread, for a descriptor instead of
+/// failing; meanwhile the listener is held (no accept, no spinning).
+#[cfg(target_os = "linux")]
+mod fd_wait {
+    use std::io::Read;
+    use std::net::TcpStream;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use ringmover::Backend;
+
+    use super::{pattern, wait_until};
+    use crate::receiver::faults::{assert_complete, tail, RecvChild, Sender};
+
+    for_each_backend!(
+        a_file_waits_for_a_descriptor,
+        a_file_waits_at_most_the_idle_timeout,
+        a_connection_waiting_for_a_descriptor_is_interrupted,
+    );
+
+    const NOTE: &str = "(the connection waits, unread; retrying every 100 ms)";
+
+    /// Starts `recv` with `args`, then leaves it one free descriptor: the
+    /// next accept takes it, and that connection's file gets none.
+    fn squeezed(backend: Option<Backend>, name: &str, args: &[&str]) -> RecvChild {
+        let child = RecvChild::start(backend, name, args);
+        child.settled_fds();
+        child.leave_free_fds(1);
+        child
+    }
+
+    /// Waits until the first connection's file was tried, then checks it
+    /// waits (the old code failed it at once as `file-error`).
+    fn wait_for_the_note(child: &RecvChild) -> String {
+        wait_until("creating the file to fail", || {
+            child.stderr().contains("creating")
+        });
+        let stderr = child.stderr();
+        assert!(
+            stderr.contains(&format!("Too many open files (os error 24) {NOTE}")),
+            "the connection did not wait: {stderr}"
+        );
+        stderr
+    }
+
+    /// One freed descriptor goes to the waiting connection's file, not to
+    /// a connection that came meanwhile (the listener is held): the first
+    /// completes byte-exact, then the second, once the first has freed its
+    /// descriptors. The receiver does not spin while a connection waits.
+    /// Exit status 0.
+    fn a_file_waits_for_a_descriptor(backend: Option<Backend>) {
+        let mut child = squeezed(backend, "fd-wait", &["--max-conns", "2"]);
+        let first = Sender::connect(child.addr, pattern(200_000, 1));
+        let first_sent = (first.peer, first.data.clone());
+        let first = first.send();
+        wait_for_the_note(&child);
+        let second = Sender::connect(child.addr, pattern(100_000, 2));
+        let before = child.cpu();
+        let measured = Instant::now();
+        thread::sleep(Duration::from_millis(300));
+        let spent = child.cpu().saturating_sub(before);
+        let wall = measured.elapsed();
+        let stderr = child.stderr();
+        assert!(
+            spent < wall / 3,
+            "the receiver spun: {spent:?} of CPU in {wall:?}; {}",
+            tail(&stderr)
+        );
+        // One descriptor more: had the listener taken the second connection
+        // with it, neither would get a file, for good.
+        child.leave_free_fds(1);
+        let second_sent = (second.peer, second.data.clone());
+        second.send().join().unwrap();
+        first.join().unwrap();
+        let (records, stderr) = child.finish(20);
+        assert_eq!(records.len(), 2, "{records:?}\n{}", tail(&stderr));
+        for (peer, data) in [&first_sent, &second_sent] {
+            assert_complete(&records, *peer, data);
+        }
+        assert_eq!(
+            stderr.matches(NOTE).count(),
+            1,
+            "once per episode: {stderr}"
+        );
+        // Times run from the accept, the wait included.
+        let waited = records
+            .iter()
+            .find(|r| r["peer"] == first_sent.0.to_string())
+            .unwrap();
+        assert!(waited["seconds"].as_f64().unwrap() >= 0.3, "{waited}");
+        assert_eq!(child.status().code(), Some(0), "{stderr}");
+    }
+
+    /// Never freed: the wait ends after `--idle-timeout` as `file-error`,
+    /// saying so, and the sender sees a reset; the receiver goes on (a
+    /// connection once descriptors are free completes). Exit status 1.
+    /// (Two connections: with one, the listener closes at the accept and
+    /// frees a descriptor for the file.)
+    fn a_file_waits_at_most_the_idle_timeout(backend: Option<Backend>) {
+        let args = ["--max-conns", "2", "--idle-timeout", "300ms"];
+        let mut child = squeezed(backend, "fd-wait-bounded", &args);
+        let mut s = TcpStream::connect(child.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let peer = s.local_addr().unwrap();
+        let started = Instant::now();
+        std::io::Write::write_all(&mut s, &pattern(1000, 3)).unwrap();
+        wait_for_the_note(&child);
+        let e = s.read(&mut [0u8; 1]).unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert!(took >= Duration::from_millis(300), "reset after {took:?}");
+        child.leave_free_fds(10);
+        let next = Sender::connect(child.addr, pattern(5000, 4));
+        let next_sent = (next.peer, next.data.clone());
+        next.send().join().unwrap();
+        let (records, stderr) = child.finish(20);
+        assert_eq!(records.len(), 2, "{records:?}\n{stderr}");
+        assert_complete(&records, next_sent.0, &next_sent.1);
+        let r = records
+            .iter()
+            .find(|r| r["peer"] == peer.to_string())
+            .unwrap();
+        assert_eq!(r["outcome"], "file-error", "{r}");
+        assert_eq!(r["bytes"], 0, "{r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(
+            error.contains("Too many open files")
+                && error.contains("waited 300ms for a descriptor"),
+            "{error}"
+        );
+        assert!(stderr.contains(error), "{stderr}");
+        assert_eq!(child.status().code(), Some(1), "{stderr}");
+    }
+
+    /// SIGINT while a connection waits: it is reset and reported as
+    /// `interrupted`, nothing received; exit status 130.
+    fn a_connection_waiting_for_a_descriptor_is_interrupted(backend: Option<Backend>) {
+        let mut child = squeezed(backend, "fd-wait-sigint", &["--max-conns", "2"]);
+        let mut s = TcpStream::connect(child.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let peer = s.local_addr().unwrap();
+        std::io::Write::write_all(&mut s, &pattern(1000, 4)).unwrap();
+        wait_for_the_note(&child);
+        child.signal("INT");
+        let (records, stderr) = child.finish(20);
+        assert_eq!(records.len(), 1, "{records:?}\n{stderr}");
+        let r = &records[0];
+        assert_eq!(r["peer"], peer.to_string(), "{r}");
+        assert_eq!(r["outcome"], "interrupted", "{r}");
+        assert_eq!(r["bytes"], 0, "{r}");
+        assert_eq!(r["error"], "interrupted by SIGINT", "{r}");
+        assert!(
+            stderr.contains("while waiting for a descriptor"),
+            "{stderr}"
+        );
+        let e = s.read(&mut [0u8; 1]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        assert_eq!(child.status().code(), Some(130), "{stderr}");
+    }
 }
