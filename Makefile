@@ -88,6 +88,8 @@ fmt:
 
 lint:
 	$(CARGO) clippy --all-targets -- -D warnings
+	# the API docs are the manual: every intra-doc link must resolve
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --lib
 
 # The tokio baseline of `bench gather` (off by default) must not rot:
 # .ci/run runs this after `make test` (tokio's build would cost make test

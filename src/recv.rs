@@ -82,7 +82,7 @@ pub struct RecvOptions {
     /// at `/proc/sys/fs/pipe-max-size`). Unused by `poll`, which has no pipes.
     pub pipe_size: Option<usize>,
     /// Take every stream as raw bytes: no detection of the
-    /// [`wire`](crate::wire) format (default `false`: detect).
+    /// [`wire`] format (default `false`: detect).
     pub raw: bool,
     /// Write regular files (attached with [`Receiver::attach`]) with
     /// `O_DIRECT`, bypassing the page cache: payload is received into
