@@ -121,6 +121,10 @@ pub type NeverCopy<'a> = dyn Fn(&[u8]) -> bool + 'a;
 /// and an idle connection's buffers stay small.
 pub const STAGE_CAP: usize = 64 << 10;
 
+/// Room a tail opened behind queued bytes starts with (see
+/// `Outbox::tail_for`).
+const SMALL_TAIL: usize = 4 << 10;
+
 /// Emptied glued buffers kept for reuse, the most recently written on top:
 /// the next connection to glue writes into memory still in cache, as a
 /// writer that glues into one buffer does. One per engine (a thread), so
@@ -142,9 +146,21 @@ impl GluePool {
         v
     }
 
-    /// Keeps `v` (emptied) for reuse, unless enough are kept.
+    /// The last buffer given back if it has room for `len` bytes (else it
+    /// stays kept).
+    fn take_at_least(&mut self, len: usize) -> Option<Vec<u8>> {
+        if self.bufs.last()?.capacity() >= len {
+            self.bufs.pop()
+        } else {
+            None
+        }
+    }
+
+    /// Keeps `v` (emptied) for reuse, unless enough are kept or it is a
+    /// small one (a tail that started behind queued bytes): the pool holds
+    /// full-size buffers, so taking one never means growing it.
     fn give(&mut self, mut v: Vec<u8>) {
-        if self.bufs.len() < Self::KEEP {
+        if self.bufs.len() < Self::KEEP && v.capacity() >= STAGE_CAP {
             v.clear();
             self.bufs.push(v);
         }
@@ -326,7 +342,17 @@ impl Outbox {
 
     /// The glued buffer `len` more bytes go into: the tail while it has
     /// room under [`STAGE_CAP`]; else the tail is queued (full: see
-    /// `take_filled`) and a new one comes from `pool`.
+    /// `take_filled`) and a new one opens.
+    ///
+    /// Which buffer a tail gets decides the memory a waiting connection
+    /// holds. A tail opened behind queued bytes (the full buffer just
+    /// sealed, or a write in flight) waits for them, and may wait long on
+    /// a socket that refuses: it starts small and fresh, not as one of the
+    /// pool's buffers, which are large and resident. A tail with nothing
+    /// ahead is written soon, so it takes the pool's most recent buffer,
+    /// still in cache. A small tail that outgrows its room moves into a
+    /// pool buffer when there is one (a copy of at most a few KiB), rather
+    /// than growing by reallocation.
     #[inline]
     fn tail_for(&mut self, len: usize, pool: &mut GluePool) -> &mut Vec<u8> {
         if self.tail.len() + len > STAGE_CAP && !self.tail.is_empty() {
@@ -335,10 +361,19 @@ impl Outbox {
         }
         if self.tail.is_empty() {
             if self.tail.capacity() < len {
-                self.tail = pool.take(len);
+                self.tail = if self.entries.is_empty() {
+                    pool.take(len)
+                } else {
+                    Vec::with_capacity(len.max(SMALL_TAIL))
+                };
             }
             // The caller adds at least one byte.
             self.pieces += 1;
+        } else if self.tail.len() + len > self.tail.capacity() {
+            if let Some(mut big) = pool.take_at_least(self.tail.len() + len) {
+                big.extend_from_slice(&self.tail);
+                pool.give(std::mem::replace(&mut self.tail, big));
+            }
         }
         &mut self.tail
     }
@@ -1099,6 +1134,48 @@ mod tests {
         assert_eq!(&rest[4..], [b(b"t"), b(b"late")]);
         o.seal();
         assert_eq!(o.glued_bytes(), 0);
+    }
+
+    /// What a waiting connection holds: the tail opened behind a full
+    /// buffer (which waits for that buffer's write, maybe long) is small,
+    /// not one of the pool's full-size buffers; a tail with nothing ahead
+    /// takes the pool's; a small tail that outgrows its room moves into a
+    /// pool buffer, bytes intact; the pool keeps full-size buffers only.
+    #[test]
+    fn a_tail_behind_queued_bytes_starts_small() {
+        let mut pool = GluePool::default();
+        pool.give(Vec::with_capacity(STAGE_CAP));
+        pool.give(Vec::with_capacity(STAGE_CAP));
+        pool.give(Vec::with_capacity(100));
+        assert_eq!(pool.bufs.len(), 2, "a small buffer is not kept");
+        let mut o = Outbox::new(Framing::Stream);
+        o.set_copy_threshold(1024);
+        let piece = Bytes::from(vec![7u8; 1000]);
+        // Nothing ahead: the pool's buffer, filled to the cap.
+        let per_buffer = STAGE_CAP / piece.len();
+        for _ in 0..per_buffer {
+            o.push_with([piece.clone()], None, None, &mut pool);
+        }
+        assert_eq!(o.tail.capacity(), STAGE_CAP);
+        assert_eq!(pool.bufs.len(), 1);
+        // The piece that overflows it opens a small tail behind it.
+        o.push_with([piece.clone()], None, None, &mut pool);
+        assert!(o.take_filled());
+        assert!(o.tail.capacity() < STAGE_CAP, "{}", o.tail.capacity());
+        assert_eq!(pool.bufs.len(), 1, "the pool's buffer is left for others");
+        // Outgrowing its room: into the pool's buffer, not grown.
+        let small_room = o.tail.capacity() / piece.len();
+        for _ in 0..small_room {
+            o.push_with([piece.clone()], None, None, &mut pool);
+        }
+        assert_eq!(o.tail.capacity(), STAGE_CAP);
+        assert!(pool.bufs.is_empty());
+        o.seal();
+        let all: Vec<u8> = o.chunks(IOV_MAX).flat_map(|c| c.to_vec()).collect();
+        assert_eq!(all, vec![7u8; (per_buffer + 1 + small_room) * piece.len()]);
+        // Written: the full-size buffers go back to the pool.
+        o.advance_into(o.queued_bytes(), &mut pool);
+        assert_eq!(pool.bufs.len(), 2);
     }
 
     #[test]
