@@ -336,21 +336,13 @@ impl Shard {
     }
 
     fn info_mut(&mut self, conn: Conn) -> Option<&mut ConnInfo> {
-        self.conns
-            .get_mut(conn.index() as usize)?
-            .as_mut()
-            .filter(|i| i.conn == conn)
+        info_of(&mut self.conns, conn)
     }
 
     fn subscribe(&mut self, group: Arc<GroupShared>, conn: Conn) -> io::Result<()> {
         let id = group.id;
         let handle = self.handle(conn);
-        let Some(info) = self
-            .conns
-            .get_mut(conn.index() as usize)
-            .and_then(Option::as_mut)
-            .filter(|i| i.conn == conn)
-        else {
+        let Some(info) = info_of(&mut self.conns, conn) else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{handle}: unknown or detached connection"),
@@ -554,12 +546,7 @@ impl Shard {
     /// `conn` has `queued` bytes left: clear the states it has left behind.
     fn caught_up(&mut self, conn: Conn, queued: usize) {
         let handle = self.handle(conn);
-        let Some(info) = self
-            .conns
-            .get_mut(conn.index() as usize)
-            .and_then(Option::as_mut)
-            .filter(|i| i.conn == conn)
-        else {
+        let Some(info) = info_of(&mut self.conns, conn) else {
             return;
         };
         if let Some(limit) = info.refused_at {
@@ -628,11 +615,17 @@ fn unlag(group: &GroupShared, pressure: &Pressure) {
 }
 
 fn flag(conns: &mut [Option<ConnInfo>], conn: Conn, by: usize) {
-    if let Some(info) = conns
-        .get_mut(conn.index() as usize)
-        .and_then(Option::as_mut)
-        .filter(|i| i.conn == conn)
-    {
+    if let Some(info) = info_of(conns, conn) {
         info.flagged += by;
     }
+}
+
+/// `conn`'s entry, unless the slot is empty or holds a later connection
+/// (a stale handle). A free function, so the rest of the shard stays
+/// borrowable beside it.
+fn info_of(conns: &mut [Option<ConnInfo>], conn: Conn) -> Option<&mut ConnInfo> {
+    conns
+        .get_mut(conn.index() as usize)?
+        .as_mut()
+        .filter(|i| i.conn == conn)
 }
