@@ -133,6 +133,21 @@ struct Cell {
     gso_sends: u64,
 }
 
+impl Cell {
+    /// A baseline's cell: `sent` datagrams of `size` bytes since `t0` in
+    /// `syscalls` calls (no GSO).
+    fn baseline(sent: u64, size: usize, t0: Instant, meter: &CpuMeter, syscalls: u64) -> Cell {
+        Cell {
+            sent,
+            bytes: sent * size as u64,
+            wall: t0.elapsed(),
+            cpu: meter.elapsed(),
+            syscalls,
+            gso_sends: 0,
+        }
+    }
+}
+
 /// Sends from `socks` to `dest` with `how` for `seconds`.
 fn pump(
     how: Strategy,
@@ -159,14 +174,7 @@ fn pump(
                     }
                 }
             }
-            Ok(Cell {
-                sent,
-                bytes: sent * size as u64,
-                wall: t0.elapsed(),
-                cpu: meter.elapsed(),
-                syscalls: sent,
-                gso_sends: 0,
-            })
+            Ok(Cell::baseline(sent, size, t0, &meter, sent))
         }
         Strategy::Sendmmsg => {
             let mut iov = libc::iovec {
@@ -199,14 +207,7 @@ fn pump(
                     sent += n as u64;
                 }
             }
-            Ok(Cell {
-                sent,
-                bytes: sent * size as u64,
-                wall: t0.elapsed(),
-                cpu: meter.elapsed(),
-                syscalls: calls,
-                gso_sends: 0,
-            })
+            Ok(Cell::baseline(sent, size, t0, &meter, calls))
         }
         Strategy::SendmmsgQueue => {
             let mut queues: Vec<VecDeque<Bytes>> = socks.iter().map(|_| VecDeque::new()).collect();
@@ -247,14 +248,7 @@ fn pump(
                     }
                 }
             }
-            Ok(Cell {
-                sent,
-                bytes: sent * size as u64,
-                wall: t0.elapsed(),
-                cpu: meter.elapsed(),
-                syscalls: calls,
-                gso_sends: 0,
-            })
+            Ok(Cell::baseline(sent, size, t0, &meter, calls))
         }
         Strategy::Mover { backend, gso } => {
             let mut m = Mover::builder()
