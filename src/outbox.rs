@@ -121,10 +121,6 @@ pub type NeverCopy<'a> = dyn Fn(&[u8]) -> bool + 'a;
 /// and an idle connection's buffers stay small.
 pub const STAGE_CAP: usize = 64 << 10;
 
-/// Room a tail opened behind queued bytes starts with (see
-/// `Outbox::tail_for`).
-const SMALL_TAIL: usize = 4 << 10;
-
 /// Emptied glued buffers kept for reuse, the most recently written on top:
 /// the next connection to glue writes into memory still in cache, as a
 /// writer that glues into one buffer does. One per engine (a thread), so
@@ -347,12 +343,13 @@ impl Outbox {
     /// Which buffer a tail gets decides the memory a waiting connection
     /// holds. A tail opened behind queued bytes (the full buffer just
     /// sealed, or a write in flight) waits for them, and may wait long on
-    /// a socket that refuses: it starts small and fresh, not as one of the
-    /// pool's buffers, which are large and resident. A tail with nothing
-    /// ahead is written soon, so it takes the pool's most recent buffer,
-    /// still in cache. A small tail that outgrows its room moves into a
-    /// pool buffer when there is one (a copy of at most a few KiB), rather
-    /// than growing by reallocation.
+    /// a socket that refuses: it starts fresh with room for these bytes
+    /// alone, not as one of the pool's buffers, which are large and
+    /// resident (a 12-byte header glued between two referenced pieces
+    /// stays 12 bytes). A tail with nothing ahead is written soon, so it
+    /// takes the pool's most recent buffer, still in cache. A small tail
+    /// that outgrows its room moves into a pool buffer when there is one
+    /// (a copy of what it holds), rather than growing by reallocation.
     #[inline]
     fn tail_for(&mut self, len: usize, pool: &mut GluePool) -> &mut Vec<u8> {
         if self.tail.len() + len > STAGE_CAP && !self.tail.is_empty() {
@@ -364,7 +361,7 @@ impl Outbox {
                 self.tail = if self.entries.is_empty() {
                     pool.take(len)
                 } else {
-                    Vec::with_capacity(len.max(SMALL_TAIL))
+                    Vec::with_capacity(len)
                 };
             }
             // The caller adds at least one byte.
