@@ -45,7 +45,8 @@ use crate::Outcome;
 /// that share of the connections goes to a listener inside the bench that
 /// accepts and never reads, as clients that stopped reading. The sender
 /// keeps them in its loop like every other; each fills its socket buffers
-/// and then its per-connection limit (--queue bytes: ringmover's
+/// (kept small: 16 KiB to send, 4 KiB to receive, so it stalls within a
+/// few writes) and then its per-connection limit (--queue bytes: ringmover's
 /// max_queued_bytes, the baselines' own count) and stays there. GB/s,
 /// packets/s and CPU-s/GB count only the connections that read; `vs 0%`
 /// compares each strategy's GB/s with its own cell at --stalled 0 in the

@@ -83,6 +83,13 @@ pub struct StalledPeers {
 /// process that accepts them and never reads.
 pub fn connect_stalled(n: usize) -> anyhow::Result<(Vec<TcpStream>, StalledPeers)> {
     let listener = listen_loopback()?;
+    // Small socket buffers on both ends (the peer's inherited from the
+    // listener), so a stalled connection fills them within a few writes,
+    // not after the megabytes loopback autotuning would let it take: a
+    // short cell, or a loaded machine, still sees it stall.
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(&listener, sockopt::RcvBuf, &4096)
+        .context("shrinking the stalled peers' receive buffers")?;
     let addr = listener.local_addr()?;
     let mut socks = Vec::with_capacity(n);
     let mut held = Vec::with_capacity(n);
@@ -90,6 +97,8 @@ pub fn connect_stalled(n: usize) -> anyhow::Result<(Vec<TcpStream>, StalledPeers
         let s = TcpStream::connect(addr)
             .with_context(|| format!("connecting a stalled connection to {addr}"))?;
         s.set_nodelay(true)?;
+        setsockopt(&s, sockopt::SndBuf, &16384)
+            .context("shrinking a stalled connection's send buffer")?;
         // Accepted at once, one by one: the backlog never fills.
         let (peer, _) = listener
             .accept()
