@@ -1159,8 +1159,14 @@ mod tests {
             s.write_all(&data).unwrap();
             data
         });
-        let path =
-            std::env::temp_dir().join(format!("ringmover-unit-{}-{name}", std::process::id()));
+        // Unique per call: tests run in parallel threads of one process,
+        // and two of them receive under the same backend name.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "ringmover-unit-{}-{call}-{name}",
+            std::process::id()
+        ));
         let mut events = Vec::new();
         let mut attached = false;
         let done = loop {
